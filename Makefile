@@ -1,0 +1,39 @@
+# `make demo` and `make test` are the README's two commands: each sets up what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned: on these machines it is a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+# torch is not a dependency of the package: the training process brings its own.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup system-deps demo test lint pytest bench clean
+
+$(VENV)/.ready: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.ready
+
+system-deps:
+	./scripts/install-system-deps
+
+demo: setup
+	$(VENV)/bin/icsmon demo
+
+lint: setup
+	$(VENV)/bin/ruff check agent icsmon tests benchmarks
+	$(VENV)/bin/ruff format --check agent icsmon tests benchmarks
+	$(VENV)/bin/mypy
+
+pytest: setup system-deps
+	$(PY) -m pytest
+
+test: lint pytest
+
+bench: setup
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/viewer.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

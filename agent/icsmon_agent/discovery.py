@@ -1,0 +1,184 @@
+"""Discovery files: one small JSON file per running agent, so viewers can find jobs.
+
+The directory is ``$ICSMON_RUNTIME_DIR`` if set, else ``$XDG_DATA_HOME/icsmon/runtime`` (default
+``~/.local/share/icsmon/runtime``). Not ``XDG_RUNTIME_DIR``: it differs between a batch job and an
+SSH login to the same box, and the two must agree. The directory is 0700 and each file 0600, so
+only the same user sees the jobs (and can reach their ``ipc://`` sockets, which live beside them).
+
+:data:`REMOTE_LIST_SCRIPT` is the same reading done by a plain POSIX shell over SSH, so the GPU box
+needs no ``icsmon`` on its PATH. Keep the two in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUFFIX = ".json"
+
+
+def runtime_dir(environ: dict[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    explicit = env.get("ICSMON_RUNTIME_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    data_home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "icsmon" / "runtime"
+
+
+# Prints each discovery file of a live pid between marker lines; used over SSH by the viewer.
+# `kill -0` fails with EPERM for another user's live pid, but the directory is private to one user.
+REMOTE_LIST_SCRIPT = r"""
+d="${ICSMON_RUNTIME_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/icsmon/runtime}"
+echo "ICSMON-DIR $d"
+for f in "$d"/*.json; do
+  [ -f "$f" ] || continue
+  pid=$(sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p' "$f" | head -n 1)
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    echo "ICSMON-FILE $f"; cat "$f"; echo; echo "ICSMON-END"
+  fi
+done
+"""
+
+
+@dataclass
+class JobInfo:
+    """What one discovery file says about a running agent."""
+
+    pid: int
+    host: str
+    run: str
+    name: str
+    rank: int
+    world_size: int
+    endpoint: str
+    started: float
+    cmd: list[str] = field(default_factory=list)
+    version: int = 1
+    path: str = ""  # where the file was found (not written into it)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("path")
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, path: str = "") -> JobInfo:
+        if not isinstance(data, dict):
+            raise ValueError("discovery file is not a JSON object")
+        try:
+            cmd = data.get("cmd", [])
+            return cls(
+                pid=int(data["pid"]),
+                host=str(data.get("host", "")),
+                run=str(data["run"]),
+                name=str(data.get("name", "")),
+                rank=int(data.get("rank", 0)),
+                world_size=int(data.get("world_size", 1)),
+                endpoint=str(data["endpoint"]),
+                started=float(data.get("started", 0.0)),
+                cmd=[str(c) for c in cmd] if isinstance(cmd, list) else [str(cmd)],
+                version=int(data.get("version", 1)),
+                path=path,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"discovery file is malformed: {exc}") from None
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700; tighten it if it already exists and is ours."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def write(info: JobInfo, directory: Path | None = None, *, stem: str | None = None) -> Path:
+    """Write ``info`` atomically as ``<stem>.json`` (0600; stem defaults to the run) and return its path."""
+    directory = ensure_private_dir(directory or runtime_dir())
+    target = directory / f"{stem or info.run}{SUFFIX}"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=SUFFIX)  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info.to_json(), fh, indent=1)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobInfo]:
+    """Jobs of this host whose process is alive, newest first. Stale files of dead pids are deleted.
+
+    Files from another host (a shared home directory) are listed as they are: their pid cannot be
+    checked from here.
+    """
+    directory = directory or runtime_dir()
+    jobs: list[JobInfo] = []
+    try:
+        entries = sorted(directory.glob(f"*{SUFFIX}"))
+    except OSError:
+        return []
+    here = socket.gethostname()
+    for path in entries:
+        if path.name.startswith("."):
+            continue
+        try:
+            info = JobInfo.from_json(json.loads(path.read_text()), str(path))
+        except (OSError, ValueError):
+            continue  # half-written or foreign file: skip, never crash the viewer
+        if info.host == here and not pid_alive(info.pid):
+            if clean:
+                remove(path)
+            continue
+        jobs.append(info)
+    jobs.sort(key=lambda j: j.started, reverse=True)
+    return jobs
+
+
+def parse_remote_listing(text: str) -> tuple[str, list[JobInfo]]:
+    """Parse what :data:`REMOTE_LIST_SCRIPT` printed: (remote runtime dir, live jobs newest first)."""
+    directory = ""
+    jobs: list[JobInfo] = []
+    current: list[str] | None = None
+    path = ""
+    for line in text.splitlines():
+        if line.startswith("ICSMON-DIR "):
+            directory = line[len("ICSMON-DIR ") :]
+        elif line.startswith("ICSMON-FILE "):
+            path = line[len("ICSMON-FILE ") :]
+            current = []
+        elif line == "ICSMON-END" and current is not None:
+            with contextlib.suppress(ValueError):
+                jobs.append(JobInfo.from_json(json.loads("\n".join(current)), path))
+            current = None
+        elif current is not None:
+            current.append(line)
+    jobs.sort(key=lambda j: j.started, reverse=True)
+    return directory, jobs

@@ -1,0 +1,240 @@
+"""The agent's publisher thread: owns the XPUB socket, encodes, never blocks training.
+
+The training thread hands over work with :meth:`Publisher.submit` (a bounded deque append; the
+oldest item is dropped and counted when the publisher falls behind) and reads the ``watching``
+flag. Everything that touches the socket, waits on a CUDA event or encodes happens on this thread.
+
+XPUB rather than PUB: the socket reports subscriptions, so the agent knows whether anyone
+watches (and samples less when nobody does), and with XPUB_VERBOSE every new subscriber triggers
+a re-send of the schema and a short history, which fills a late joiner's sparklines at once.
+Viewers drop the history they already have by ``seq``. Sends are NOBLOCK into a small high-water
+mark with linger 0: a slow, stuck or dead viewer costs the job nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .protocol import Event, Schema
+
+SNDHWM = 100
+HISTORY = 64
+QUEUE = 16
+SCHEMA_EVERY_S = 1.0  # re-sent so a viewer behind a relay (no subscription seen here) decodes within 2 s
+POLL_MS = 20
+IPC_PATH_MAX = 100  # sockaddr_un holds 107 bytes; keep a margin
+
+
+@dataclass
+class Work:
+    """One sampled step, handed from the training thread."""
+
+    step: int
+    t_measured: float
+    host: Any  # a CPU tensor (pinned for CUDA) holding figures then tensor scalars, flat
+    ready: Any  # a CUDA event to wait on, or None
+    n_layers: int
+    n_stats: int
+    tensor_scalars: list[str]  # names of the scalars carried at the end of ``host``
+    host_scalars: dict[str, float | None] = field(default_factory=dict)
+
+
+def default_endpoint(runtime: Path, run: str) -> str:
+    path = runtime / f"{run}.sock"
+    if len(str(path)) > IPC_PATH_MAX or not zmq.has("ipc"):
+        return "tcp://127.0.0.1:*"
+    return f"ipc://{path}"
+
+
+class Publisher:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        run: str,
+        rank: int,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.rank = rank
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.XPUB)
+        try:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            self._sock.bind(endpoint)
+            self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise
+        self._on_error = on_error
+        self._queue: deque[Work | Event] = deque()
+        self._history: deque[list[bytes]] = deque(maxlen=HISTORY)
+        self._schema_frames: list[bytes] | None = None
+        self._schema_id = ""
+        self._topics: set[bytes] = set()
+        self._seq = 0
+        self._stop = threading.Event()
+        self._resend = False
+        self.dropped = 0  # samples dropped on this side (queue full)
+        self.sent = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name="icsmon-publisher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ training-thread side
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._topics)
+
+    def set_schema(self, schema: Schema) -> None:
+        self._schema_frames = protocol.encode_schema(schema)
+        self._schema_id = schema.schema_id
+        self._resend = True
+
+    def submit(self, item: Work | Event) -> None:
+        if len(self._queue) >= QUEUE:
+            with contextlib.suppress(IndexError):
+                self._queue.popleft()
+                self.dropped += 1
+        self._queue.append(item)
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def close(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ publisher thread
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        self.errors += 1
+        if self._on_error is not None:
+            with contextlib.suppress(Exception):
+                self._on_error(where, exc)
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self.sent += 1
+        except zmq.Again:
+            pass  # XPUB drops at the HWM on its own; Again only if the socket is wedged
+        except zmq.ZMQError as exc:
+            self._error("send", exc)
+
+    def _send_schema_and_history(self) -> None:
+        if self._schema_frames is None:
+            return
+        self._send(self._schema_frames)
+        for frames in list(self._history):
+            self._send(frames)
+
+    def _read_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not msg:
+                continue
+            topic = bytes(msg[1:])
+            if msg[0] == 1:
+                self._topics.add(topic)
+                self._resend = True  # a new viewer (or a new subscription): schema + history
+            elif msg[0] == 0:
+                self._topics.discard(topic)
+
+    def _encode(self, work: Work) -> list[bytes]:
+        if work.ready is not None:
+            work.ready.synchronize()  # waits here, on the publisher thread, never in training
+        flat = work.host.numpy()
+        n = work.n_layers * work.n_stats
+        figures = flat[:n].reshape(work.n_layers, work.n_stats)
+        tail = flat[n:]
+        scalars: dict[str, float | None] = dict(work.host_scalars)
+        for name, value in zip(work.tensor_scalars, tail.tolist(), strict=True):
+            scalars[name] = value
+        loss = scalars.pop("loss", None)
+        sample = protocol.Sample(
+            run=self.run,
+            rank=self.rank,
+            seq=self.next_seq(),
+            t=time.time(),
+            step=work.step,
+            schema_id=self._schema_id,
+            figures=figures,
+            loss=loss,
+            scalars=scalars,
+            t_measured=work.t_measured,
+            dropped=self.dropped,
+        )
+        return protocol.encode_sample(sample)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.popleft()
+            except IndexError:
+                return
+            try:
+                if isinstance(item, Event):
+                    self._send(protocol.encode_event(item))
+                    continue
+                frames = self._encode(item)
+            except Exception as exc:
+                self._error("encode", exc)
+                continue
+            self._history.append(frames)
+            if self._topics:
+                self._send(frames)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        last_schema = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if poller.poll(POLL_MS):
+                        self._read_subscriptions()
+                    now = time.monotonic()
+                    if self._resend or (self._topics and now - last_schema > SCHEMA_EVERY_S):
+                        if self._resend:
+                            self._send_schema_and_history()
+                        elif self._schema_frames is not None:
+                            self._send(self._schema_frames)
+                        self._resend = False
+                        last_schema = now
+                    self._drain()
+                except zmq.ContextTerminated:
+                    return
+                except Exception as exc:  # never let the thread die silently and stop publishing
+                    self._error("loop", exc)
+                    time.sleep(POLL_MS / 1000)
+            self._drain()  # the closing event and any last sample
+        finally:
+            with contextlib.suppress(Exception):
+                self._sock.close(linger=0)
+            with contextlib.suppress(Exception):
+                self._ctx.term()
+            if self.endpoint.startswith("ipc://"):
+                # libzmq leaves the socket file behind; it is ours (the run id is unique), so remove it.
+                with contextlib.suppress(OSError):
+                    os.unlink(self.endpoint[len("ipc://") :])

@@ -1,0 +1,5 @@
+import sys
+
+from icsmon.cli import main
+
+sys.exit(main())

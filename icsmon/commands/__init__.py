@@ -1,0 +1,1 @@
+"""One module per ``icsmon`` subcommand, each with ``register(subparsers)``."""

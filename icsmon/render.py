@@ -1,0 +1,76 @@
+"""Plain-text and JSON renderings of samples shared by ``tail``, ``--once`` outputs and recordings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from icsmon_agent.protocol import STATS, Sample, Schema
+
+
+def finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def sample_json(sample: Sample, schema: Schema) -> dict[str, Any]:
+    """The ``tail --json`` object of one sample (product API: see the README)."""
+    layers: dict[str, dict[str, float | int | None]] = {}
+    rows = sample.figures.tolist()
+    for layer, row in zip(schema.layers, rows, strict=False):
+        figs: dict[str, float | int | None] = {}
+        for stat, value in zip(STATS, row, strict=False):
+            figs[stat] = finite(value)
+        nonfinite = figs.get("nonfinite")
+        if nonfinite is not None:
+            figs["nonfinite"] = int(nonfinite)
+        layers[layer.name] = figs
+    return {
+        "type": "sample",
+        "run": sample.run,
+        "rank": sample.rank,
+        "step": sample.step,
+        "t": sample.t,
+        "loss": finite(sample.loss),
+        "scalars": {k: finite(v) for k, v in sample.scalars.items()},
+        "layers": layers,
+    }
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        return f"{value:.{max(digits - 1, 1)}e}"
+    return f"{value:.{digits}g}"
+
+
+def sample_line(sample: Sample, schema: Schema) -> str:
+    """One readable line: step, loss, and the layers most worth a look."""
+    fig = sample.figures
+    names = schema.layer_names
+    std = fig[:, STATS.index("std")].astype(np.float64)
+    parts = [f"step {sample.step:>7}", f"loss {fmt(sample.loss, 4):>9}", f"{len(names)} layers"]
+    nonfinite = fig[:, STATS.index("nonfinite")]
+    bad = [
+        i
+        for i in range(len(names))
+        if nonfinite[i] > 0 or (not math.isnan(std[i]) and not math.isfinite(std[i]))
+    ]
+    if bad:
+        parts.append(f"NaN/Inf from {names[bad[0]]} ({len(bad)} layers)")
+    with np.errstate(all="ignore"):
+        finite_std = np.where(np.isfinite(std), std, np.nan)
+    if np.isfinite(finite_std).any():
+        lo, hi = int(np.nanargmin(finite_std)), int(np.nanargmax(finite_std))
+        parts.append(f"std min {fmt(float(std[lo]))} @{names[lo]}  max {fmt(float(std[hi]))} @{names[hi]}")
+    dead = fig[:, STATS.index("dead_frac")]
+    if np.isfinite(dead).any() and np.nanmax(dead) > 0:
+        d = int(np.nanargmax(dead))
+        parts.append(f"dead {dead[d] * 100:.0f}% @{names[d]}")
+    return "  ".join(parts)

@@ -1,0 +1,217 @@
+"""The viewer's memory: per run and rank, fixed-size numpy rings of every layer's figures.
+
+The store never touches a socket or a widget. It takes decoded messages (:meth:`Store.add`), drops
+duplicates by ``seq`` (the agent re-sends its history to every new subscriber), counts gaps as
+drops, holds samples that arrive before their schema, and answers queries for the latest values
+and recent series. Memory is bounded: ``capacity`` samples per run, whatever the message rate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from icsmon_agent.protocol import STAT_INDEX, STATS, Event, Message, Sample, Schema
+
+DEFAULT_CAPACITY = 512
+PENDING_MAX = 64
+STALE_AFTER_S = 10.0
+
+RunKey = tuple[str, int]
+
+
+@dataclass
+class RunState:
+    """Everything known about one (run, rank)."""
+
+    run: str
+    rank: int
+    capacity: int
+    schema: Schema | None = None
+    count: int = 0  # samples stored so far (the ring holds the last ``capacity``)
+    last_seq: int = 0
+    first_sample_seq: int = 0
+    dropped: int = 0  # gaps in seq since the first sample seen
+    agent_dropped: int = 0  # what the agent reports it dropped before sending
+    ended: bool = False
+    last_event: str = ""
+    last_recv: float = 0.0  # monotonic time of the last message
+    last_sample_wall: float = 0.0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    steps: npt.NDArray[np.int64] = field(init=False)
+    times: npt.NDArray[np.float64] = field(init=False)
+    losses: npt.NDArray[np.float64] = field(init=False)
+    figures: npt.NDArray[np.float32] = field(init=False)  # (capacity, n_layers, n_stats)
+    scalars: dict[str, float | None] = field(default_factory=dict)
+    pending: deque[Sample] = field(default_factory=lambda: deque(maxlen=PENDING_MAX))
+
+    def __post_init__(self) -> None:
+        self._alloc(0)
+
+    def _alloc(self, n_layers: int) -> None:
+        self.steps = np.zeros(self.capacity, dtype=np.int64)
+        self.times = np.zeros(self.capacity, dtype=np.float64)
+        self.losses = np.full(self.capacity, np.nan, dtype=np.float64)
+        self.figures = np.full((self.capacity, n_layers, len(STATS)), np.nan, dtype=np.float32)
+        self.count = 0
+
+    # ---------------------------------------------------------------- ingest
+
+    def set_schema(self, schema: Schema) -> None:
+        if self.schema is not None and self.schema.schema_id == schema.schema_id:
+            self.schema = schema  # a periodic re-send: nothing changes
+            return
+        self.schema = schema
+        self._alloc(len(schema.layers))
+        waiting = [s for s in self.pending if s.schema_id == schema.schema_id]
+        self.pending.clear()
+        for sample in waiting:
+            self._store(sample)
+
+    def add_sample(self, sample: Sample) -> bool:
+        if self.schema is None or sample.schema_id != self.schema.schema_id:
+            self.pending.append(sample)
+            return False
+        return self._store(sample)
+
+    def _store(self, sample: Sample) -> bool:
+        assert self.schema is not None
+        n_layers = len(self.schema.layers)
+        fig = sample.figures
+        if fig.shape[0] != n_layers:
+            return False  # does not fit the table it claims; the decoder let it through, the store does not
+        i = self.count % self.capacity
+        self.steps[i] = sample.step
+        self.times[i] = sample.t
+        self.losses[i] = np.nan if sample.loss is None else sample.loss
+        width = min(fig.shape[1], len(STATS))
+        self.figures[i, :, :width] = fig[:, :width]
+        self.count += 1
+        self.scalars = dict(sample.scalars)
+        self.agent_dropped = sample.dropped
+        self.last_sample_wall = sample.t
+        if sample.t_measured:
+            self.latencies.append(time.time() - sample.t_measured)
+        return True
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.schema.layer_names if self.schema is not None else []
+
+    @property
+    def size(self) -> int:
+        return min(self.count, self.capacity)
+
+    def _order(self, n: int | None = None) -> npt.NDArray[np.int64]:
+        size = self.size
+        take = size if n is None else min(n, size)
+        end = self.count
+        return np.arange(end - take, end, dtype=np.int64) % self.capacity
+
+    def latest(self) -> npt.NDArray[np.float32] | None:
+        """The newest sample's ``n_layers x n_stats`` figures, or None."""
+        if self.count == 0:
+            return None
+        latest: npt.NDArray[np.float32] = self.figures[(self.count - 1) % self.capacity]
+        return latest
+
+    @property
+    def latest_step(self) -> int | None:
+        return int(self.steps[(self.count - 1) % self.capacity]) if self.count else None
+
+    @property
+    def latest_loss(self) -> float | None:
+        if not self.count:
+            return None
+        value = float(self.losses[(self.count - 1) % self.capacity])
+        return None if np.isnan(value) else value
+
+    def series(self, stat: str, layer: int | None = None, n: int | None = None) -> npt.NDArray[np.float32]:
+        """Oldest-to-newest values of ``stat``: shape (n,) for one layer, (n, n_layers) for all."""
+        idx = self._order(n)
+        col = STAT_INDEX[stat]
+        out: npt.NDArray[np.float32] = (
+            self.figures[idx, :, col] if layer is None else self.figures[idx, layer, col]
+        )
+        return out
+
+    def step_series(self, n: int | None = None) -> npt.NDArray[np.int64]:
+        return self.steps[self._order(n)]
+
+    def loss_series(self, n: int | None = None) -> npt.NDArray[np.float64]:
+        return self.losses[self._order(n)]
+
+    def steps_per_second(self, window: int = 20) -> float | None:
+        idx = self._order(window)
+        if len(idx) < 2:
+            return None
+        dt = self.times[idx[-1]] - self.times[idx[0]]
+        ds = self.steps[idx[-1]] - self.steps[idx[0]]
+        return float(ds / dt) if dt > 0 else None
+
+    def state(self, now: float | None = None, stale_after: float = STALE_AFTER_S) -> str:
+        """``waiting`` (nothing yet), ``live``, ``stale`` (quiet a while) or ``ended`` (closed)."""
+        if self.ended:
+            return "ended"
+        if self.count == 0:
+            return "waiting"
+        now = time.monotonic() if now is None else now
+        return "stale" if now - self.last_recv > stale_after else "live"
+
+
+class Store:
+    """All runs the viewer has heard of, keyed by (run, rank)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = capacity
+        self.runs: dict[RunKey, RunState] = {}
+        self.messages = 0
+
+    def _run(self, run: str, rank: int) -> RunState:
+        key = (run, rank)
+        state = self.runs.get(key)
+        if state is None:
+            state = self.runs[key] = RunState(run=run, rank=rank, capacity=self.capacity)
+        return state
+
+    def add(self, msg: Message) -> bool:
+        """Take one message; True if it was new (a sample stored, a schema or event recorded)."""
+        self.messages += 1
+        state = self._run(msg.run, msg.rank)
+        state.last_recv = time.monotonic()
+        if isinstance(msg, Schema):
+            state.set_schema(msg)
+            return True
+        if msg.seq <= state.last_seq:
+            return False  # history re-sent for another subscriber, or a duplicate
+        if isinstance(msg, Sample):
+            if state.first_sample_seq and msg.seq > state.last_seq + 1:
+                state.dropped += msg.seq - state.last_seq - 1
+            if not state.first_sample_seq:
+                state.first_sample_seq = msg.seq
+            state.last_seq = msg.seq
+            return state.add_sample(msg)
+        if isinstance(msg, Event):
+            if state.first_sample_seq:
+                state.last_seq = msg.seq
+            state.last_event = msg.event
+            if msg.event == "closing":
+                state.ended = True
+            elif msg.event == "started":
+                state.ended = False
+            return True
+        return False
+
+    def get(self, run: str, rank: int = 0) -> RunState | None:
+        return self.runs.get((run, rank))
+
+    def newest(self) -> RunState | None:
+        """The run heard from most recently (the one a single-job view shows)."""
+        if not self.runs:
+            return None
+        return max(self.runs.values(), key=lambda s: s.last_recv)

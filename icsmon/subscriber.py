@@ -1,0 +1,77 @@
+"""A SUB socket that turns frames into decoded messages and never raises on bad input.
+
+Malformed frames are counted (``rejected``) with the last reason kept for display; they never
+reach the store and never crash the viewer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import zmq
+from icsmon_agent.protocol import TOPIC_PREFIX, Message, ProtocolError, decode
+
+RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rather than grow without end
+
+
+class Subscriber:
+    def __init__(self, endpoint: str, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+        self.endpoint = endpoint
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        self._sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+        self._sock.connect(endpoint)
+        self.received = 0
+        self.rejected = 0
+        self.last_error = ""
+
+    def _decode(self, frames: list[bytes]) -> Message | None:
+        self.received += 1
+        try:
+            return decode(frames)
+        except ProtocolError as exc:
+            self.rejected += 1
+            self.last_error = str(exc)
+            return None
+
+    def poll(self, timeout_s: float, limit: int = 10_000) -> list[Message]:
+        """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``limit``)."""
+        out: list[Message] = []
+        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return out
+        for frames in self._drain(limit):
+            msg = self._decode(frames)
+            if msg is not None:
+                out.append(msg)
+        return out
+
+    def _drain(self, limit: int) -> Iterator[list[bytes]]:
+        for _ in range(limit):
+            try:
+                yield self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def messages(self, until: float | None = None, tick_s: float = 0.2) -> Iterator[list[Message]]:
+        """Batches of messages (possibly empty, every ``tick_s``) until the monotonic deadline ``until``."""
+        while until is None or time.monotonic() < until:
+            wait = tick_s if until is None else max(0.0, min(tick_s, until - time.monotonic()))
+            yield self.poll(wait)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._sock.close(linger=0)
+        if self._own_ctx:
+            with contextlib.suppress(Exception):
+                self._ctx.term()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

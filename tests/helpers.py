@@ -1,0 +1,48 @@
+"""Shared helpers for tests that run real processes: the CLI, training scripts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def icsmon(
+    *args: str, env: dict[str, str], timeout: float = 60, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``icsmon`` CLI in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "icsmon", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"icsmon {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def start_script(path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(path), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_jobs(env: dict[str, str], n: int = 1, timeout: float = 60) -> list[dict[str, Any]]:
+    """Poll ``icsmon list --json`` until ``n`` jobs show up."""
+    deadline = time.monotonic() + timeout
+    jobs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        proc = icsmon("list", "--json", env=env)
+        if proc.returncode == 0:
+            jobs = json.loads(proc.stdout)
+            if len(jobs) >= n:
+                return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"{n} job(s) did not appear within {timeout}s; saw {jobs}")
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,277 @@
+"""The agent's figures against an independent float64 computation on the same tensors.
+
+Real training loops in this process, a real ZeroMQ subscriber on the agent's real socket.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import icsmon_agent
+import numpy as np
+import pytest
+import torch
+from icsmon_agent.protocol import STATS, Sample
+from torch import nn
+from truth import close, figures, grad_norm
+
+from icsmon.store import Store
+from icsmon.subscriber import Subscriber
+
+CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+
+
+class Capture:
+    """Records every hooked module's output (and param grads) per step, independently of the agent."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.outputs: dict[int, list[tuple[nn.Module, np.ndarray]]] = {}
+        self.grads: dict[int, list[list[np.ndarray]]] = {}
+        self.step = 0
+        for module in model.modules():
+            if next(module.children(), None) is None:
+                module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        t = output
+        while not isinstance(t, torch.Tensor):
+            t = next(iter(t.values())) if isinstance(t, dict) else t[0]
+        self.outputs.setdefault(self.step, []).append((module, t.detach().double().numpy().copy()))
+
+    def end_step(self) -> None:
+        self.grads[self.step] = [
+            [p.grad.double().numpy().copy() for p in m.parameters() if p.grad is not None]
+            for m, _ in self.outputs.get(self.step, [])
+        ]
+        self.step += 1
+
+
+def collect(sub: Subscriber, store: Store, want: int, timeout: float = 20) -> list[Sample]:
+    got: list[Sample] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        for msg in sub.poll(0.1):
+            if store.add(msg) and isinstance(msg, Sample):
+                got.append(msg)
+    return got
+
+
+def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], conv_flags: list[bool]) -> int:
+    checked = 0
+    prev_units: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    from truth import per_unit
+
+    for s in samples:
+        outs = cap.outputs[s.step]
+        grads = cap.grads[s.step]
+        assert s.figures.shape == (len(outs), len(STATS))
+        for i, (_, y) in enumerate(outs):
+            want = figures(y, kinds[i], conv_flags[i], prev_units.get(i))
+            want["grad_norm"] = grad_norm(grads[i])
+            for j, stat in enumerate(STATS):
+                got = float(s.figures[i, j])
+                got_v = None if np.isnan(got) else got
+                assert close(got_v, want[stat]), (
+                    f"step {s.step} layer {i} {stat}: got {got_v}, want {want[stat]}"
+                )
+                checked += 1
+            mu, var, _ = per_unit(y, conv_flags[i])
+            prev_units[i] = (mu, var)
+    return checked
+
+
+def run_training(
+    model: nn.Module, make_batch: Any, steps: int, runtime_dir: Path, manual: bool
+) -> tuple[list[Sample], Capture]:
+    torch.manual_seed(1)
+    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    cap = Capture(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    store = Store()
+    with Subscriber(mon.endpoint or "") as sub:
+        deadline = time.monotonic() + 10
+        while not mon.watching and time.monotonic() < deadline:
+            sub.poll(0.05)
+        assert mon.watching, "the agent never saw the subscription"
+        for _ in range(steps):
+            x, y = make_batch()
+            out = model(x)
+            loss = nn.functional.mse_loss(out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            cap.end_step()
+            if manual:
+                mon.step(loss=loss)
+        mon.close()
+        samples = collect(sub, store, steps)
+    assert mon.errors == 0
+    return samples, cap
+
+
+def test_mlp_figures_equal_float64_truth(runtime_dir: Path) -> None:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(6):
+        layers += [nn.Linear(24, 24), nn.Tanh() if i == 2 else nn.Sigmoid() if i == 3 else nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(24, 3))
+    samples, cap = run_training(
+        model, lambda: (torch.randn(16, 24) * 3, torch.randn(16, 3)), 5, runtime_dir, True
+    )
+    assert [s.step for s in samples] == [0, 1, 2, 3, 4]
+    assert all(s.loss is not None and s.loss > 0 for s in samples)
+    kinds = [
+        "tanh" if isinstance(m, nn.Tanh) else "sigmoid" if isinstance(m, nn.Sigmoid) else "x"
+        for m, _ in cap.outputs[0]
+    ]
+    assert check_against_truth(samples, cap, kinds, [False] * len(kinds)) == 5 * 13 * len(STATS)
+
+
+def test_cnn_figures_equal_float64_truth_with_only_the_two_lines(runtime_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+        nn.Sigmoid(),
+    )
+    batch = lambda: (torch.randn(6, 3, 8, 8), torch.rand(6, 10))  # noqa: E731
+    # manual=False: steps come from optimizer.step() alone
+    samples, cap = run_training(model, batch, 4, runtime_dir, False)
+    assert [s.step for s in samples] == [0, 1, 2, 3]
+    conv = [isinstance(m, CONV_TYPES) or y.ndim == 4 for m, y in cap.outputs[0]]
+    kinds = ["sigmoid" if isinstance(m, nn.Sigmoid) else "x" for m, _ in cap.outputs[0]]
+    check_against_truth(samples, cap, kinds, conv)
+
+
+class TupleBlock(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return x * 2, {"aux": x}
+
+
+class DictOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        return {"idx": torch.tensor([1]), "value": x + 1}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.tup = TupleBlock()
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.dict = DictOut()
+        self.act = nn.ReLU()  # reused twice: two layers, act and act#1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc(x))
+        h, _ = self.tup(h)
+        seq, _ = self.lstm(h.unsqueeze(1))
+        return self.act(self.dict(seq.squeeze(1))["value"])
+
+
+def test_tuple_dict_lstm_outputs_and_reused_modules(runtime_dir: Path) -> None:
+    model = Net()
+    samples, _ = run_training(model, lambda: (torch.randn(4, 8), torch.randn(4, 8)), 3, runtime_dir, True)
+    assert len(samples) == 3
+    store = Store()
+    # names: from named_modules, reused module calls numbered
+    mon = icsmon_agent.watch(Net(), every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    model2 = mon.model
+    model2(torch.randn(2, 8)).sum().backward()
+    mon.step()
+    assert mon.layer_names == ["fc", "act", "tup", "lstm", "dict", "act#1"]
+    mon.close()
+    del store
+
+
+def test_nonfinite_values_are_counted_and_min_max_stay_finite(runtime_dir: Path) -> None:
+    class Poison(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.clone()
+            y[0, 0] = float("nan")
+            y[1, 1] = float("inf")
+            return y
+
+    model = nn.Sequential(nn.Linear(4, 4), Poison())
+    samples, cap = run_training(model, lambda: (torch.randn(3, 4), torch.randn(3, 4)), 2, runtime_dir, True)
+    fig = samples[0].figures
+    assert fig[1, STATS.index("nonfinite")] == 2
+    y = cap.outputs[0][1][1]
+    finite = y[np.isfinite(y)]
+    assert fig[1, STATS.index("min")] == pytest.approx(finite.min(), rel=1e-5)
+    assert fig[1, STATS.index("max")] == pytest.approx(finite.max(), rel=1e-5)
+    assert np.isnan(fig[1, STATS.index("mean")])
+
+
+def test_sampling_every_n_steps(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = icsmon_agent.watch(model, every=3, endpoint="tcp", runtime_dir=runtime_dir)
+    store = Store()
+    with Subscriber(mon.endpoint or "") as sub:
+        deadline = time.monotonic() + 10
+        while not mon.watching and time.monotonic() < deadline:
+            sub.poll(0.05)
+        for _ in range(10):
+            model(torch.randn(2, 4)).sum().backward()
+            mon.step()
+        mon.close()
+        samples = collect(sub, store, 4)
+    assert [s.step for s in samples] == [0, 3, 6, 9]
+
+
+def test_bad_arguments_and_empty_models() -> None:
+    with pytest.raises(TypeError, match=r"needs a torch\.nn\.Module, got builtins\.str"):
+        icsmon_agent.watch("model")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="every"):
+        icsmon_agent.watch(nn.Linear(2, 2), every=0)
+
+
+def test_empty_model_warns_and_training_continues(runtime_dir: Path) -> None:
+    with pytest.warns(RuntimeWarning, match="no layer to watch"):
+        mon = icsmon_agent.watch(nn.ModuleList(), runtime_dir=runtime_dir)
+    mon.step(loss=1.0)
+    mon.close()
+    assert not list(runtime_dir.glob("*.json"))
+
+
+def test_integer_only_outputs_warn_once(runtime_dir: Path) -> None:
+    class ArgMax(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.argmax(-1)
+
+    only_ints = nn.Sequential(ArgMax())
+    mon = icsmon_agent.watch(only_ints, runtime_dir=runtime_dir)
+    with pytest.warns(RuntimeWarning, match="floating-point"):
+        for _ in range(3):
+            only_ints(torch.randn(2, 3))
+            mon.step()
+    assert mon.errors == 0
+    mon.close()
+
+
+def test_unwritable_runtime_dir_warns_and_training_continues(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.warns(RuntimeWarning, match="cannot publish"):
+        mon = icsmon_agent.watch(model, runtime_dir=blocker / "rt")
+    model(torch.randn(1, 2)).sum().backward()
+    mon.step(loss=torch.tensor(1.0))
+    mon.close()
+
+
+def test_failed_bind_warns_and_training_continues(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.warns(RuntimeWarning, match="cannot publish"):
+        mon = icsmon_agent.watch(model, endpoint="tcp://256.1.1.1:1", runtime_dir=runtime_dir)
+    model(torch.randn(1, 2)).sum().backward()
+    mon.step()
+    mon.close()

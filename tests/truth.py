@@ -1,0 +1,63 @@
+"""Independent float64 reference implementation of DESIGN.md's figures, for the tests.
+
+Written from the definitions, not from the agent's code: numpy, float64, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+SAT = {"tanh": lambda y: np.abs(y) > 0.99, "sigmoid": lambda y: (y < 0.01) | (y > 0.99)}
+
+
+def unit_axis(ndim: int, conv_like: bool) -> int | None:
+    if ndim <= 1:
+        return None
+    return 1 if conv_like else ndim - 1
+
+
+def per_unit(y: np.ndarray, conv_like: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, var, max) per unit, float64."""
+    axis = unit_axis(y.ndim, conv_like)
+    flat = y.reshape(1, -1) if axis is None else np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)
+    return flat.mean(axis=1), flat.var(axis=1), flat.max(axis=1)
+
+
+def figures(y_in: np.ndarray, kind: str, conv_like: bool, prev: tuple[np.ndarray, np.ndarray] | None) -> dict:
+    y = np.asarray(y_in, dtype=np.float64)
+    fin = np.isfinite(y)
+    out: dict[str, float | None] = {
+        "mean": float(y.mean()),
+        "std": float(y.std()),
+        "min": float(y[fin].min()) if fin.any() else None,
+        "max": float(y[fin].max()) if fin.any() else None,
+        "zero_frac": float((y == 0).mean()),
+        "nonfinite": float((~fin).sum()),
+    }
+    mu, var, umax = per_unit(y, conv_like)
+    out["dead_frac"] = float((~(umax > 0)).mean())
+    out["sat_frac"] = float(SAT[kind](y).mean()) if kind in SAT else None
+    if prev is None:
+        out["shift"] = None
+    else:
+        m1, v1 = prev
+        v1e, v2e = v1 + 1e-12, var + 1e-12
+        kl = 0.5 * (np.log(v2e / v1e) + (v1e + (m1 - mu) ** 2) / v2e - 1.0)
+        out["shift"] = float(kl.mean())
+    return out
+
+
+def grad_norm(grads: list[np.ndarray]) -> float | None:
+    if not grads:
+        return None
+    return math.sqrt(sum(float((np.asarray(g, dtype=np.float64) ** 2).sum()) for g in grads))
+
+
+def close(got: float | None, want: float | None, rel: float = 1e-3, abs_: float = 1e-6) -> bool:
+    if want is None or (isinstance(want, float) and not math.isfinite(want)):
+        return got is None or not math.isfinite(got)
+    if got is None:
+        return False
+    return abs(got - want) <= max(rel * abs(want), abs_)
