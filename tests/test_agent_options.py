@@ -1,0 +1,193 @@
+"""watch() options, layer naming, late joiners behind a relay, and target choice among several jobs."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+from torch import nn
+
+import icsmon_agent
+from helpers import icsmon, start_script, wait_for_jobs
+from icsmon.store import Store
+from icsmon.subscriber import Subscriber
+from icsmon_agent.layers import clean_name
+from icsmon_agent.protocol import Sample, Schema
+
+
+def step_once(model: nn.Module, mon: icsmon_agent.Monitor, shape: tuple[int, ...] = (2, 4)) -> None:
+    model(torch.randn(*shape)).sum().backward()
+    mon.step()
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("_orig_mod.encoder.fc", "encoder.fc"),
+        ("module.0", "0"),
+        ("module._orig_mod.head", "head"),
+        ("blocks.0._fsdp_wrapped_module.mlp", "blocks.0.mlp"),
+        ("net.module_list.0", "net.module_list.0"),
+    ],
+)
+def test_wrapper_prefixes_are_removed(raw: str, clean: str) -> None:
+    assert clean_name(raw) == clean
+
+
+def test_names_through_a_real_wrapper(runtime_dir: Path) -> None:
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    wrapped = nn.DataParallel(inner)  # on CPU it just calls the module, but names get "module."
+    mon = icsmon_agent.watch(wrapped, runtime_dir=runtime_dir)
+    step_once(wrapped, mon)
+    assert mon.layer_names == ["0", "1"]
+    mon.close()
+
+
+def test_include_and_exclude_take_globs_and_types(runtime_dir: Path) -> None:
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.1)), nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    )
+    mon = icsmon_agent.watch(model, include="0.*", exclude=nn.Dropout, runtime_dir=runtime_dir)
+    step_once(model, mon)
+    assert mon.layer_names == ["0.0", "0.1"]
+    mon.close()
+    mon = icsmon_agent.watch(model, include=[nn.Linear, "1.1"], runtime_dir=runtime_dir)
+    step_once(model, mon)
+    assert mon.layer_names == ["0.0", "1.0", "1.1"]
+    mon.close()
+
+
+def test_close_is_idempotent_and_context_manager_removes_discovery(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with icsmon_agent.watch(model, runtime_dir=runtime_dir) as mon:
+        assert mon.endpoint is not None and mon.endpoint.startswith("ipc://")
+        assert len(list(runtime_dir.glob("*.json"))) == 1
+        step_once(model, mon)
+    mon.close()
+    assert not list(runtime_dir.glob("*"))
+    # hooks are gone: training after close costs nothing and publishes nothing
+    step_once(model, mon)
+    assert mon.steps == 1
+
+
+def test_eval_forwards_are_not_sampled(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = icsmon_agent.watch(model, every=1, runtime_dir=runtime_dir)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    mon.step()
+    assert mon.layer_names == []  # nothing seen yet: eval passes do not build the table
+    model.train()
+    step_once(model, mon)
+    assert mon.layer_names == ["0", "1"]
+    mon.close()
+
+
+def test_late_viewer_behind_a_relay_decodes_within_two_seconds(runtime_dir: Path) -> None:
+    """A relay keeps one upstream subscription, so the agent never sees the second viewer join:
+    the periodic schema re-send is what lets that viewer decode."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.XSUB), ctx.socket(zmq.XPUB)
+    front.connect(mon.endpoint or "")
+    relay_port = back.bind_to_random_port("tcp://127.0.0.1")
+    relay = threading.Thread(target=lambda: _proxy(front, back), daemon=True)
+    relay.start()
+    stop = threading.Event()
+
+    def train() -> None:
+        while not stop.is_set():
+            step_once(model, mon)
+            time.sleep(0.01)
+
+    trainer = threading.Thread(target=train, daemon=True)
+    first = Subscriber(f"tcp://127.0.0.1:{relay_port}")
+    try:
+        trainer.start()
+        store = Store()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(isinstance(m, Sample) for m in first.poll(0.1)):
+            pass
+        # the second viewer joins the relay; the relay does not forward a duplicate subscription
+        joined = time.monotonic()
+        second = Subscriber(f"tcp://127.0.0.1:{relay_port}")
+        decoded_at = None
+        while time.monotonic() - joined < 5 and decoded_at is None:
+            for msg in second.poll(0.05):
+                store.add(msg)
+                if isinstance(msg, Sample) and store.get(msg.run) and store.get(msg.run).count:  # type: ignore[union-attr]
+                    decoded_at = time.monotonic()
+        second.close()
+        assert decoded_at is not None, "the late viewer never decoded a sample"
+        assert decoded_at - joined < 2.5
+    finally:
+        stop.set()
+        trainer.join(5)
+        first.close()
+        mon.close()
+        ctx.destroy(linger=0)
+
+
+def _proxy(front: zmq.Socket[bytes], back: zmq.Socket[bytes]) -> None:
+    with contextlib.suppress(zmq.ZMQError):  # the test destroys the context to stop the relay
+        zmq.proxy(front, back)
+
+
+def test_schema_is_resent_periodically(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    mon = icsmon_agent.watch(model, endpoint="tcp", runtime_dir=runtime_dir)
+    step_once(model, mon)
+    with Subscriber(mon.endpoint or "") as sub:
+        schemas = 0
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            schemas += sum(isinstance(m, Schema) for m in sub.poll(0.1))
+    mon.close()
+    assert schemas >= 3  # one on subscribing, then about one a second
+
+
+SLOW_JOB = """
+import sys, time, torch
+from torch import nn
+import icsmon_agent
+model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+mon = icsmon_agent.watch(model, every=1, name=sys.argv[1])
+for _ in range(3000):
+    model(torch.randn(2, 4)).sum().backward(); opt.step(); opt.zero_grad()
+    time.sleep(0.01)
+"""
+
+
+def test_several_jobs_tail_takes_the_newest_and_says_so(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(SLOW_JOB))
+    older = start_script(path, env, "older")
+    try:
+        wait_for_jobs(env, 1)
+        newer = start_script(path, env, "newer")
+        try:
+            jobs = wait_for_jobs(env, 2)
+            assert [j["name"] for j in jobs] == ["newer", "older"]
+            proc = icsmon("tail", "--json", "--count", "1", "--timeout", "30", env=env)
+            assert proc.returncode == 0, proc.stderr
+            assert "2 jobs running on this machine; taking the most recent: newer" in proc.stderr
+            assert '"run": "newer-' in proc.stdout
+            by_name = icsmon("tail", "--run", "older", "--json", "--count", "1", "--timeout", "30", env=env)
+            assert '"run": "older-' in by_name.stdout
+            timed = icsmon("tail", str(older.pid), "--timeout", "1.5", env=env)
+            assert timed.returncode == 0 and timed.stdout.count("step") >= 1
+        finally:
+            newer.kill()
+            newer.wait()
+    finally:
+        older.kill()
+        older.wait()
