@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from icsmon_agent.protocol import STATS, Sample, Schema
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+
 from icsmon_agent.protocol import STAT_INDEX, STATS, Event, Message, Sample, Schema
 
 DEFAULT_CAPACITY = 512

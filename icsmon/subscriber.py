@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import zmq
+
 from icsmon_agent.protocol import TOPIC_PREFIX, Message, ProtocolError, decode
 
 RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rather than grow without end

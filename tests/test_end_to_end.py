@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+
 from helpers import icsmon, json_lines, start_script, wait_for_jobs
 from truth import close, figures, grad_norm, per_unit
 

@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import icsmon_agent
 import numpy as np
 import pytest
 import torch
-from icsmon_agent.protocol import STATS, Sample
 from torch import nn
-from truth import close, figures, grad_norm
 
+import icsmon_agent
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
+from icsmon_agent.protocol import STATS, Sample
+from truth import close, figures, grad_norm
 
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
 

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+
 from icsmon_agent import protocol
 from icsmon_agent.protocol import STATS, Event, LayerInfo, ProtocolError, Sample, Schema, decode, encode
 
