@@ -8,13 +8,12 @@ import sys
 import time
 from typing import Any, TextIO
 
-from icsmon_agent.protocol import Event, Sample, Schema
-
 from icsmon.commands.common import error, note
 from icsmon.render import sample_json, sample_line
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon.targets import TargetError
+from icsmon_agent.protocol import Event, Sample, Schema
 
 WAIT_NOTE_S = 5.0
 
