@@ -1,0 +1,112 @@
+"""The viewer is untouched by malformed frames: it rejects them, counts them, and loses nothing else."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from helpers import json_lines
+from icsmon.store import Store
+from icsmon_agent import protocol
+from icsmon_agent.protocol import STATS, Event, LayerInfo, Sample, Schema
+
+LAYERS = (LayerInfo("a", "Linear", (2, 3), "linear"), LayerInfo("b", "ReLU", (2, 3), "relu"))
+SID = protocol.schema_id_for(LAYERS)
+
+
+def schema(seq: int = 1) -> Schema:
+    return Schema(run="r", rank=0, seq=seq, t=time.time(), layers=LAYERS, name="synthetic", schema_id=SID)
+
+
+def sample(seq: int, step: int) -> Sample:
+    fig = np.full((len(LAYERS), len(STATS)), 0.5, dtype=np.float32)
+    return Sample(run="r", rank=0, seq=seq, t=time.time(), step=step, schema_id=SID, figures=fig, loss=1.0)
+
+
+GARBAGE = [
+    [b"icsmon.v1.sample", b"{", b""],
+    [b"icsmon.v1.sample"],
+    [
+        b"icsmon.v1.sample",
+        b'{"v":1,"run":"r","rank":0,"seq":99,"t":0,"step":1,"schema_id":"x","shape":[5,5]}',
+        b"x",
+    ],
+    [b"icsmon.v1.schema", b'{"v":1,"run":"r","rank":0,"seq":1,"t":0,"layers":"no"}', b""],
+    [b"icsmon.v2.sample", b"{}", b""],
+    [b"icsmon.v1.event", b"\x00\xff", b""],
+]
+
+
+def test_tail_skips_garbage_and_prints_the_good_samples() -> None:
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icsmon",
+            "tail",
+            f"tcp://127.0.0.1:{port}",
+            "--json",
+            "--count",
+            "2",
+            "--timeout",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        seq = 1
+        deadline = time.monotonic() + 30
+        while tail.poll() is None and time.monotonic() < deadline:
+            for frames in GARBAGE:
+                pub.send_multipart(frames)
+            pub.send_multipart(protocol.encode(schema()))
+            seq += 1
+            pub.send_multipart(protocol.encode(sample(seq, seq * 10)))
+            time.sleep(0.1)
+        out, err = tail.communicate(timeout=10)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+        ctx.destroy(linger=0)
+    assert tail.returncode == 0, err
+    lines = json_lines(out)
+    assert len(lines) == 2 and all(line["type"] == "sample" for line in lines)
+    assert lines[0]["layers"]["b"]["mean"] == 0.5
+    assert "Traceback" not in err
+
+
+def test_store_dedups_history_counts_gaps_and_holds_samples_until_their_schema() -> None:
+    store = Store(capacity=4)
+    assert store.add(sample(2, 20)) is False  # before its schema: held, not lost
+    store.add(schema())
+    run = store.get("r")
+    assert run is not None and run.count == 1 and run.latest_step == 20
+    store.add(sample(3, 30))
+    assert store.add(sample(2, 20)) is False  # history re-sent for another viewer
+    store.add(sample(6, 60))  # seq 4 and 5 never arrived
+    assert run.dropped == 2
+    for i in range(7, 20):
+        store.add(sample(i, i * 10))
+    assert run.size == 4 and list(run.step_series()) == [160, 170, 180, 190]  # bounded ring
+    store.add(Event("r", 0, 20, time.time(), "closing"))
+    assert run.state() == "ended"
+
+
+def test_sample_whose_shape_disagrees_with_the_schema_is_not_stored() -> None:
+    store = Store()
+    store.add(schema())
+    bad = Sample(
+        run="r", rank=0, seq=5, t=0.0, step=1, schema_id=SID, figures=np.zeros((7, len(STATS)), np.float32)
+    )
+    assert store.add(bad) is False
+    run = store.get("r")
+    assert run is not None and run.count == 0
