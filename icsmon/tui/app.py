@@ -1,0 +1,152 @@
+"""The Textual app: one feed worker fills the store; a timer redraws the screen on top from it.
+
+The worker (``Feed.run`` on zmq.asyncio) never posts a message per sample: Textual's message queue
+is unbounded and a fast job would bury the screen. Instead :meth:`IcsmonApp._tick` runs a few times
+a second, takes the alert changes that arrived since the last tick, and asks the visible screen to
+redraw itself from the store. The frame rate is therefore independent of the message rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import ClassVar, Protocol
+
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.worker import Worker, WorkerState
+
+from icsmon.live import Feed
+from icsmon.tui.commands import LayerCommands
+from icsmon.tui.screens.help import HelpScreen, describe
+from icsmon.tui.screens.main import MainScreen
+from icsmon.tui.screens.picker import PickerScreen
+from icsmon.tui.state import ViewState
+from icsmon_agent.discovery import JobInfo
+
+REFRESH_HZ = 5.0
+TOASTS_PER_TICK = 3
+
+
+class Redrawable(Protocol):
+    def redraw(self, force: bool = False) -> None: ...
+
+
+class IcsmonApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "icsmon"
+    COMMANDS = App.COMMANDS | {LayerCommands}
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("q", "quit", "Quit", tooltip="Quit icsmon (the job keeps running)"),
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="Every key and what it does"),
+    ]
+
+    def __init__(
+        self,
+        feed: Feed,
+        *,
+        title: str = "",
+        bell: bool = False,
+        theme: str | None = None,
+        live: bool = True,
+        jobs: Callable[[], list[JobInfo]] | None = None,
+        connect_job: Callable[[JobInfo], str] | None = None,
+        refresh_hz: float = REFRESH_HZ,
+    ) -> None:
+        super().__init__()
+        self.feed = feed
+        self.view_state = ViewState()
+        self.bell_on_critical = bell
+        self.live = live
+        self.jobs = jobs
+        self.connect_job = connect_job
+        self.refresh_hz = refresh_hz
+        self.frames = 0  # redraw ticks done: what the throughput check counts
+        self.toasts = 0
+        self._seen_change = 0
+        self._feed_worker: Worker[None] | None = None
+        if title:
+            self.title = title
+        if theme:
+            self.theme = theme
+
+    def get_default_screen(self) -> Screen[None]:
+        return MainScreen(self.feed, self.view_state)
+
+    @property
+    def main_screen(self) -> MainScreen:
+        for screen in self.screen_stack:
+            if isinstance(screen, MainScreen):
+                return screen
+        raise LookupError("the main screen is not mounted")
+
+    def on_mount(self) -> None:
+        self.set_interval(1 / self.refresh_hz, self._tick)
+        if not self.live:
+            return
+        jobs = self.jobs() if self.jobs is not None else []
+        if len(jobs) > 1:
+            self.push_screen(PickerScreen(jobs), self._picked)
+        else:
+            self._start_feed()
+
+    def _picked(self, job: JobInfo | None) -> None:
+        if job is not None:
+            pick = self.connect_job or (lambda j: j.endpoint)
+            self.feed.connect = partial(pick, job)
+        self._start_feed()
+
+    def _start_feed(self) -> None:
+        # exit_on_error=False: a bug in the feed shows as a notification, never kills the screen.
+        self._feed_worker = self.run_worker(self.feed.run(), name="feed", exit_on_error=False)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker is self._feed_worker and event.state == WorkerState.ERROR:
+            self.notify(f"the connection failed: {event.worker.error}; retrying", severity="error")
+            self.set_timer(2.0, self._start_feed)
+
+    # ------------------------------------------------------------------ the clock
+
+    def _tick(self) -> None:
+        self._take_alert_changes()
+        screen = self.screen
+        redraw: Callable[[], None] | None = getattr(screen, "redraw", None)
+        if redraw is not None:
+            redraw()
+        self.frames += 1
+
+    def _take_alert_changes(self) -> None:
+        changes = self.feed.new_changes(self._seen_change)
+        if not changes:
+            return
+        self._seen_change = changes[-1][0]
+        try:
+            log = self.main_screen.alert_log
+        except LookupError:
+            return
+        for _, _, change in changes:
+            log.add(change)
+        critical = [c.alert for _, _, c in changes if not c.cleared and c.alert.severity == "critical"]
+        for alert in critical[:TOASTS_PER_TICK]:
+            self.notify(alert.message, title=f"{alert.rule.replace('_', ' ')}", severity="error", timeout=8)
+            self.toasts += 1
+        if len(critical) > TOASTS_PER_TICK:
+            more = len(critical) - TOASTS_PER_TICK
+            self.notify(f"and {more} more critical alerts: press a", severity="error", timeout=8)
+        if critical and self.bell_on_critical:
+            self.bell()
+
+    # ------------------------------------------------------------------ actions
+
+    def action_help(self) -> None:
+        from icsmon.tui.screens.detail import DetailScreen
+
+        keys = describe(list(self.BINDINGS) + list(MainScreen.BINDINGS) + list(DetailScreen.BINDINGS))  # type: ignore[arg-type]
+        keys.append(("ctrl+p", "Command palette: jump to a layer by name"))
+        self.push_screen(HelpScreen(keys))
+
+    def jump_to_layer(self, layer: int) -> None:
+        while len(self.screen_stack) > 1 and not isinstance(self.screen, MainScreen):
+            self.pop_screen()
+        self.main_screen.jump_to(layer)

@@ -1,0 +1,1 @@
+"""Screens of the terminal app: main (layer table), detail, heatmap, alerts, help, picker."""

@@ -1,0 +1,86 @@
+"""The whole network at a glance: depth (down) × time (right) of log10(std)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from icsmon.live import Feed
+from icsmon.render import fmt
+from icsmon.tui.state import ViewState
+from icsmon.tui.widgets.header import RunHeader, header_text
+from icsmon.tui.widgets.heatmap import PALETTE, Heatmap
+
+
+class HeatmapScreen(Screen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,h", "app.pop_screen", "Back", tooltip="Back to the layer table")
+    ]
+
+    def __init__(self, feed: Feed, state: ViewState) -> None:
+        super().__init__()
+        self.feed = feed
+        self.state = state
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        yield Static(id="heatmap-title")
+        yield Heatmap(id="heatmap")
+        yield Static(id="heatmap-legend")
+        yield Footer()
+
+    @property
+    def heatmap(self) -> Heatmap:
+        return self.query_one(Heatmap)
+
+    def on_mount(self) -> None:
+        self.call_after_refresh(self._redraw_laid_out)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._redraw_laid_out)
+
+    def _redraw_laid_out(self) -> None:
+        # The heatmap sizes its grid from its own size, known only after layout; by then the
+        # screen may already be gone (a quick Escape, or quitting), which is fine.
+        if self.is_attached and self.app.screen is self:
+            self.redraw(force=True)
+
+    def redraw(self, force: bool = False) -> None:
+        run = self.feed.current()
+        self.query_one(RunHeader).update(header_text(self.feed, run, paused=self.state.paused))
+        if (self.state.paused and not force) or run is None or run.schema is None or run.count == 0:
+            return
+        self.heatmap.show(run)
+        steps = run.step_series(self.heatmap.samples)
+        self.query_one("#heatmap-title", Static).update(
+            Text.assemble(
+                (" log10(std) by depth ", "bold"),
+                (f"— {self.heatmap.n_layers} layers top to bottom, ", "dim"),
+                (
+                    f"steps {int(steps[0]) if len(steps) else '-'} → {int(steps[-1]) if len(steps) else '-'} left to right",
+                    "dim",
+                ),
+            )
+        )
+        self.query_one("#heatmap-legend", Static).update(self._legend())
+
+    def _legend(self) -> Text:
+        rng = self.heatmap.range
+        text = Text(" ")
+        if rng is None:
+            return text
+        lo, hi = rng
+        text.append(f"std {fmt(10**lo)} ", style="dim")
+        if self.app.no_color:
+            text.append(" ░▒▓█")
+        else:
+            for color in PALETTE:
+                text.append(" ", style=f"on {color.name}")
+        text.append(f" {fmt(10**hi)}", style="dim")
+        text.append("   ! NaN/Inf", style="bold")
+        return text

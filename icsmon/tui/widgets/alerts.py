@@ -1,0 +1,46 @@
+"""The alert log: one line per alert firing or clearing, newest at the bottom."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import RichLog
+
+from icsmon.alerts.model import Alert, AlertChange
+
+SEVERITY_STYLE = {"critical": "bold red", "warning": "bold yellow"}
+
+
+def alert_line(alert: Alert) -> Text:
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append(f"{alert.severity.upper():<8} ", style=SEVERITY_STYLE.get(alert.severity, ""))
+    text.append(alert.message)
+    if alert.hint:
+        text.append(f" — {alert.hint}", style="dim")
+    return text
+
+
+def change_line(change: AlertChange) -> Text:
+    if not change.cleared:
+        line = Text(f"step {change.alert.step:>7}  ", style="dim")
+        return line.append_text(alert_line(change.alert))
+    line = Text(f"step {change.step:>7}  ", style="dim")
+    line.append("cleared  ", style="green")
+    line.append(f"{change.alert.rule.replace('_', ' ')} on {change.alert.layer}")
+    return line
+
+
+class AlertLog(RichLog):
+    """Fed by the app with every new change; bounded like every other buffer of the viewer."""
+
+    DEFAULT_CSS = """
+    AlertLog { height: 6; border-top: solid $primary; }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, max_lines=500, wrap=False, markup=False, auto_scroll=True)
+        self.can_focus = False
+        self.lines_written = 0
+
+    def add(self, change: AlertChange) -> None:
+        self.write(change_line(change))
+        self.lines_written += 1

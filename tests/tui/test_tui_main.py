@@ -1,0 +1,110 @@
+"""The main screen, layer detail, heatmap and keys, on fixed synthetic runs through the real protocol."""
+
+from __future__ import annotations
+
+from screen_text import screen_text
+from synthetic import filled_feed, messages
+from textual.widgets import Input
+
+from icsmon.tui.app import IcsmonApp
+from icsmon.tui.screens.alerts import AlertsScreen
+from icsmon.tui.screens.detail import DetailScreen
+from icsmon.tui.screens.heatmap import HeatmapScreen
+from icsmon.tui.screens.help import HelpScreen
+from icsmon.tui.screens.main import MainScreen
+from icsmon.tui.widgets.heatmap import Heatmap
+from icsmon.tui.widgets.layer_table import LayerTable
+
+
+def app_on(**kwargs: object) -> IcsmonApp:
+    return IcsmonApp(filled_feed(messages(**kwargs)), live=False)  # type: ignore[arg-type]
+
+
+async def test_table_has_one_row_per_layer_in_depth_order() -> None:
+    app = app_on(n_layers=30)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        table = app.screen.query_one(LayerTable)
+        assert table.row_count == 30
+        assert table.shown == list(range(30))
+        first = table.get_row_at(0)
+        assert str(first[0]) == "net.0.fc"
+        text = screen_text(app)
+        assert "step 790" in text and "● live" in text and "gpu-box" in text and "pid 4242" in text
+
+
+async def test_nonfinite_layers_get_their_own_badge_and_sort_first() -> None:
+    app = app_on(n_layers=20, nan_from=15)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        table = app.screen.query_one(LayerTable)
+        status = [str(table.get_row_at(r)[-1]) for r in range(table.row_count)]
+        assert "NaN/Inf" not in status[:15]
+        assert status[15:] == ["NaN/Inf"] * 5
+        await pilot.press("s")  # depth -> severity
+        assert app.view_state.sort == "severity"
+        assert table.shown[:5] == [15, 16, 17, 18, 19]
+        await pilot.press("s")  # severity -> name
+        assert app.view_state.sort == "name"
+        names = [app.feed.current().layer_names[i] for i in table.shown]  # type: ignore[union-attr]
+        assert names == sorted(names) and names[:2] == ["net.0.act", "net.0.fc"]
+
+
+async def test_filter_narrows_and_escape_restores() -> None:
+    app = app_on(n_layers=30)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        table = app.screen.query_one(LayerTable)
+        await pilot.press("slash")
+        assert app.screen.query_one("#filter", Input).has_focus
+        await pilot.press(*"tanh")
+        assert app.view_state.needle == "tanh"
+        assert [app.feed.current().layer_names[i] for i in table.shown] == ["net.9.act"]  # type: ignore[union-attr]
+        await pilot.press("escape")
+        assert app.view_state.needle == ""
+        assert table.row_count == 30
+
+
+async def test_enter_opens_detail_escape_comes_back_h_heatmap() -> None:
+    app = app_on(n_layers=12)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("down", "down", "enter")
+        assert isinstance(app.screen, DetailScreen)
+        assert app.screen.layer_index == 2
+        await pilot.press("right")
+        assert app.screen.layer_index == 3
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+        await pilot.press("h")
+        assert isinstance(app.screen, HeatmapScreen)
+        await pilot.pause()
+        heat = app.screen.query_one(Heatmap)
+        assert heat.n_layers == 12 and heat.samples == 80
+        await pilot.press("escape", "a")
+        assert isinstance(app.screen, AlertsScreen)
+        await pilot.press("escape", "question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape", "q")
+    assert app.return_code in (0, None)
+
+
+async def test_pause_freezes_the_table_while_data_flows() -> None:
+    app = app_on(n_layers=6, n_samples=10)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await pilot.pause()
+        await pilot.press("p")
+        assert app.view_state.paused
+        before = screen_text(app)
+        for msg in messages(n_layers=6, n_samples=20)[11:]:  # ten more samples arrive
+            app.feed.ingest(msg)
+        app._tick()
+        await pilot.pause()
+        after = screen_text(app)
+        assert "step 90" in before
+        table_rows = [line for line in after.splitlines() if "net.0.fc" in line]
+        assert table_rows and table_rows[0] in before
+        await pilot.press("p")
+        await pilot.pause()
+        resumed = [line for line in screen_text(app).splitlines() if "net.0.fc" in line]
+        assert resumed and resumed[0] not in before  # the table caught up with the new samples
