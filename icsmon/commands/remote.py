@@ -1,0 +1,183 @@
+"""``icsmon list|tail|attach HOST``: the same commands against a GPU box reached over SSH.
+
+Each one opens the SSH master in the foreground first (prompts happen here, before any output or
+TUI), works through it, and tears everything down on the way out, whatever the way out is: done,
+an error, Ctrl-C, SIGTERM or a closed terminal (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import TextIO
+
+from icsmon.commands.common import error, note
+from icsmon.commands.list_cmd import print_jobs
+from icsmon.commands.tail import Printer, tail_endpoint
+from icsmon.ssh_target import ForwardRefused, RemoteTarget
+from icsmon.targets import TargetError, describe
+from icsmon_agent.discovery import JobInfo
+
+WATCH_EVERY_S = 2.0  # how often `tail` checks the link and the remote job
+
+
+@contextlib.contextmanager
+def exits_cleanly() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SystemExit, so the ``finally`` that ends the ssh master runs."""
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def list_remote(host: str, as_json: bool) -> int:
+    try:
+        with exits_cleanly(), RemoteTarget(host) as remote:
+            remote.open()
+            jobs = remote.jobs()
+    except TargetError as exc:
+        return error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    print_jobs(jobs, as_json, f"on {host}")
+    return 0
+
+
+class Watchdog:
+    """Checks the SSH link and the remote job while `tail` runs; interrupts it when either is gone.
+
+    The subscriber alone cannot tell: through a dead forward ZeroMQ just reconnects quietly, and a
+    killed job never says goodbye.
+    """
+
+    def __init__(self, remote: RemoteTarget, job: JobInfo) -> None:
+        self.remote = remote
+        self.job = job
+        self.reason: str | None = None  # "dropped" or "ended" once it fired
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="icsmon-ssh-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCH_EVERY_S):
+            if not self.remote.conn.alive():
+                self._fire("dropped")
+            elif self.remote.job_state(self.job) == "ended":
+                self._fire("ended")
+            if self.reason:
+                return
+
+    def _fire(self, reason: str) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self.reason = reason
+            _thread.interrupt_main()  # a KeyboardInterrupt in tail's loop, within one poll tick
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def tail_remote(host: str, args: argparse.Namespace) -> int:
+    printers: list[Printer] = []
+
+    def make_printer(out: TextIO, as_json: bool) -> Printer:
+        printers.append(Printer(out, as_json))
+        return printers[-1]
+
+    try:
+        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run) as remote:
+            remote.open()
+            endpoint = remote.connect()
+            if remote.note:
+                note(remote.note)
+            assert remote.job is not None
+            job = remote.job
+            watchdog = Watchdog(remote, job)
+            try:
+                try:
+                    return tail_endpoint(
+                        endpoint,
+                        as_json=args.json,
+                        count=args.count,
+                        timeout=args.timeout,
+                        make_printer=make_printer,
+                    )
+                finally:
+                    watchdog.stop()
+            except KeyboardInterrupt:
+                if watchdog.reason is None:
+                    return 0  # Ctrl-C, as for a local tail
+            printed = printers[0].samples if printers else 0
+            if watchdog.reason == "ended":
+                if printed:
+                    note(f"the job ended: {describe(job)} on {host}")
+                    return 0
+                return error(f"the job {describe(job)} on {host} ended before any sample arrived")
+            return error(
+                f"the SSH connection to {host} dropped after {printed} samples; "
+                f"run the command again once `ssh {host}` works"
+            )
+    except TargetError as exc:
+        return error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def attach_remote(args: argparse.Namespace) -> int:
+    host: str = args.target
+    if not sys.stdout.isatty():
+        return error(f"attach needs a terminal; `icsmon tail {host}` prints figures as text")
+    from icsmon import tui
+
+    try:
+        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run) as remote:
+            remote.open()  # prompts, if any, on the terminal, before the app owns it
+            listing = remote.jobs()
+            if len(listing) <= 1 or args.pid is not None or args.run is not None:
+                # One try now: a refused forward will not get better by waiting, so say it here.
+                # Other failures (no job yet, it ended) are the app's waiting screen.
+                with contextlib.suppress(TargetError):
+                    try:
+                        remote.connect()
+                    except ForwardRefused as exc:
+                        return error(str(exc))
+            picker = args.pid is None and args.run is None
+            return tui.run_app(
+                remote.connect,
+                title=f"icsmon · {host}",
+                thresholds=_thresholds(args),
+                theme=args.theme,
+                bell=args.bell,
+                jobs=(lambda: listing) if picker else None,
+                connect_job=remote.connect_job,
+            )
+    except TargetError as exc:
+        return error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _thresholds(args: argparse.Namespace) -> object:
+    # The same flags as a local attach; the attach command owns how they are read.
+    from icsmon.commands import attach
+
+    return attach._thresholds(args)
