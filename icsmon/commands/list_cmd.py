@@ -49,8 +49,8 @@ def print_jobs(jobs: list[JobInfo], as_json: bool, where: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.host:
-        from icsmon.commands.common import error
+        from icsmon.commands.remote import list_remote
 
-        return error(f"cannot reach {args.host!r}: SSH hosts are not supported yet")
+        return list_remote(args.host, args.json)
     print_jobs(discovery.read_jobs(), args.json, "on this machine")
     return 0

@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         from icsmon.targets import is_endpoint, resolve_local
 
         if target and not target.isdigit() and not is_endpoint(target):
-            return error(f"cannot reach {target!r}: SSH hosts are not supported yet")
+            from icsmon.commands.remote import tail_remote
+
+            return tail_remote(target, args)
         resolved = resolve_local(target, run=args.run)
     except TargetError as exc:
         return error(str(exc))
