@@ -30,7 +30,7 @@ from icsmon.store import RunKey, RunState, Store
 from icsmon.subscriber import RCVHWM
 from icsmon.targets import TargetError
 from icsmon_agent.discovery import pid_alive
-from icsmon_agent.protocol import TOPIC_PREFIX, Message, ProtocolError, Sample, Schema, decode
+from icsmon_agent.protocol import TOPIC_PREFIX, Event, Message, ProtocolError, Sample, Schema, decode
 
 #: Nothing at all (not even the schema the agent re-sends every few seconds) for this long: lost.
 LOST_AFTER_S = 30.0
@@ -155,6 +155,12 @@ class Feed:
         run = self.store.get(*key)
         assert run is not None
         self.lost.discard(key)
+        if isinstance(msg, Event) and msg.event == "closing" and not run.ended:
+            # Events are never part of the re-sent history, so a closing event is always news, even
+            # when an agent numbered it from another counter than its samples and the store took
+            # it for a repeat.
+            run.ended = True
+            run.last_event = "closing"
         if run.count > count_before:
             self.samples += run.count - count_before
             self._run_rules(key, run)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,9 @@ class Publisher:
                 return
             try:
                 if isinstance(item, Event):
-                    self._send(protocol.encode_event(item))
+                    # Stamp events from the same counter as samples: a viewer drops any seq it has
+                    # already seen, so an event numbered by another counter would be taken for a repeat.
+                    self._send(protocol.encode_event(replace(item, seq=self.next_seq())))
                     continue
                 frames = self._encode(item)
             except Exception as exc:
