@@ -3,7 +3,8 @@
 Work is split in two so the per-hook cost stays a handful of kernel launches:
 
 * :func:`reduce_output` runs inside the forward hook and reduces one output to per-unit vectors
-  (mean, std, finite min, finite max) plus three 0-d counts. Nothing leaves the device.
+  (mean, spread, finite min, finite max) plus 0-d counts (non-zero, non-finite, saturated).
+  Nothing leaves the device; divisions and comparisons wait for the batched step below.
 * :class:`Finalizer` runs once per sampled step and turns every layer's vectors into the
   ``n_layers x n_stats`` matrix with a fixed number of batched ops (segment reductions over the
   concatenated unit vectors), whatever the number of layers. It also keeps the previous sample's
@@ -15,6 +16,7 @@ mean dwarfs its spread, and ``var = std**2`` finite for activations near float32
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +29,21 @@ _VAR_EPS = 1e-12  # keeps the KL finite for units with zero variance (dead units
 
 @dataclass
 class Reduced:
-    """Per-unit reductions of one layer output (all on the output's device)."""
+    """Per-unit reductions of one layer output (all on the output's device).
+
+    Counts stay counts (divided once per step for all layers in :class:`Finalizer`), and the spread
+    is carried as a sum of squared deviations or, where that could overflow float32, as a std.
+    """
 
     umean: torch.Tensor  # [U]
-    ustd: torch.Tensor  # [U] population std
+    usq: torch.Tensor | None  # [U] sum of squared deviations from the unit mean; or None, then:
+    ustd: torch.Tensor | None  # [U] population std
     umin: torch.Tensor  # [U] over finite elements (+inf if none)
     umax: torch.Tensor  # [U] over finite elements (-inf if none)
-    upos: torch.Tensor  # [U] bool: unit positive somewhere in the batch
-    zero_frac: torch.Tensor  # 0-d
-    nonfinite: torch.Tensor  # 0-d count
-    sat_frac: torch.Tensor | None  # 0-d, tanh/sigmoid layers only
+    nonzero: torch.Tensor  # 0-d count of non-zero elements (any dtype)
+    nonfinite: torch.Tensor | None  # 0-d count of NaN/Inf elements; None: known to be 0
+    sat: torch.Tensor | None  # 0-d count of saturated elements, tanh/sigmoid layers only
+    numel: int
 
 
 def reduction_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -47,50 +54,96 @@ def reduction_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d != unit)
 
 
+def _sat_count(x: torch.Tensor, sat: int) -> torch.Tensor | None:
+    if sat == SAT_TANH:
+        return torch.count_nonzero(x.abs() > 0.99)
+    if sat == SAT_SIGMOID:
+        return torch.count_nonzero((x < 0.01) | (x > 0.99))
+    return None
+
+
 def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
+    """Reduce one layer output inside its forward hook: a handful of kernels, no host sync on GPU.
+
+    CPU and GPU take different routes because their costs differ. On CPU a kernel is cheap to
+    launch but ``torch.var``/``std_mean`` reduce across rows with a scalar Welford loop (~40x a
+    plain sum on a 128x256 output, more than the Linear layer itself), and reading a value back
+    costs nothing. So the CPU route sums squared deviations from the unit mean (two passes,
+    vectorised, stable), takes plain min/max, counts non-zeros as ``sum(|sign(x)|)`` (3x faster
+    than ``count_nonzero``), and reads one number to learn whether anything was non-finite or
+    overflowed; only then does it redo the layer the exact, masked way. On GPU a read-back is a
+    sync, so the masked route is the only route.
+    """
     x = t.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # half/bfloat16 reductions lose too much; the copy is one kernel
-    dims = reduction_dims(x.ndim, unit_dim)
     if x.ndim == 0:
         x = x.reshape(1)
-        dims = (0,)
-    numel = max(x.numel(), 1)
+    dims = reduction_dims(x.ndim, unit_dim)
+    numel = x.numel()
+    if x.device.type == "cpu" and numel > 0:
+        m = x.mean(dims, keepdim=True)
+        usq = torch.sub(x, m).square_().sum(dims)
+        # usq is non-finite iff an element is NaN/Inf (it poisons its unit's mean) or a square
+        # overflowed float32: either way the exact route below answers. A CPU read is no sync.
+        if math.isfinite(float(usq.sum())):
+            return Reduced(
+                m.reshape(-1),
+                usq.reshape(-1),
+                None,
+                x.amin(dims).reshape(-1),
+                x.amax(dims).reshape(-1),
+                torch.sign(x).abs_().sum(),  # exact for finite x: |sign| is 1 unless x == 0
+                None,
+                _sat_count(x, sat),
+                numel,
+            )
+    return _reduce_masked(x, dims, sat, numel)
+
+
+def _reduce_masked(x: torch.Tensor, dims: tuple[int, ...], sat: int, numel: int) -> Reduced:
+    """The general route: any device, non-finite elements, values near float32's limit."""
     finite = torch.isfinite(x)
-    ustd, umean = torch.std_mean(x, dim=dims, correction=0)
-    # min/max are over finite elements (product API); masking costs two passes, a sync would cost more.
+    if x.device.type == "cpu":
+        x64 = x.double()  # CPU reaches here only on the rare non-finite/overflow step: be exact
+        var, umean = torch.var_mean(x64, dim=dims, correction=0)
+        usq: torch.Tensor | None = var * (numel / max(umean.numel(), 1))
+        ustd = None
+    else:
+        # float32 std never overflows where var would; the finalizer squares it in float64.
+        ustd, umean = torch.std_mean(x, dim=dims, correction=0)
+        usq = None
+    # min/max are over finite elements (product API): masking costs two passes, a sync would cost more.
     umin = torch.where(finite, x, torch.inf).amin(dim=dims)
     umax = torch.where(finite, x, -torch.inf).amax(dim=dims)
-    upos = umax > 0
-    zero_frac = 1.0 - torch.count_nonzero(x) / numel
-    nonfinite = numel - torch.count_nonzero(finite)
-    sat_frac: torch.Tensor | None = None
-    if sat == SAT_TANH:
-        sat_frac = torch.count_nonzero(x.abs() > 0.99) / numel
-    elif sat == SAT_SIGMOID:
-        sat_frac = torch.count_nonzero((x < 0.01) | (x > 0.99)) / numel
     return Reduced(
         umean.reshape(-1),
-        ustd.reshape(-1),
+        None if usq is None else usq.reshape(-1),
+        None if ustd is None else ustd.reshape(-1),
         umin.reshape(-1),
         umax.reshape(-1),
-        upos.reshape(-1),
-        zero_frac,
-        nonfinite,
-        sat_frac,
+        torch.count_nonzero(x),
+        numel - torch.count_nonzero(finite),
+        _sat_count(x, sat),
+        numel,
     )
 
 
-def _host_to(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor on ``device`` without a blocking host-to-device copy."""
-    cpu = torch.tensor(values, dtype=torch.int64)
+def _host_to(values: list[int] | list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor on ``device`` without a blocking host-to-device copy."""
+    cpu = torch.tensor(values, dtype=dtype)
     if device.type == "cuda":
         return cpu.pin_memory().to(device, non_blocking=True)
     return cpu.to(device)
 
 
 class Finalizer:
-    """Turns one step's :class:`Reduced` records into the figures matrix, batched across layers."""
+    """Turns one step's :class:`Reduced` records into the figures matrix, batched across layers.
+
+    The op count is fixed whatever the number of layers: each per-unit field is concatenated once
+    (one ``cat`` over all layers, then one cast to float64), and every per-layer figure is a
+    segment reduction over the concatenation.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
@@ -101,14 +154,16 @@ class Finalizer:
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None  # per-unit mean, var of last sample
         self._indices: dict[tuple[object, ...], torch.Tensor] = {}
 
-    def _index(self, values: list[int], device: torch.device) -> torch.Tensor:
-        """Cached device copy of a small index list (layouts repeat every step)."""
-        key = (tuple(values), device)
+    def _index(
+        self, values: list[int] | list[float], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Cached device copy of a small list (layouts and batch sizes repeat every step)."""
+        key = (tuple(values), device, dtype)
         found = self._indices.get(key)
         if found is None:
             if len(self._indices) > 64:  # bounded: a model whose layout keeps changing
                 self._indices.clear()
-            found = self._indices[key] = _host_to(values, device)
+            found = self._indices[key] = _host_to(values, device, dtype)
         return found
 
     def _layout(
@@ -120,9 +175,9 @@ class Finalizer:
             counts = [0] * self.n_layers
             for layer, u in zip(present, units, strict=True):
                 counts[layer] = u
-            self._seg = _host_to(seg, device)
-            self._counts = _host_to(counts, device).to(torch.float64)
-            self._rows = _host_to(present, device)
+            self._seg = _host_to(seg, device, torch.int64)
+            self._counts = _host_to(counts, device, torch.float64)
+            self._rows = _host_to(present, device, torch.int64)
             self._layout_key = key
             self._prev = None  # unit layout changed: no comparable previous sample
         return self._seg, self._counts, self._rows
@@ -153,25 +208,40 @@ class Finalizer:
         L = self.n_layers
 
         def cat(vectors: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([v.to(device=device, dtype=f64, non_blocking=True) for v in vectors])
+            try:
+                return torch.cat(vectors).to(device=device, dtype=f64, non_blocking=True)
+            except RuntimeError:  # layers on several devices (model parallel): move each first
+                return torch.cat([v.to(device=device, dtype=f64, non_blocking=True) for v in vectors])
+
+        def stack(scalars: list[torch.Tensor]) -> torch.Tensor:
+            try:
+                return torch.stack(scalars).to(device=device, dtype=f64, non_blocking=True)
+            except RuntimeError:
+                return torch.stack([s.to(device=device, dtype=f64, non_blocking=True) for s in scalars])
 
         def seg_sum(values: torch.Tensor) -> torch.Tensor:
             return torch.zeros(L, dtype=f64, device=device).index_add_(0, seg, values)
 
-        umean = cat([r.umean for r in recs])
-        uvar = cat([r.ustd for r in recs]).square()
+        numel = self._index([float(r.numel) for r in recs], device, f64)  # [P]
         safe = counts.clamp(min=1.0)
+        umean = cat([r.umean for r in recs])
+        if all(r.usq is not None for r in recs):
+            # Elements per unit, per layer: numel / units (the batch size may change between steps).
+            per_unit = torch.ones(L, dtype=f64, device=device).index_copy_(0, rows, numel) / safe
+            uvar = cat([r.usq for r in recs if r.usq is not None]) / per_unit[seg]
+        else:  # GPU records carry std; CPU records that took the exact route carry float64 sums
+            uvar = cat([self._unit_var(r) for r in recs])
         mean = seg_sum(umean) / safe
         # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
         var = (seg_sum(uvar) + seg_sum((umean - mean[seg]).square())) / safe
         mn = torch.full((L,), torch.inf, dtype=f64, device=device)
         mn.scatter_reduce_(0, seg, cat([r.umin for r in recs]), reduce="amin")
+        umax = cat([r.umax for r in recs])
         mx = torch.full((L,), -torch.inf, dtype=f64, device=device)
-        mx.scatter_reduce_(0, seg, cat([r.umax for r in recs]), reduce="amax")
-        dead = seg_sum((~cat([r.upos for r in recs]).bool()).to(f64)) / safe
+        mx.scatter_reduce_(0, seg, umax, reduce="amax")
+        # A dead unit is never positive over the batch; umax is over finite elements, as the rule wants.
+        dead = seg_sum((umax <= 0).to(f64)) / safe
 
-        scalars = torch.stack([r.zero_frac.to(device=device, dtype=f64) for r in recs])
-        nonfinite = torch.stack([r.nonfinite.to(device=device, dtype=f64) for r in recs])
         cols = {
             "mean": mean,
             "std": var.clamp(min=0).sqrt(),
@@ -183,12 +253,17 @@ class Finalizer:
         has_units = counts > 0
         for name, col in cols.items():
             out[:, STAT_INDEX[name]] = torch.where(has_units, col, out[:, STAT_INDEX[name]])
-        out[rows, STAT_INDEX["zero_frac"]] = scalars
-        out[rows, STAT_INDEX["nonfinite"]] = nonfinite
-        sat_rows = [(i, r.sat_frac) for i, r in zip(present, recs, strict=True) if r.sat_frac is not None]
+        out[rows, STAT_INDEX["zero_frac"]] = 1.0 - stack([r.nonzero for r in recs]) / numel
+        nonfinite = [r.nonfinite for r in recs]
+        if all(n is None for n in nonfinite):
+            out[rows, STAT_INDEX["nonfinite"]] = 0.0
+        else:
+            zero = torch.zeros((), device=device)
+            out[rows, STAT_INDEX["nonfinite"]] = stack([zero if n is None else n for n in nonfinite])
+        sat_rows = [(i, r.sat / r.numel) for i, r in zip(present, recs, strict=True) if r.sat is not None]
         if sat_rows:
-            out[self._index([i for i, _ in sat_rows], device), STAT_INDEX["sat_frac"]] = torch.stack(
-                [s.to(device=device, dtype=f64) for _, s in sat_rows]
+            out[self._index([i for i, _ in sat_rows], device, torch.int64), STAT_INDEX["sat_frac"]] = stack(
+                [s for _, s in sat_rows]
             )
 
         # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
@@ -200,6 +275,13 @@ class Finalizer:
             out[:, STAT_INDEX["shift"]] = torch.where(has_units, shift, out[:, STAT_INDEX["shift"]])
         self._prev = (umean, uvar)
 
+    @staticmethod
+    def _unit_var(r: Reduced) -> torch.Tensor:
+        if r.usq is not None:
+            return r.usq.double() / max(r.numel / max(r.umean.numel(), 1), 1.0)
+        assert r.ustd is not None
+        return r.ustd.double().square()
+
     def _grad_figures(
         self, out: torch.Tensor, grads: list[tuple[int, torch.Tensor]], device: torch.device
     ) -> None:
@@ -210,8 +292,11 @@ class Finalizer:
             norms = torch._foreach_norm(tensors)
         except (RuntimeError, TypeError):  # mixed devices/dtypes/sparse: per-tensor fallback
             norms = [torch.linalg.vector_norm(g) for g in tensors]
-        sq = torch.stack([n.to(device=device, dtype=f64, non_blocking=True) for n in norms]).square()
-        index = self._index([layer for layer, _ in grads], device)
+        try:
+            sq = torch.stack(list(norms)).to(device=device, dtype=f64, non_blocking=True).square()
+        except RuntimeError:  # norms on several devices
+            sq = torch.stack([n.to(device=device, dtype=f64, non_blocking=True) for n in norms]).square()
+        index = self._index([layer for layer, _ in grads], device, torch.int64)
         total = torch.zeros(self.n_layers, dtype=f64, device=device).index_add_(0, index, sq)
         has = torch.zeros(self.n_layers, dtype=torch.bool, device=device)
         has[index] = True
