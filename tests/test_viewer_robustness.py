@@ -78,8 +78,8 @@ def test_tail_skips_garbage_and_prints_the_good_samples() -> None:
             tail.kill()
         ctx.destroy(linger=0)
     assert tail.returncode == 0, err
-    lines = json_lines(out)
-    assert len(lines) == 2 and all(line["type"] == "sample" for line in lines)
+    lines = [line for line in json_lines(out) if line["type"] == "sample"]  # alerts may come between
+    assert len(lines) == 2
     assert lines[0]["layers"]["b"]["mean"] == 0.5
     assert "Traceback" not in err
 
