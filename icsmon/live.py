@@ -30,7 +30,7 @@ from icsmon.store import RunKey, RunState, Store
 from icsmon.subscriber import RCVHWM
 from icsmon.targets import TargetError
 from icsmon_agent.discovery import pid_alive
-from icsmon_agent.protocol import TOPIC_PREFIX, Event, Message, ProtocolError, Sample, Schema, decode
+from icsmon_agent.protocol import TOPIC_PREFIX, Event, Message, ProtocolError, Schema, decode
 
 #: Nothing at all (not even the schema the agent re-sends every few seconds) for this long: lost.
 LOST_AFTER_S = 30.0
@@ -132,11 +132,15 @@ class Feed:
         self.change_count = 0
         self.samples = 0
         self._host = socket.gethostname()
+        self._due: set[RunKey] = set()
 
     # ------------------------------------------------------------------ ingest
 
-    def ingest(self, msg: Message) -> bool:
-        """Take one decoded message; run the rules if it stored a sample. True if it was new."""
+    def ingest(self, msg: Message, rules: bool = True) -> bool:
+        """Take one decoded message; run the rules if it stored a sample. True if it was new.
+
+        With ``rules=False`` the caller runs them (:meth:`run_rules`) once for a whole batch.
+        """
         key = (msg.run, msg.rank)
         before = self.store.get(*key)
         if (
@@ -163,10 +167,19 @@ class Feed:
             run.last_event = "closing"
         if run.count > count_before:
             self.samples += run.count - count_before
-            self._run_rules(key, run)
-        elif isinstance(msg, Sample):
-            pass  # a duplicate from re-sent history, or held until its schema arrives
+            if rules:
+                self._run_rules(key, run)
+            else:
+                self._due.add(key)
         return new
+
+    def run_rules(self) -> None:
+        """Run the alert rules once for every run that stored samples since the last call."""
+        due, self._due = self._due, set()
+        for key in due:
+            run = self.store.get(*key)
+            if run is not None:
+                self._run_rules(key, run)
 
     def _run_rules(self, key: RunKey, run: RunState) -> None:
         if self.engine_factory is None:
@@ -246,8 +259,11 @@ class Feed:
             next_check = 0.0
             while True:
                 for msg in await sub.poll(0.2):
-                    self.ingest(msg)
+                    self.ingest(msg, rules=False)
                     heard.add((msg.run, msg.rank))
+                # Once per batch, not per sample: with a thousand layers the rules cost more than
+                # the ingest, and a viewer that falls behind should catch up, not queue rule runs.
+                self.run_rules()
                 self.rejected, self.last_reject = sub.rejected, sub.last_error
                 await asyncio.sleep(0)  # let the screen draw between batches
                 now = time.monotonic()

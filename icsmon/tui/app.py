@@ -14,6 +14,7 @@ from typing import ClassVar, Protocol
 
 from textual.app import App
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
@@ -112,8 +113,12 @@ class IcsmonApp(App[int]):
         self._take_alert_changes()
         screen = self.screen
         redraw: Callable[[], None] | None = getattr(screen, "redraw", None)
-        if redraw is not None:
+        if redraw is None or not screen.is_attached:
+            return
+        try:
             redraw()
+        except NoMatches:
+            return  # the screen is being torn down (quitting, or popped since the tick was queued)
         self.frames += 1
 
     def _take_alert_changes(self) -> None:
@@ -142,7 +147,7 @@ class IcsmonApp(App[int]):
     def action_help(self) -> None:
         from icsmon.tui.screens.detail import DetailScreen
 
-        keys = describe(list(self.BINDINGS) + list(MainScreen.BINDINGS) + list(DetailScreen.BINDINGS))  # type: ignore[arg-type]
+        keys = describe(list(self.BINDINGS) + list(MainScreen.BINDINGS) + list(DetailScreen.BINDINGS))
         keys.append(("ctrl+p", "Command palette: jump to a layer by name"))
         self.push_screen(HelpScreen(keys))
 

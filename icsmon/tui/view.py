@@ -75,11 +75,15 @@ def badges(run: RunState, alerts: list[Alert]) -> list[Badge]:
     latest = run.latest()
     if latest is None:
         return [Badge("·", "none") for _ in range(n)]
+    index = {name: i for i, name in enumerate(run.layer_names)}
     by_layer: dict[int, Alert] = {}
     for alert in alerts:
-        cur = by_layer.get(alert.layer_index)
-        if cur is None or SEVERITY_RANK[alert.severity] > SEVERITY_RANK[cur.severity]:
-            by_layer[alert.layer_index] = alert
+        # One alert can cover a run of layers (vanishing from layer 12 down): badge each of them.
+        covered = [index[n] for n in getattr(alert, "layers", ()) if n in index] or [alert.layer_index]
+        for i in covered:
+            cur = by_layer.get(i)
+            if cur is None or SEVERITY_RANK[alert.severity] > SEVERITY_RANK[cur.severity]:
+                by_layer[i] = alert
     for i, alert in by_layer.items():
         if 0 <= i < n:
             out[i] = Badge(alert.rule.replace("_", " "), alert.severity)

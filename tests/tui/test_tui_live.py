@@ -86,7 +86,7 @@ async def test_waiting_live_lost_reattach_ended(tmp_path: Path, env: dict[str, s
             # The std sparkline of the first layer is drawn from real samples.
             await until(pilot, lambda: first.count >= 10, "ten samples")
             await pilot.pause(0.3)
-            spark = str(table.get_cell("0", "spark"))
+            spark = table.cell_text(0, "spark")
             assert any(ch in spark for ch in "▁▂▃▄▅▆▇█")
             assert "● live" in screen_text(app) and "tui-live" in screen_text(app)
 

@@ -27,8 +27,7 @@ async def test_table_has_one_row_per_layer_in_depth_order() -> None:
         table = app.screen.query_one(LayerTable)
         assert table.row_count == 30
         assert table.shown == list(range(30))
-        first = table.get_row_at(0)
-        assert str(first[0]) == "net.0.fc"
+        assert table.cell_text(0, "name") == "net.0.fc"
         text = screen_text(app)
         assert "step 790" in text and "● live" in text and "gpu-box" in text and "pid 4242" in text
 
@@ -38,7 +37,7 @@ async def test_nonfinite_layers_get_their_own_badge_and_sort_first() -> None:
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.pause()
         table = app.screen.query_one(LayerTable)
-        status = [str(table.get_row_at(r)[-1]) for r in range(table.row_count)]
+        status = [table.cell_text(i, "status") for i in range(table.row_count)]
         assert "NaN/Inf" not in status[:15]
         assert status[15:] == ["NaN/Inf"] * 5
         await pilot.press("s")  # depth -> severity

@@ -39,9 +39,11 @@ class HelpScreen(ModalScreen[None]):
             yield Static("Escape closes this help.", classes="dim")
 
 
-def describe(bindings: list[Binding]) -> list[tuple[str, str]]:
+def describe(bindings: list[BindingType]) -> list[tuple[str, str]]:
     out = []
     for b in bindings:
+        if not isinstance(b, Binding):
+            continue
         key = b.key_display or b.key.split(",")[0]
         key = {"slash": "/", "question_mark": "?", "enter": "Enter", "escape": "Escape"}.get(key, key)
         out.append((key, b.tooltip or b.description))

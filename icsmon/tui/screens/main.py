@@ -9,7 +9,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, Static
+from textual.widgets import Footer, Input, Static
 
 from icsmon.live import Feed
 from icsmon.tui import view
@@ -117,8 +117,8 @@ class MainScreen(Screen[None]):
 
             self.app.push_screen(DetailScreen(self.feed, layer))
 
-    @on(DataTable.RowSelected, "#layers")
-    def _row_selected(self, event: DataTable.RowSelected) -> None:
+    @on(LayerTable.Selected)
+    def _row_selected(self, event: LayerTable.Selected) -> None:
         event.stop()
         self.action_detail()
 

@@ -67,10 +67,27 @@ def bin_depth(logs: npt.NDArray[np.float64], cells: int) -> npt.NDArray[np.float
         return np.where(counts > 0, sums / counts, np.nan)
 
 
+_DIM = Style(dim=True)
+_SPAN = LEVELS + 2  # cell levels run from -2 (NaN/Inf) through -1 (no data) to LEVELS - 1
+
+
 @functools.cache
-def _style(u: int, d: int) -> Style:
-    # At most LEVELS² styles exist; caching them keeps a 200×60 redraw from building 12,000 styles.
-    return Style(color=PALETTE[u] if u >= 0 else None, bgcolor=PALETTE[d] if d >= 0 else None)
+def _cell(code: int) -> Segment:
+    u, d = divmod(code, _SPAN)
+    u, d = u - 2, d - 2
+    if u == -2 or d == -2:
+        return Segment("!", BAD)
+    return Segment("▀", Style(color=PALETTE[u] if u >= 0 else None, bgcolor=PALETTE[d] if d >= 0 else None))
+
+
+@functools.cache
+def _mono_cell(code: int) -> Segment:
+    u = code // _SPAN - 2
+    if u == -2:
+        return Segment("!")
+    if u < 0:
+        return Segment("·")
+    return Segment(SHADES[min(u * len(SHADES) // LEVELS, len(SHADES) - 1)])
 
 
 class Heatmap(Widget):
@@ -128,28 +145,19 @@ class Heatmap(Widget):
         label = ""
         if run_layers and (r % 4 == 0):
             label = str(first_cell * run_layers // max(cells, 1))
-        segs = [Segment(f"{label:>{GUTTER - 2}} ", Style(dim=True)), Segment("│", Style(dim=True))]
+        segs = [Segment(f"{label:>{GUTTER - 2}} ", _DIM), Segment("│", _DIM)]
         if pad > 0:
             segs.append(Segment(" " * pad))
         if first_cell >= level.shape[1]:
             return Strip(segs)
         upper = level[:, first_cell]
         lower = level[:, first_cell + 1] if not mono and first_cell + 1 < level.shape[1] else upper
-        for u, d in zip(upper.tolist(), lower.tolist(), strict=True):
-            segs.append(self._cell(u, d, mono))
-        return Strip(Segment.simplify(segs))
-
-    @staticmethod
-    def _cell(u: int, d: int, mono: bool) -> Segment:
-        if mono:
-            if u == -2:
-                return Segment("!")
-            if u < 0:
-                return Segment("·")
-            return Segment(SHADES[min(u * len(SHADES) // LEVELS, len(SHADES) - 1)])
-        if u == -2 or d == -2:
-            return Segment("!", BAD)
-        return Segment("▀", _style(u, d))
+        # One cached Segment per (upper, lower) pair: a 200×60 frame is ~12,000 cells, and building a
+        # Segment and a Style for each took most of a redraw.
+        codes = (upper + 2) * _SPAN + (lower + 2)
+        cell = _mono_cell if mono else _cell
+        segs.extend(cell(c) for c in codes.tolist())
+        return Strip(segs)
 
     def render_line(self, y: int) -> Strip:
         if y < len(self._strips):
