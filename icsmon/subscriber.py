@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import zmq
 
@@ -18,15 +18,22 @@ RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rath
 
 
 class Subscriber:
-    def __init__(self, endpoint: str, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
-        self.endpoint = endpoint
+    """Subscribes to one endpoint, or several at once (one SUB socket fair-queues them all: a
+    side-by-side view of two runs needs no second socket). Messages carry their run and rank."""
+
+    def __init__(
+        self, endpoint: str | Sequence[str], ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+    ) -> None:
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        self.endpoint = " ".join(self.endpoints)
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
         self._sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
-        self._sock.connect(endpoint)
+        for ep in self.endpoints:
+            self._sock.connect(ep)
         self.received = 0
         self.rejected = 0
         self.last_error = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ class Alert:
     value: float  # the figure that tripped the rule
     message: str  # one line: layer, figure, value, step
     hint: str  # what to try
+    # Added by the rule engine (defaults keep older constructors working):
+    run: str = ""
+    rank: int = 0
+    figure: str = ""  # the figure that tripped the rule: std, grad_norm, dead_frac, ...
+    layers: tuple[str, ...] = ()  # every layer where the condition held when it fired, depth order
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -26,9 +32,13 @@ class Alert:
             "layer": self.layer,
             "step": self.step,
             "severity": self.severity,
-            "value": self.value,
+            "value": self.value if math.isfinite(self.value) else None,
             "message": self.message,
             "hint": self.hint,
+            "run": self.run,
+            "rank": self.rank,
+            "figure": self.figure,
+            "layers": list(self.layers) or [self.layer],
         }
 
 
@@ -48,4 +58,6 @@ class AlertChange:
             "rule": self.alert.rule,
             "layer": self.alert.layer,
             "step": self.step,
+            "run": self.alert.run,
+            "rank": self.alert.rank,
         }

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
+from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
+from icsmon.alerts.engine import AlertEngine
+from icsmon.alerts.model import AlertChange
 from icsmon.commands.common import error, note
 from icsmon.render import sample_json, sample_line
 from icsmon.store import Store
@@ -34,7 +39,33 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds (1 if no sample arrived)")
     p.add_argument("--pid", type=int, help="with an SSH host: the job's pid there")
     p.add_argument("--run", help="the job's run id or name (when several run)")
+    add_threshold_flags(p)
     p.set_defaults(func=run)
+
+
+# ANSI colours for alert lines on a terminal (NO_COLOR disables them: https://no-color.org).
+_COLOURS = {"critical": "\033[1;31m", "warning": "\033[33m", "cleared": "\033[32m"}
+_RESET = "\033[0m"
+
+
+def use_colour(out: TextIO) -> bool:
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
+
+
+def alert_lines(change: AlertChange, colour: bool = False) -> list[str]:
+    """The readable lines of one alert change: the alert with its hint, or its clearing."""
+    alert = change.alert
+    where = f" [{alert.run}]" if alert.run else ""
+    if change.cleared:
+        lines = [f"  ok {alert.rule} cleared at {alert.layer}, step {change.step}{where}"]
+        key = "cleared"
+    else:
+        lines = [f"  !! {alert.severity:<8} {alert.message}{where}", f"     hint: {alert.hint}"]
+        key = alert.severity
+    if colour:
+        lines[0] = _COLOURS[key] + lines[0] + _RESET
+    return lines
 
 
 class Printer:
@@ -45,32 +76,55 @@ class Printer:
         self.as_json = as_json
         self.engine = engine
         self.samples = 0
+        self.alerts = 0  # alerts fired (not cleared) so far
+        self.colour = not as_json and use_colour(out)
+        self.label_runs = False  # several runs in one stream: say whose each line is
 
     def sample(self, sample: Sample, schema: Schema) -> None:
         if self.as_json:
             self.out.write(json.dumps(sample_json(sample, schema)) + "\n")
         else:
-            self.out.write(sample_line(sample, schema) + "\n")
+            prefix = f"[{schema.name or sample.run}] " if self.label_runs else ""
+            self.out.write(prefix + sample_line(sample, schema) + "\n")
         self.samples += 1
+        self.out.flush()
+
+    def alert(self, change: AlertChange) -> None:
+        if self.as_json:
+            self.out.write(json.dumps(change.to_json()) + "\n")
+        else:
+            self.out.write("\n".join(alert_lines(change, self.colour)) + "\n")
+        if not change.cleared:
+            self.alerts += 1
         self.out.flush()
 
 
 def tail_endpoint(
-    endpoint: str,
+    endpoint: str | Sequence[str],
     *,
     as_json: bool = False,
     count: int | None = None,
     timeout: float | None = None,
     out: TextIO | None = None,
     make_printer: Any = None,
+    thresholds: Thresholds | None = None,
 ) -> int:
+    """Print what ``endpoint`` (or several, one job each) publishes, with alerts, until done.
+
+    Done: ``count`` samples, ``timeout`` seconds, or every job ended (one closing run per endpoint).
+    """
     out = out or sys.stdout
     printer = make_printer(out, as_json) if make_printer else Printer(out, as_json)
+    endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+    printer.label_runs = len(endpoints) > 1
+    engine = AlertEngine(thresholds)
+    ended: set[tuple[str, int]] = set()
     store = Store()
     start = time.monotonic()
     until = None if timeout is None else start + timeout
     warned = False
-    with Subscriber(endpoint) as sub:
+    where = " ".join(endpoints)
+    with Subscriber(endpoints) as sub:
         for batch in sub.messages(until):
             for msg in batch:
                 run = store.get(msg.run, msg.rank)
@@ -80,9 +134,14 @@ def tail_endpoint(
                 assert state is not None
                 if isinstance(msg, Sample) and state.count > before and state.schema is not None:
                     printer.sample(msg, state.schema)
+                    for change in engine.update(state):
+                        printer.alert(change)
                     if count is not None and printer.samples >= count:
                         return 0
                 if isinstance(msg, Event) and msg.event == "closing" and state.ended:
+                    ended.add((msg.run, msg.rank))
+                    if len(ended) < len(endpoints):
+                        continue
                     if printer.samples:
                         note(f"the job ended (run {msg.run}, step {msg.detail.get('step', '?')})")
                         return 0
@@ -93,17 +152,21 @@ def tail_endpoint(
                 and time.monotonic() - start > WAIT_NOTE_S
                 and until is None
             ):
-                note(f"no sample from {endpoint} yet; waiting (Ctrl-C to stop)")
+                note(f"no sample from {where} yet; waiting (Ctrl-C to stop)")
                 warned = True
     if printer.samples:
         return 0
     extra = f" ({sub.rejected} malformed frames: {sub.last_error})" if sub.rejected else ""
-    return error(f"no sample from {endpoint} in {timeout:g} s: is the job running?{extra}")
+    return error(f"no sample from {where} in {timeout:g} s: is the job running?{extra}")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         return error("--count must be at least 1")
+    try:
+        thresholds = thresholds_from_args(args)
+    except ConfigError as exc:
+        return error(str(exc))
     target = args.target
     try:
         from icsmon.targets import is_endpoint, resolve_local
@@ -118,6 +181,12 @@ def run(args: argparse.Namespace) -> int:
     if resolved.note:
         note(resolved.note)
     try:
-        return tail_endpoint(resolved.endpoint, as_json=args.json, count=args.count, timeout=args.timeout)
+        return tail_endpoint(
+            resolved.endpoint,
+            as_json=args.json,
+            count=args.count,
+            timeout=args.timeout,
+            thresholds=thresholds,
+        )
     except KeyboardInterrupt:
         return 0

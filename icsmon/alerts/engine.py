@@ -1,0 +1,153 @@
+"""The alert engine: runs the rules on each new sample and adds persistence and hysteresis.
+
+One engine may serve several runs (the store keys them by run and rank); each run has its own
+state. Per rule and run:
+
+* a warning-level condition fires after it held for ``fire_after`` consecutive samples, so one odd
+  sample does not raise anything; a critical one, and the rules where waiting is too late
+  (``nonfinite``, ``exploding``, ``shift``), fire on the sample where they first hold;
+* an active alert clears after the condition was gone for ``clear_after`` consecutive samples
+  (twice that for the rules that fire at once, so a run that keeps spiking does not flicker);
+  samples with NaN/Inf do not count towards clearing (the evidence is gone, not the problem);
+* an active warning that turns critical fires again, as critical.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from icsmon.alerts.config import Thresholds
+from icsmon.alerts.model import Alert, AlertChange
+from icsmon.alerts.rules import RULES, Finding, Window
+from icsmon.render import fmt
+from icsmon.store import RunState
+from icsmon_agent.protocol import STAT_INDEX
+
+HISTORY = 500  # alert changes kept for the history view
+
+
+@dataclass
+class _RuleState:
+    holding: int = 0  # consecutive samples the condition held
+    gone: int = 0  # consecutive samples it did not
+    active: Alert | None = None
+
+
+@dataclass
+class _RunAlerts:
+    rules: dict[str, _RuleState] = field(default_factory=lambda: {name: _RuleState() for name in RULES})
+    count: int = 0  # RunState.count when last evaluated (an ingest with no new sample changes nothing)
+    schema_id: str = ""
+
+
+def window_of(run: RunState, n: int) -> Window | None:
+    """The last ``n`` samples of ``run`` as a rule :class:`Window` (None before the first sample)."""
+    if run.schema is None or run.count == 0:
+        return None
+    take = min(n, run.size)
+    idx = np.arange(run.count - take, run.count) % run.capacity
+    return Window(
+        names=tuple(run.layer_names),
+        kinds=tuple(layer.kind for layer in run.schema.layers),
+        figures=run.figures[idx].astype(np.float64),
+        step=int(run.steps[idx[-1]]),
+    )
+
+
+def describe(rule: str, finding: Finding, names: tuple[str, ...], step: int, run: str = "") -> str:
+    """The alert's one line: layer, figure, value, step (and how far it reaches)."""
+    layer = names[finding.first]
+    text = f"{rule}: {layer} {finding.figure} {fmt(finding.value)}"
+    if finding.detail:
+        text += f" ({finding.detail})"
+    text += f" at step {step}"
+    if len(finding.layers) > 1:
+        text += f"; {len(finding.layers)} layers, {names[finding.layers[0]]} to {names[finding.layers[-1]]}"
+    if run:
+        text += f" [{run}]"
+    return text
+
+
+class AlertEngine:
+    def __init__(self, thresholds: Thresholds | None = None) -> None:
+        self.thresholds = thresholds or Thresholds()
+        self._runs: dict[tuple[str, int], _RunAlerts] = {}
+        self._history: deque[AlertChange] = deque(maxlen=HISTORY)
+
+    def update(self, run: RunState) -> list[AlertChange]:
+        """Call once after each new sample was stored in ``run``; returns alerts fired/cleared now."""
+        key = (run.run, run.rank)
+        state = self._runs.get(key)
+        schema_id = run.schema.schema_id if run.schema is not None else ""
+        if state is None or state.schema_id != schema_id:
+            state = self._runs[key] = _RunAlerts(schema_id=schema_id)
+        if run.count == state.count:
+            return []
+        state.count = run.count
+        t = self.thresholds
+        window = window_of(run, max(t.window, t.shift_window) + 1)
+        if window is None:
+            return []
+        latest = window.figures[-1]
+        has_nonfinite = bool(
+            np.nan_to_num(latest[:, STAT_INDEX["nonfinite"]]).max(initial=0) > 0
+            or np.isinf(latest[:, STAT_INDEX["std"]]).any()
+        )
+        changes: list[AlertChange] = []
+        for name, (rule, at_once, hint) in RULES.items():
+            rs = state.rules[name]
+            finding = rule(window, t)
+            if finding is None:
+                rs.holding = 0
+                if rs.active is not None and not has_nonfinite:
+                    rs.gone += 1
+                    if rs.gone >= t.clear_after * (2 if at_once else 1):
+                        changes.append(AlertChange(rs.active, cleared=True, step=window.step))
+                        rs.active = None
+                continue
+            rs.holding += 1
+            rs.gone = 0
+            due = at_once or finding.severity == "critical" or rs.holding >= t.fire_after
+            escalates = (
+                rs.active is not None and rs.active.severity == "warning" and finding.severity == "critical"
+            )
+            if (rs.active is None and due) or escalates:
+                rs.active = self._alert(name, finding, window, run, hint)
+                changes.append(AlertChange(rs.active))
+        self._history.extend(changes)
+        return changes
+
+    def _alert(self, rule: str, finding: Finding, window: Window, run: RunState, hint: str) -> Alert:
+        names = window.names
+        return Alert(
+            rule=rule,
+            layer=names[finding.first],
+            layer_index=finding.first,
+            step=window.step,
+            severity=finding.severity,
+            value=finding.value,
+            message=describe(rule, finding, names, window.step),
+            hint=hint,
+            run=run.run,
+            rank=run.rank,
+            figure=finding.figure,
+            layers=tuple(names[i] for i in finding.layers),
+        )
+
+    def forget(self, run: str, rank: int = 0) -> None:
+        """Drop a run's state (it ended or was replaced); its alerts leave ``active``."""
+        self._runs.pop((run, rank), None)
+
+    @property
+    def active(self) -> list[Alert]:
+        """Currently firing alerts, in depth order (then by run)."""
+        out = [rs.active for st in self._runs.values() for rs in st.rules.values() if rs.active is not None]
+        return sorted(out, key=lambda a: (a.layer_index, a.run, a.rank, list(RULES).index(a.rule)))
+
+    @property
+    def history(self) -> list[AlertChange]:
+        """Every fire and clear, bounded, newest last."""
+        return list(self._history)

@@ -1,0 +1,292 @@
+"""The alert rules: pure functions of a run's recent figures. No state, no I/O, no Textual.
+
+Each rule looks at a :class:`Window` (the last few samples of every layer, newest last) and returns
+a :class:`Finding` (which layers, how bad, the figure and value that tripped it) or None. The
+:class:`~icsmon.alerts.engine.AlertEngine` adds persistence and hysteresis on top.
+
+A rule names the *first* layer in depth order where its condition holds and counts the others: a
+failure that starts at one layer spreads to every layer after it, and one line saying where it
+starts is worth more than forty saying the same thing.
+
+Causes before consequences: a ReLU layer that is dead switches off the signal downstream and the
+gradient upstream, so ``vanishing`` does not also fire for what a dead layer explains; and a ReLU
+layer whose input has already vanished is ``vanishing``, not ``dead_relu``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from icsmon.alerts.config import Thresholds
+from icsmon.alerts.model import Severity
+from icsmon_agent.protocol import STAT_INDEX
+
+FloatArray = npt.NDArray[np.float64]
+
+#: Layer kinds whose output is an activation: their `shift` mirrors their input's, and a ReLU output's
+#: shift is dominated by units flipping between dead (variance 0) and alive, so `shift` is judged on
+#: the other layers (the seed measures it on z = W h + b).
+ACTIVATION_KINDS = frozenset({"relu", "tanh", "sigmoid"})
+
+
+@dataclass(frozen=True)
+class Window:
+    """A run's recent figures: ``figures[t, layer, stat]`` oldest to newest; the last row is now."""
+
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    figures: FloatArray  # (n, n_layers, n_stats), float64, NaN where absent
+    step: int
+
+    def now(self, stat: str) -> FloatArray:
+        out: FloatArray = self.figures[-1, :, STAT_INDEX[stat]]
+        return out
+
+    def past(self, stat: str, n: int) -> FloatArray:
+        """The ``n`` samples before now (fewer if the history is shorter): shape (m, n_layers)."""
+        lo = max(0, self.figures.shape[0] - 1 - n)
+        out: FloatArray = self.figures[lo:-1, :, STAT_INDEX[stat]]
+        return out
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a rule found in one sample."""
+
+    severity: Severity
+    layers: tuple[int, ...]  # every layer where the condition holds, in depth order
+    figure: str  # the figure of the layer named in the alert
+    value: float
+    detail: str = ""  # e.g. "10.2x its median"
+    first: int = 0  # the layer named in the alert: the first in depth order unless a rule prefers one
+
+
+@dataclass(frozen=True)
+class _Hit:
+    layer: int
+    severity: Severity
+    figure: str
+    value: float
+    detail: str = ""
+
+
+def _finding(hits: list[_Hit], prefer: str = "") -> Finding | None:
+    """One finding from per-layer hits; it names the first layer (the first hit on ``prefer`` if any)."""
+    if not hits:
+        return None
+    hits.sort(key=lambda h: (h.layer, h.severity != "critical"))
+    preferred = [h for h in hits if h.figure == prefer]
+    first = preferred[0] if preferred else hits[0]
+    severity: Severity = "critical" if any(h.severity == "critical" for h in hits) else "warning"
+    layers = tuple(dict.fromkeys(h.layer for h in hits))
+    return Finding(severity, layers, first.figure, first.value, first.detail, first.layer)
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+def _nanmedian(a: FloatArray) -> FloatArray:
+    """Column medians ignoring NaN; NaN for a column with no finite value (without a warning)."""
+    out = np.full(a.shape[1] if a.ndim == 2 else 0, np.nan)
+    if a.size == 0:
+        return out
+    a = np.where(np.isfinite(a), a, np.nan)
+    ok = np.isfinite(a).any(axis=0)
+    if ok.any():
+        out[ok] = np.nanmedian(a[:, ok], axis=0)
+    return out
+
+
+def _nanmax(a: FloatArray) -> FloatArray:
+    out = np.full(a.shape[1] if a.ndim == 2 else 0, np.nan)
+    if a.size == 0:
+        return out
+    a = np.where(np.isfinite(a), a, np.nan)
+    ok = np.isfinite(a).any(axis=0)
+    if ok.any():
+        out[ok] = np.nanmax(a[:, ok], axis=0)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ rules
+
+
+def nonfinite(w: Window, t: Thresholds) -> Finding | None:
+    """Any NaN/Inf in a layer's output (or a non-finite std), named at the first layer in depth order."""
+    count, std = w.now("nonfinite"), w.now("std")
+    hits = []
+    for i in range(len(w.names)):
+        if count[i] > 0:
+            hits.append(_Hit(i, "critical", "nonfinite", float(count[i])))
+        elif np.isinf(std[i]):
+            hits.append(_Hit(i, "critical", "std", float(std[i])))
+    return _finding(hits)
+
+
+def dead_layers(w: Window, t: Thresholds) -> list[_Hit]:
+    dead, std = w.now("dead_frac"), w.now("std")
+    hits = []
+    for i, kind in enumerate(w.kinds):
+        if kind != "relu" or not dead[i] >= t.dead_frac:
+            continue
+        # The input of a ReLU is (almost always) the layer just before it. Vanished input: not dead.
+        if i > 0 and not std[i - 1] >= t.vanish_std:
+            continue
+        severity: Severity = "critical" if dead[i] >= t.dead_frac_critical else "warning"
+        hits.append(_Hit(i, severity, "dead_frac", float(dead[i])))
+    return hits
+
+
+def dead_relu(w: Window, t: Thresholds) -> Finding | None:
+    """ReLU units never positive over the batch while the layer's input is alive.
+
+    About half of every healthy ReLU output is 0 (``zero_frac`` ~0.5), and a deep He-init net has up
+    to ~45% of units silent for a whole batch at init; only a larger fraction is reported.
+    """
+    return _finding(dead_layers(w, t))
+
+
+def vanishing(w: Window, t: Thresholds) -> Finding | None:
+    """Activation std collapsing toward 0 (absolutely, with depth, or against its own recent peak),
+    or a parameter-gradient norm vanishing."""
+    std, grad = w.now("std"), w.now("grad_norm")
+    dead = [h for h in dead_layers(w, t) if h.severity == "critical"]
+    first_dead = dead[0].layer if dead else None
+    peak = _nanmax(w.past("std", t.window))
+    hits = []
+    running_max = 0.0  # largest std of the layers before this one
+    for i in range(len(w.names)):
+        s = float(std[i])
+        if _finite(s):
+            explained = first_dead is not None and i >= first_dead
+            reference = max(running_max, float(peak[i]) if _finite(float(peak[i])) else 0.0)
+            if not explained:
+                if s < t.vanish_std_critical:
+                    hits.append(_Hit(i, "critical", "std", s))
+                elif s < t.vanish_std:
+                    hits.append(_Hit(i, "warning", "std", s))
+                elif reference > 0 and s < t.vanish_ratio * reference:
+                    hits.append(_Hit(i, "warning", "std", s, f"{reference / max(s, 1e-300):.2g}x below"))
+            running_max = max(running_max, s)
+        g = float(grad[i])
+        # A dead layer anywhere blocks the gradient of every layer before it: dead_relu says so.
+        if first_dead is None and _finite(g) and g < t.vanish_grad:
+            hits.append(_Hit(i, "warning", "grad_norm", g))
+    # Name where the activations collapse when they do: gradients vanish upstream of it as a result.
+    return _finding(hits, prefer="std")
+
+
+def _jump(w: Window, t: Thresholds, stat: str) -> list[_Hit]:
+    now = w.now(stat)
+    level = _nanmedian(w.past(stat, t.window))
+    hits = []
+    for i in range(len(w.names)):
+        v, m = float(now[i]), float(level[i])
+        if not (_finite(v) and _finite(m)) or m <= 0 or v < t.explode_jump_floor:
+            continue
+        ratio = v / m
+        if ratio >= t.explode_jump:
+            severity: Severity = "critical" if ratio >= t.explode_jump_critical else "warning"
+            hits.append(_Hit(i, severity, stat, v, f"{ratio:.3g}x its median"))
+    return hits
+
+
+def exploding(w: Window, t: Thresholds) -> Finding | None:
+    """Activation std above a level, or std / gradient norm jumping across a few samples.
+
+    The jump half is what catches a diverging run while its loss is still finite: each step
+    multiplies the scale, so the last finite samples are orders of magnitude above their median.
+    """
+    std = w.now("std")
+    hits = []
+    for i in range(len(w.names)):
+        s = float(std[i])
+        if _finite(s) and s >= t.explode_std:
+            hits.append(_Hit(i, "critical" if s >= t.explode_std_critical else "warning", "std", s))
+    hits += _jump(w, t, "std")
+    hits += _jump(w, t, "grad_norm")
+    return _finding(hits)
+
+
+def saturation(w: Window, t: Thresholds) -> Finding | None:
+    """tanh/sigmoid outputs pinned near their limits (``sat_frac``; absent for other layers)."""
+    sat = w.now("sat_frac")
+    hits = []
+    for i in range(len(w.names)):
+        v = float(sat[i])
+        if _finite(v) and v >= t.saturation:
+            hits.append(_Hit(i, "critical" if v >= t.saturation_critical else "warning", "sat_frac", v))
+    return _finding(hits)
+
+
+def shift(w: Window, t: Thresholds) -> Finding | None:
+    """The seed's KL shift far above the layer's own running level (not on activation layers)."""
+    now = w.now("shift")
+    hist = w.past("shift", t.shift_window)
+    enough = np.isfinite(hist).sum(axis=0) >= t.shift_min_history if hist.size else None
+    if enough is None or not enough.any():
+        return None
+    level = _nanmedian(hist)
+    hits = []
+    for i, kind in enumerate(w.kinds):
+        if kind in ACTIVATION_KINDS or not enough[i]:
+            continue
+        v, m = float(now[i]), float(level[i])
+        if not (_finite(v) and _finite(m)) or v < t.shift_min:
+            continue
+        ratio = v / max(m, 1e-12)
+        if ratio >= t.shift_factor:
+            severity: Severity = "critical" if ratio >= 10 * t.shift_factor else "warning"
+            hits.append(_Hit(i, severity, "shift", v, f"{ratio:.3g}x its median"))
+    return _finding(hits)
+
+
+Rule = Callable[[Window, Thresholds], "Finding | None"]
+
+#: name -> (rule, fires at once?, hint). Order: how alerts are listed when several fire together.
+RULES: dict[str, tuple[Rule, bool, str]] = {
+    "nonfinite": (
+        nonfinite,
+        True,
+        "NaN/Inf starts at this layer: usually the end of an explosion (lower the learning rate, cap "
+        "the warm-up, clip gradients), else a log, sqrt or division of 0 in it",
+    ),
+    "exploding": (
+        exploding,
+        True,
+        "lower the learning rate (without normalisation a 50-layer net wants ~1e-4, not 1e-2), cap the "
+        "warm-up, clip gradients; check the init scale (He N(0, 2/fan_in)); normalise before the nonlinearity",
+    ),
+    "vanishing": (
+        vanishing,
+        False,
+        "weights too small for the depth: use He init N(0, 2/fan_in) for ReLU (Xavier for tanh), or "
+        "normalise before each nonlinearity (Linear -> BatchNorm/LayerNorm -> activation)",
+    ),
+    "dead_relu": (
+        dead_relu,
+        False,
+        "these units' pre-activations are <= 0 for every input, so they get no gradient and never "
+        "recover: look for large negative biases, lower the learning rate, normalise before the ReLU, "
+        "or use LeakyReLU",
+    ),
+    "saturation": (
+        saturation,
+        False,
+        "pre-activations too large: smaller init (Xavier N(0, 1/fan_in) for tanh/sigmoid), normalise "
+        "before the nonlinearity, or lower the learning rate",
+    ),
+    "shift": (
+        shift,
+        True,
+        "this layer's input distribution jumped (upstream layers moved fast): lower the learning "
+        "rate, or normalise its input (BatchNorm for CNNs, LayerNorm for transformers, pre-norm "
+        "residuals for very deep stacks)",
+    ),
+}
