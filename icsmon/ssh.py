@@ -27,9 +27,11 @@ from pathlib import Path
 from icsmon.targets import TargetError
 
 ENV_COMMAND = "ICSMON_SSH_COMMAND"
-# sockaddr_un holds 107 bytes and ssh appends ".XXXXXXXXXXXXXXXX" to the control path while it
-# binds it: keep the private directory short enough for both.
-MAX_DIR_LEN = 80
+# A unix socket path holds 103 bytes on macOS (107 on Linux), and ssh binds the control socket as
+# "<path>.XXXXXXXXXXXXXXXX" before renaming it: the private dir must leave room for that.
+MAX_SOCKET_PATH = 103
+DIR_PREFIX = "icsmon-ssh-"
+CONTROL_NAME = "ctl"
 COMMAND_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 10.0
 
@@ -80,9 +82,11 @@ def explain_failure(host: str, log: str) -> str:
 
 def _private_dir() -> Path:
     base = tempfile.gettempdir()
-    if len(base) > MAX_DIR_LEN - 20:
+    # mkdtemp adds 8 characters; ssh adds 17 to the control path while binding it.
+    longest = len(base) + len(f"/{DIR_PREFIX}12345678/{CONTROL_NAME}") + 17
+    if longest > MAX_SOCKET_PATH:
         base = "/tmp"  # a long $TMPDIR would overflow the socket paths
-    return Path(tempfile.mkdtemp(prefix="icsmon-ssh-", dir=base))  # mkdtemp creates it 0700
+    return Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=base))  # mkdtemp creates it 0700
 
 
 def _free_local_port() -> int:
@@ -114,7 +118,7 @@ class Connection:
         self.host = check_host(host)
         self.base = base_command(environ)
         self.dir = _private_dir()
-        self.control = self.dir / "ctl"
+        self.control = self.dir / CONTROL_NAME
         self.log = self.dir / "ssh.log"
         self.master_pid: int | None = None
         self._forwards: list[str] = []

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,8 +151,9 @@ class Viewer:
 
 def make_viewer(lab: Lab, base: Path, remote_runtime: Path, *extra_hosts: str) -> Viewer:
     base.mkdir(parents=True, exist_ok=True)
-    tmp = base / "tmp"
-    tmp.mkdir(exist_ok=True)
+    # A short TMPDIR of its own: the CLI's private dir (control socket, forwards) goes in there,
+    # where the test can look for leftovers (a long one would make the CLI fall back to /tmp).
+    tmp = Path(tempfile.mkdtemp(prefix="v", dir=lab.dir))
     own_rt = base / "viewer_rt"
     own_rt.mkdir(exist_ok=True)
     setenv = {"SetEnv": f"ICSMON_RUNTIME_DIR={remote_runtime}"}
@@ -289,6 +293,7 @@ def test_interrupted_tail_leaves_nothing(viewer: Viewer, lab: Lab, sig: int) -> 
     assert follower.stdout is not None
     assert follower.stdout.readline().startswith("step")
     assert len(lab.open_box.sessions()) > 0
+    assert processes_mentioning(str(viewer.tmp)), "the ssh master runs (in the private dir) meanwhile"
     follower.send_signal(sig)
     _, err = follower.communicate(timeout=30)
     assert "Traceback" not in err
@@ -327,3 +332,65 @@ def test_icsmon_ssh_command_that_cannot_run(viewer: Viewer) -> None:
     proc = icsmon("list", "gpu-box", env=env)
     assert proc.returncode == 1 and "ICSMON_SSH_COMMAND cannot be parsed" in proc.stderr
     viewer.assert_nothing_left()
+
+
+class Tmux:
+    """A private tmux server: what a person at a terminal would see and type."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = directory / "tmux.sock"
+
+    def start(self, command: str, env: dict[str, str], directory: Path) -> None:
+        script = directory / "session.sh"
+        exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if k.isidentifier())
+        script.write_text(f"{exports}{command}\necho EXIT=$?\nsleep 60\n")
+        self._tmux("new-session", "-d", "-x", "160", "-y", "40", f"sh {shlex.quote(str(script))}")
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p").stdout
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", *keys)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True)
+
+    def _tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, check=True
+        )
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    if not shutil.which("tmux"):
+        pytest.skip("no tmux (./scripts/install-system-deps installs it)")
+    t = Tmux(tmp_path)
+    yield t
+    t.kill()
+
+
+def test_attach_over_ssh_shows_the_live_table_and_quits_clean(
+    viewer: Viewer, tmux: Tmux, tmp_path: Path, job: tuple[subprocess.Popen[str], Path]
+) -> None:
+    tmux.start(f"{shlex.quote(sys.executable)} -m icsmon attach gpu-box", viewer.env, tmp_path)
+    assert wait_until(lambda: "● live" in tmux.screen() and "trainer" in tmux.screen(), 60), tmux.screen()
+    screen = tmux.screen()
+    assert f"pid {job[0].pid}" in screen and "layer" in screen
+    assert processes_mentioning(str(viewer.tmp)), "the ssh master runs while the app is open"
+    tmux.keys("q")
+    assert wait_until(lambda: "EXIT=0" in tmux.screen(), 30), tmux.screen()
+    viewer.assert_nothing_left()
+
+
+def test_attach_inside_an_ssh_session_on_the_box(
+    viewer: Viewer, tmux: Tmux, tmp_path: Path, job: tuple[subprocess.Popen[str], Path]
+) -> None:
+    # The other documented way: `ssh -t gpu-box icsmon attach`, the app running on the box itself.
+    # The "box" is this machine, so the interpreter's path names an icsmon installed there.
+    remote = f"{shlex.quote(sys.executable)} -m icsmon attach"
+    tmux.start(f"ssh -F {viewer.config} -t gpu-box {shlex.quote(remote)}", viewer.env, tmp_path)
+    assert wait_until(lambda: "● live" in tmux.screen() and "trainer" in tmux.screen(), 60), tmux.screen()
+    assert f"pid {job[0].pid}" in tmux.screen()
+    tmux.keys("q")
+    assert wait_until(lambda: "EXIT=0" in tmux.screen(), 30), tmux.screen()
