@@ -95,7 +95,7 @@ def plot(
         if height >= 5:
             labels[(height - 1) // 2] = (hi + lo) / 2
     else:
-        labels = {}
+        return Text("no finite value yet (or the figure does not apply to this layer)", style="dim")
     text = Text(no_wrap=True, overflow="crop")
     for y, row in enumerate(grid):
         if y in labels:

@@ -79,6 +79,7 @@ class MainScreen(Screen[None]):
         has_data = run is not None and run.schema is not None and run.count > 0
         waiting.display = not has_data
         self.table.display = has_data
+        self.alert_log.display = has_data
         if not has_data:
             waiting.update(self._waiting_text())
             return

@@ -33,7 +33,7 @@ class AlertLog(RichLog):
     """Fed by the app with every new change; bounded like every other buffer of the viewer."""
 
     DEFAULT_CSS = """
-    AlertLog { height: 6; border-top: solid $primary; }
+    AlertLog { height: 20%; min-height: 3; max-height: 10; border-top: solid $primary; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:

@@ -68,6 +68,8 @@ def bin_depth(logs: npt.NDArray[np.float64], cells: int) -> npt.NDArray[np.float
 
 
 _DIM = Style(dim=True)
+_PLAIN = Style()
+_BOLD = Style(bold=True)  # every segment carries a style: Textual's NO_COLOR filter reads style.color
 _SPAN = LEVELS + 2  # cell levels run from -2 (NaN/Inf) through -1 (no data) to LEVELS - 1
 
 
@@ -84,10 +86,10 @@ def _cell(code: int) -> Segment:
 def _mono_cell(code: int) -> Segment:
     u = code // _SPAN - 2
     if u == -2:
-        return Segment("!")
+        return Segment("!", _BOLD)
     if u < 0:
-        return Segment("·")
-    return Segment(SHADES[min(u * len(SHADES) // LEVELS, len(SHADES) - 1)])
+        return Segment("·", _PLAIN)
+    return Segment(SHADES[min(u * len(SHADES) // LEVELS, len(SHADES) - 1)], _PLAIN)
 
 
 class Heatmap(Widget):
@@ -147,7 +149,7 @@ class Heatmap(Widget):
             label = str(first_cell * run_layers // max(cells, 1))
         segs = [Segment(f"{label:>{GUTTER - 2}} ", _DIM), Segment("│", _DIM)]
         if pad > 0:
-            segs.append(Segment(" " * pad))
+            segs.append(Segment(" " * pad, _PLAIN))
         if first_cell >= level.shape[1]:
             return Strip(segs)
         upper = level[:, first_cell]
@@ -162,4 +164,4 @@ class Heatmap(Widget):
     def render_line(self, y: int) -> Strip:
         if y < len(self._strips):
             return self._strips[y]
-        return Strip.blank(self.size.width)
+        return Strip.blank(self.size.width, _PLAIN)

@@ -57,7 +57,7 @@ def columns_for(width: int) -> list[Column]:
     if width >= 160:
         cols += [Column("shape", "shape", 12)]
     cols += [
-        Column("spark", "std history", spark),
+        Column("spark", "std trend", spark),
         Column("mean", "mean", 9),
         Column("std", "std", 9),
         Column("dead", "dead", 4),
