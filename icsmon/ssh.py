@@ -135,8 +135,11 @@ class Connection:
         is in its own session, so a Ctrl-C meant for us does not kill it before we tear it down.
         ``interactive=False`` (a reconnection from inside the app) forbids prompts altogether.
         """
-        with contextlib.suppress(OSError):
-            self.log.unlink()  # a previous attempt's words would mislead explain_failure()
+        for stale in (self.log, self.control):
+            # A previous attempt's words would mislead explain_failure(), and a dead master's
+            # socket file would make the new master run without multiplexing.
+            with contextlib.suppress(OSError):
+                stale.unlink()
         cmd = [
             *self.base,
             "-M",

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,3 +395,53 @@ def test_attach_inside_an_ssh_session_on_the_box(
     assert f"pid {job[0].pid}" in tmux.screen()
     tmux.keys("q")
     assert wait_until(lambda: "EXIT=0" in tmux.screen(), 30), tmux.screen()
+
+
+def test_attach_to_a_box_that_forbids_forwarding_says_so_before_the_app(
+    viewer: Viewer, tmux: Tmux, tmp_path: Path
+) -> None:
+    tmux.start(f"{shlex.quote(sys.executable)} -m icsmon attach locked-box", viewer.env, tmp_path)
+    assert wait_until(lambda: "EXIT=1" in tmux.screen(), 60), tmux.screen()
+    assert "AllowStreamLocalForwarding no" in tmux.screen().replace("\n", "")
+    viewer.assert_nothing_left()
+
+
+def test_attach_without_a_terminal_is_refused_before_connecting(viewer: Viewer) -> None:
+    proc = viewer.run("attach", "gpu-box")
+    assert proc.returncode == 1 and "attach needs a terminal" in proc.stderr
+    assert "icsmon tail gpu-box" in proc.stderr
+    viewer.assert_nothing_left()
+
+
+def test_connect_again_after_the_master_died_reopens_without_prompting(
+    viewer: Viewer, job: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the app does when the link drops: connect() re-opens the master and the forward."""
+    from icsmon.ssh_target import RemoteTarget
+    from icsmon.subscriber import Subscriber
+    from icsmon_agent.protocol import Sample
+
+    for key in ("ICSMON_SSH_COMMAND", "TMPDIR"):
+        monkeypatch.setenv(key, viewer.env[key])
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+
+    def one_sample(endpoint: str) -> bool:
+        with Subscriber(endpoint) as sub:
+            for batch in sub.messages(time.monotonic() + 30):
+                if any(isinstance(m, Sample) for m in batch):
+                    return True
+        return False
+
+    with RemoteTarget("gpu-box") as remote:
+        remote.open()
+        first = remote.connect()
+        assert one_sample(first)
+        old_master = remote.conn.master_pid
+        assert old_master is not None
+        os.kill(old_master, signal.SIGKILL)  # the link is gone, as if the network dropped
+        assert wait_until(lambda: not remote.conn.alive(), 10)
+        second = remote.connect()
+        assert remote.conn.master_pid not in (None, old_master)
+        assert second != first and one_sample(second)
+        assert remote.job is not None and remote.job.pid == job[0].pid
+    viewer.assert_nothing_left()
