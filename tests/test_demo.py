@@ -1,0 +1,116 @@
+"""Every demo scenario, run for real: `icsmon demo SCENARIO --headless --json` trains the network in
+a subprocess with the agent, and the alert lines it prints are checked against what the scenario is
+meant to show (and the healthy one must show nothing at all)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from helpers import icsmon, json_lines
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def demo(env: dict[str, str], scenario: str, *args: str, timeout: float = 110) -> list[dict[str, Any]]:
+    proc = icsmon("demo", scenario, "--headless", "--json", *args, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json_lines(proc.stdout)
+
+
+def alerts(lines: list[dict[str, Any]], run_prefix: str = "") -> list[dict[str, Any]]:
+    return [a for a in lines if a["type"] == "alert" and a["run"].startswith(run_prefix)]
+
+
+def summary(lines: list[dict[str, Any]], net: str) -> dict[str, Any]:
+    (found,) = [s for s in lines if s["type"] == "run_summary" and s["net"] == net]
+    return found
+
+
+def layer_index(name: str) -> int:
+    return int(name)  # the demo nets are nn.Sequential: layer names are their indices
+
+
+def test_healthy_raises_no_alert_over_hundreds_of_steps(env: dict[str, str]) -> None:
+    lines = demo(env, "healthy", "--steps", "300", "--every", "2")
+    samples = [s for s in lines if s["type"] == "sample"]
+    assert len(samples) >= 140  # every sample of the run was seen, so silence means something
+    # The look-alikes are there: ReLU layers half zeros, yet nothing is called dead.
+    assert max(f["zero_frac"] for f in samples[-1]["layers"].values()) > 0.4
+    assert alerts(lines) == []
+
+
+def test_vanishing_fires_where_the_signal_collapses(env: dict[str, str]) -> None:
+    lines = demo(env, "vanishing", "--steps", "12")
+    found = alerts(lines)
+    assert [a["rule"] for a in found] == ["vanishing"]
+    (a,) = found
+    # Weights N(0, 0.01^2) shrink the signal ~9x a layer: 1e-3 of the input's scale a few layers in.
+    assert 3 <= layer_index(a["layer"]) <= 12 and a["figure"] == "std"
+    assert a["step"] <= 4  # present from step 0: fires after `fire_after` samples
+    assert a["severity"] == "critical" and len(a["layers"]) > 80
+    assert "init" in a["hint"]
+
+
+def test_exploding_fires_before_the_loss_is_nonfinite(env: dict[str, str]) -> None:
+    lines = demo(env, "exploding")
+    nan_step = summary(lines, "exploding")["first_nonfinite_loss_step"]
+    assert nan_step is not None  # the run does diverge
+    first: dict[str, dict[str, Any]] = {}
+    for a in alerts(lines):
+        first.setdefault(a["rule"], a)
+    assert first["exploding"]["step"] < nan_step
+    assert first["exploding"]["severity"] == "critical"
+    assert first["nonfinite"]["step"] >= first["exploding"]["step"]
+    assert "learning rate" in first["exploding"]["hint"]
+    # Healthy for ~100 steps first: nothing fires at the start.
+    assert min(a["step"] for a in alerts(lines)) > 50
+
+
+def test_saturating_fires_on_the_tanh_layers(env: dict[str, str]) -> None:
+    lines = demo(env, "saturating", "--steps", "12")
+    found = alerts(lines)
+    assert [a["rule"] for a in found] == ["saturation"]
+    # nn.Sequential(Linear, Tanh, Linear, Tanh, ...): the tanh layers are the odd indices.
+    assert {layer_index(n) % 2 for n in found[0]["layers"]} == {1}
+    assert len(found[0]["layers"]) == 6
+
+
+def test_dead_fires_on_relu_layers_not_vanishing(env: dict[str, str]) -> None:
+    lines = demo(env, "dead", "--steps", "12")
+    found = alerts(lines)
+    assert [a["rule"] for a in found] == ["dead_relu"]
+    assert {layer_index(n) % 2 for n in found[0]["layers"]} == {1}  # ReLUs only
+    assert found[0]["severity"] == "critical" and "bias" in found[0]["hint"]
+
+
+def test_normalization_plain_explodes_batchnorm_survives(env: dict[str, str]) -> None:
+    lines = demo(env, "normalization", "--steps", "170")
+    plain_nan = summary(lines, "plain")["first_nonfinite_loss_step"]
+    assert plain_nan is not None and summary(lines, "batchnorm")["first_nonfinite_loss_step"] is None
+    plain = {a["rule"]: a for a in reversed(alerts(lines, "plain"))}  # first of each rule
+    assert plain["exploding"]["step"] < plain_nan
+    bn = {a["rule"] for a in alerts(lines, "batchnorm")}
+    assert not bn & {"exploding", "nonfinite", "vanishing"}
+
+
+def test_demo_list_and_bad_usage(env: dict[str, str]) -> None:
+    proc = icsmon("demo", "--list", env=env, check=True)
+    for name in ("healthy", "vanishing", "exploding", "saturating", "dead", "normalization"):
+        assert f"\n  {name}" in proc.stdout
+    assert "(default)" in proc.stdout
+    bad = icsmon("demo", "nosuch", "--headless", env=env)
+    assert (
+        bad.returncode == 1
+        and bad.stderr.startswith("icsmon: unknown scenario")
+        and "Traceback" not in bad.stderr
+    )
+    assert icsmon("demo", "--steps", "x", env=env).returncode == 2
+
+
+def test_rules_prints_thresholds_and_takes_flags(env: dict[str, str]) -> None:
+    proc = icsmon("rules", "--dead-frac", "0.8", env=env, check=True)
+    assert "dead_relu" in proc.stdout and "dead_frac             0.8" in proc.stdout
+    bad = icsmon("rules", "--explode-jump", "-2", env=env)
+    assert bad.returncode == 1 and "must be positive" in bad.stderr
