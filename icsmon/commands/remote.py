@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import TextIO
 
+from icsmon.alerts.config import thresholds_from_args
 from icsmon.commands.common import error, note
 from icsmon.commands.list_cmd import print_jobs
 from icsmon.commands.tail import Printer, tail_endpoint
@@ -120,6 +121,8 @@ def tail_remote(host: str, args: argparse.Namespace) -> int:
                         count=args.count,
                         timeout=args.timeout,
                         make_printer=make_printer,
+                        # the same alert thresholds as a local tail (flags checked by tail already)
+                        thresholds=thresholds_from_args(args),
                     )
                 finally:
                     watchdog.stop()
