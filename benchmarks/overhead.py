@@ -115,6 +115,13 @@ MODELS: dict[str, Spec] = {
         lambda d: (torch.randn(128, 256, device=d), torch.randn(128, 256, device=d)),
         nn.functional.mse_loss,
     ),
+    # Not a benchmark: what --quick trains, so the smoke test checks the script in a second or two.
+    "tiny": Spec(
+        "tiny MLP: 4 x Linear(32)+ReLU, batch 16 (--quick)",
+        lambda: nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.ReLU())]),
+        lambda d: (torch.randn(16, 32, device=d), torch.randn(16, 32, device=d)),
+        nn.functional.mse_loss,
+    ),
     "cnn": Spec(
         "small CNN: 4 x Conv3x3+BN+ReLU, 32x32x3, batch 32",
         small_cnn,
@@ -302,7 +309,7 @@ def report(vs: list[Variant], every: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=[*MODELS, "all"], default="mlp")
+    p.add_argument("--model", choices=[*MODELS, "all"], default="mlp", help="default: the seed MLP")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     p.add_argument("--every", type=int, default=DEFAULT_EVERY, help="the cadence under test")
@@ -324,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     if not tensorboard and not args.no_tensorboard:
         print("(tensorboard is not installed: no anchor column)")
     os.environ.setdefault("ICSMON_RUNTIME_DIR", tempfile.mkdtemp(prefix="icsmon-bench-"))
-    keys = list(MODELS) if args.model == "all" else [args.model]
+    keys = [k for k in MODELS if k != "tiny"] if args.model == "all" else [args.model]
+    if args.quick and args.model == "mlp":
+        keys = ["tiny"]
     for key in keys:
         run_model(key, args, device, tensorboard)
     return 0
