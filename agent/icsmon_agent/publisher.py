@@ -33,6 +33,8 @@ HISTORY = 64
 QUEUE = 16
 SCHEMA_EVERY_S = 1.0  # re-sent so a viewer behind a relay (no subscription seen here) decodes within 2 s
 POLL_MS = 20
+READY_POLL_S = 0.0005  # a sampled step's copy lands within a step; polling costs the GIL ~nothing
+READY_TIMEOUT_S = 30.0  # a wedged device: give up on that sample, never on the thread
 IPC_PATH_MAX = 100  # sockaddr_un holds 107 bytes; keep a margin
 
 
@@ -163,7 +165,16 @@ class Publisher:
 
     def _encode(self, work: Work) -> list[bytes]:
         if work.ready is not None:
-            work.ready.synchronize()  # waits here, on the publisher thread, never in training
+            # Waits here, on the publisher thread, never in training. Polled rather than
+            # ``synchronize()``d: the host's ``torch.cuda.set_sync_debug_mode`` is process-wide
+            # and would flag (or raise at) this wait although it never touches the training thread.
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not work.ready.query():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the figures of step {work.step} were not ready in {READY_TIMEOUT_S} s"
+                    )
+                time.sleep(READY_POLL_S)
         flat = work.host.numpy()
         n = work.n_layers * work.n_stats
         figures = flat[:n].reshape(work.n_layers, work.n_stats)
