@@ -39,7 +39,7 @@ PID_CHECK_S = 1.0
 #: Messages handled before yielding to the event loop, so a flood never freezes the screen.
 BATCH = 256
 BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 5.0
+BACKOFF_MAX_S = 2.0  # "attaches as soon as one starts": looking costs a directory read
 CHANGES_KEPT = 1000
 
 EngineFactory = Callable[[], Any]

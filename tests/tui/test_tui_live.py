@@ -97,7 +97,7 @@ async def test_waiting_live_lost_reattach_ended(tmp_path: Path, env: dict[str, s
             await until(pilot, lambda: "● lost" in screen_text(app), "lost on screen", timeout=5)
 
             # The same job comes back: the app re-attaches by itself.
-            procs.append(start(tmp_path, env, 150))
+            procs.append(start(tmp_path, env, 400))
             await until(
                 pilot,
                 lambda: (run := feed.current()) is not None and run.run != first.run and run.count > 0,

@@ -107,3 +107,22 @@ async def test_pause_freezes_the_table_while_data_flows() -> None:
         await pilot.pause()
         resumed = [line for line in screen_text(app).splitlines() if "net.0.fc" in line]
         assert resumed and resumed[0] not in before  # the table caught up with the new samples
+
+
+async def test_keys_reach_the_table_when_data_arrives_after_the_waiting_view() -> None:
+    from synthetic import no_job
+
+    from icsmon.live import Feed
+
+    feed = Feed(no_job)
+    app = IcsmonApp(feed, live=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        for msg in messages(n_layers=8, n_samples=5):
+            feed.ingest(msg)
+        app._tick()
+        await pilot.pause()
+        table = app.screen.query_one(LayerTable)
+        assert table.has_focus
+        await pilot.press("down", "enter")
+        assert isinstance(app.screen, DetailScreen) and app.screen.layer_index == 1

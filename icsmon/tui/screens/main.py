@@ -36,6 +36,10 @@ class MainScreen(Screen[None]):
         Binding("s", "sort", "Sort", tooltip="Cycle the order: depth, severity, name"),
         Binding("p", "pause", "Pause", tooltip="Freeze the display; data keeps flowing"),
         Binding("a", "alerts", "Alerts", tooltip="Active alerts and their history"),
+        # The table handles these when focused; these catch keys that arrive before focus is
+        # restored on returning from another screen (a fast typist, or send-keys).
+        Binding("down", "move(1)", "Down", show=False),
+        Binding("up", "move(-1)", "Up", show=False),
     ]
 
     def __init__(self, feed: Feed, state: ViewState) -> None:
@@ -63,9 +67,19 @@ class MainScreen(Screen[None]):
     def filter_input(self) -> Input:
         return self.query_one("#filter", Input)
 
+    AUTO_FOCUS = "#layers"
+
     def on_mount(self) -> None:
-        self.filter_input.display = False
         self.redraw(force=True)
+        self.call_after_refresh(self._redraw_laid_out)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._redraw_laid_out)
+
+    def _redraw_laid_out(self) -> None:
+        # Column choice and the rows in view depend on the laid-out size.
+        if self.is_attached and self.app.screen is self:
+            self.redraw(force=True)
 
     # ------------------------------------------------------------------ drawing
 
@@ -84,6 +98,8 @@ class MainScreen(Screen[None]):
             waiting.update(self._waiting_text())
             return
         assert run is not None
+        if self.focused is None or not self.focused.display:
+            self.table.focus()  # it was hidden (waiting) when the screen mounted, so nothing had focus
         badges = view.badges(run, self.feed.active_alerts(run))
         order = view.order(run, self.state.sort, badges, self.state.needle)
         self.table.show(run, badges, order, self.size.width)
@@ -122,6 +138,10 @@ class MainScreen(Screen[None]):
     def _row_selected(self, event: LayerTable.Selected) -> None:
         event.stop()
         self.action_detail()
+
+    def action_move(self, delta: int) -> None:
+        self.table.focus()
+        self.table.action_cursor(delta)
 
     def action_heatmap(self) -> None:
         from icsmon.tui.screens.heatmap import HeatmapScreen

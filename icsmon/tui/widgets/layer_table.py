@@ -165,8 +165,9 @@ class LayerTable(ScrollView, can_focus=True):
                 self.cursor_row = min(self.cursor_row, max(len(order) - 1, 0))
         if order:
             # Only the rows in view (and a screen's worth around them, for scrolling) are formatted.
-            top = max(int(self.scroll_offset.y) - self.size.height, 0)
-            self._fill(run, badges, order[top : top + 3 * self.size.height + 1], cols)
+            height = self.size.height or 100  # not laid out yet: the first screenful
+            top = max(int(self.scroll_offset.y) - height, 0)
+            self._fill(run, badges, order[top : top + 3 * height + 1], cols)
         self.refresh()
 
     def _fill(self, run: RunState, badges: list[view.Badge], rows: list[int], cols: list[Column]) -> None:
