@@ -43,7 +43,7 @@ from torch import nn
 
 # Imported after torch so a missing package shows as an ImportError here, not deep in a variant.
 import icsmon_agent
-from icsmon_agent.api import DEFAULT_EVERY, IDLE_FACTOR
+from icsmon_agent.api import IDLE_FACTOR
 
 TARGETS = {"default+viewer": 1.01, "every+viewer": 1.10}
 
@@ -189,7 +189,7 @@ def _tensorboard_hooks(model: nn.Module, logdir: str) -> tuple[Callable[[int], N
 
 @contextlib.contextmanager
 def variants(
-    spec: Spec, device: torch.device, every: int, viewer: str, tensorboard: bool
+    spec: Spec, device: torch.device, every: int | None, viewer: str, tensorboard: bool
 ) -> Iterator[list[Variant]]:
     torch.manual_seed(0)
     base = spec.build().to(device)
@@ -206,11 +206,12 @@ def variants(
 
     try:
         add("bare")
-        configs = []
+        configs: list[tuple[str, int | None, bool]] = []
+        label = cadence_label(every)
         if viewer in ("yes", "both"):
-            configs += [(f"every={every}+viewer", every, True), ("every=1+viewer", 1, True)]
+            configs += [(f"{label}+viewer", every, True), ("every=1+viewer", 1, True)]
         if viewer in ("no", "both"):
-            configs += [(f"every={every}, no viewer", every, False), ("every=1, no viewer", 1, False)]
+            configs += [(f"{label}, no viewer", every, False), ("every=1, no viewer", 1, False)]
         for name, period, watched in configs:
             v = add(name)
             v.mon = icsmon_agent.watch(v.model, every=period, name=f"bench-{name}")
@@ -260,13 +261,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cadence_label(every: int | None) -> str:
+    return "default" if every is None else f"every={every}"
+
+
 def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorboard: bool) -> None:
     spec = MODELS[key]
-    every: int = args.every
-    # A round holds whole sampling periods: one sample per round watched, one per IDLE_FACTOR unwatched.
-    steps = max(args.steps, every) // every * every
+    every: int | None = args.every
+    # A fixed cadence: a round holds whole sampling periods. The adaptive default samples by time,
+    # so rounds only need to be long enough to hold several samples (see --steps).
+    steps = args.steps if every is None else max(args.steps, every) // every * every
     print(f"\n{key}: {spec.title}; device {device}, {torch.get_num_threads()} thread(s)")
-    print(f"rounds {args.rounds} x {steps} steps, warm-up {args.warmup} rounds, default every={every}")
+    print(
+        f"rounds {args.rounds} x {steps} steps, warm-up {args.warmup} rounds, cadence {cadence_label(every)}"
+    )
     x, y = spec.batch(device)
     with variants(spec, device, every, args.viewer, tensorboard) as vs:
         for r in range(args.warmup + args.rounds):
@@ -282,7 +290,7 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
         report(vs, every)
 
 
-def report(vs: list[Variant], every: int) -> None:
+def report(vs: list[Variant], every: int | None) -> None:
     bare, bare_cpu = vs[0].times, vs[0].cpu
     print(f"{'variant':<22}{'ms/step':>9}{'wall ratio':>12}{'(median)':>10}{'CPU ratio':>11}   target")
     for v in vs:
@@ -290,7 +298,7 @@ def report(vs: list[Variant], every: int) -> None:
         ratio_med = statistics.median(t / b for t, b in zip(v.times, bare, strict=True))
         ratio_cpu = sum(v.cpu) / sum(bare_cpu)
         target = None
-        if v.name == f"every={every}+viewer" and every == DEFAULT_EVERY:
+        if v.name == f"{cadence_label(every)}+viewer" and every is None:
             target = TARGETS["default+viewer"]
         elif v.name == "every=1+viewer":
             target = TARGETS["every+viewer"]
@@ -312,8 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=[*MODELS, "all"], default="mlp", help="default: the seed MLP")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
-    p.add_argument("--every", type=int, default=DEFAULT_EVERY, help="the cadence under test")
-    p.add_argument("--steps", type=int, default=DEFAULT_EVERY * IDLE_FACTOR, help="steps per round")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="a fixed cadence to test (default: the agent's adaptive default)",
+    )
+    p.add_argument("--steps", type=int, default=300, help="steps per round")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--viewer", choices=["yes", "no", "both"], default="both")
@@ -321,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a second or two: for the smoke test")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.rounds, args.warmup = args.every, 2, 0
+        args.steps, args.rounds, args.warmup = args.every or 5, 2, 0
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

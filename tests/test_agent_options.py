@@ -191,3 +191,36 @@ def test_several_jobs_tail_takes_the_newest_and_says_so(tmp_path: Path, env: dic
     finally:
         older.kill()
         older.wait()
+
+
+class Slow(nn.Module):
+    """Stands for a job whose steps take long (a big model on a GPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.6)
+        return x
+
+
+def sampled_steps(model: nn.Module, steps: int, runtime_dir: Path) -> list[int]:
+    mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")  # the default cadence
+    store = Store()
+    got: list[int] = []
+    with Subscriber(mon.endpoint or "") as sub:
+        deadline = time.monotonic() + 10
+        while not mon.watching and time.monotonic() < deadline:
+            sub.poll(0.05)
+        for _ in range(steps):
+            step_once(model, mon)
+            got += [m.step for m in sub.poll(0) if store.add(m) and isinstance(m, Sample)]
+        mon.close()
+        end = time.monotonic() + 5
+        while time.monotonic() < end and (not got or got[-1] < mon.steps - 1):
+            got += [m.step for m in sub.poll(0.1) if store.add(m) and isinstance(m, Sample)]
+    return got
+
+
+def test_default_cadence_samples_every_slow_step_and_thins_out_fast_ones(runtime_dir: Path) -> None:
+    slow = sampled_steps(nn.Sequential(nn.Linear(4, 4), Slow(), nn.ReLU()), 5, runtime_dir)
+    assert slow == [0, 1, 2, 3, 4]
+    fast = sampled_steps(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 400, runtime_dir)
+    assert fast[0] == 0 and len(fast) < 200  # spaced by time: at most 20 a second, and 1% of the job

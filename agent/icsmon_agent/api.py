@@ -38,12 +38,17 @@ from .figures import Finalizer, Reduced, reduce_output
 from .layers import Selector, candidate_modules, first_float_tensor, layer_kind, saturation_mode, unit_dim
 from .publisher import Publisher, Work, default_endpoint
 
-#: Sample every N steps by default. Measured (benchmarks/overhead.py, seed 50-layer MLP, batch 128,
-#: one CPU thread): a sampled step costs about half a bare step more (~100 layers x ~10 small ops
-#: at ~10 us of dispatch each with cold caches, plus the batched finish and the gradient norms),
-#: so every 50th step keeps the average at about 1.01x. A viewer wanting more asks for
-#: ``every=1``: its cost is then what benchmarks/overhead.py prints for every=1.
-DEFAULT_EVERY = 50
+#: The default cadence (``every=None``) is adaptive: the agent times its own work on each sampled
+#: step (hooks, the batched finish, the hand-off) and waits ``cost / BUDGET`` seconds before the
+#: next sample, but never less than ``MIN_INTERVAL_S``. Why not a fixed N: a sampled step's cost
+#: is roughly fixed per layer while step times span 1 ms to 10 s, so any fixed N is either too
+#: dear for fast jobs or too sparse for slow ones. Measured (benchmarks/overhead.py, seed 50-layer
+#: MLP, batch 128, one CPU thread): a sampled step costs about a third to half of a bare step more
+#: (~100 layers x ~10 small ops at ~10 us of dispatch each), so the adaptive default samples about
+#: every 50-100th step there and every step of a job whose steps take a second.
+BUDGET = 0.01
+#: At most 20 samples a second: what a viewer can draw, and what the wire is sized for.
+MIN_INTERVAL_S = 0.05
 #: With nobody subscribed, sample this many times less often: enough history for a late viewer.
 IDLE_FACTOR = 10
 MAX_FAULTS = 50
@@ -98,7 +103,7 @@ class Monitor:
         model: nn.Module,
         *,
         name: str | None = None,
-        every: int = DEFAULT_EVERY,
+        every: int | None = None,
         endpoint: str | None = None,
         include: Selector | Iterable[Selector] | None = None,
         exclude: Selector | Iterable[Selector] | None = None,
@@ -118,6 +123,10 @@ class Monitor:
         self._closed = False
         self._step = 0
         self._armed = True  # the first forward builds the layer table
+        self._spent = 0.0  # seconds of our own work on the current sampled step
+        self._cost = 0.0  # smoothed seconds of our own work per sampled step (adaptive cadence)
+        self._last_sample = 0.0  # monotonic time the last sampled step began
+        self._forward_t0: float | None = None  # when this step's (first) forward began
         self._building = True
         self._auto = True
         self._layers: list[_Layer] = []
@@ -253,6 +262,8 @@ class Monitor:
             self._calls.clear()
             # Decided again here, not only at the step boundary: a viewer may have joined in between.
             self._armed = self._should_sample(self._step)
+            if self._forward_t0 is None:
+                self._forward_t0 = time.monotonic()
             if self._pending is not None:
                 self._flush_pending()
         except Exception as exc:
@@ -261,6 +272,7 @@ class Monitor:
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._armed:
             return
+        started = time.perf_counter()
         try:
             if not self.model.training:
                 return  # evaluation passes are not training steps
@@ -279,6 +291,7 @@ class Monitor:
             self._records[slot] = reduce_output(tensor, layer.unit_dim, layer.sat)
         except Exception as exc:
             self._fault("hook", exc)
+        self._spent += time.perf_counter() - started
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._auto or self._closed:
@@ -332,7 +345,7 @@ class Monitor:
             host=socket.gethostname(),
             pid=self._pid,
             world_size=self.world_size,
-            every=self.every,
+            every=self.every or 0,  # 0: adaptive
             started=self.started,
             schema_id=protocol.schema_id_for(layers),
         )
@@ -343,12 +356,17 @@ class Monitor:
             return True
         if self._publisher is None:
             return False
-        period = self.every if self._publisher.watching else self.every * IDLE_FACTOR
-        return step % period == 0
+        watching = self._publisher.watching
+        if self.every is not None:
+            period = self.every if watching else self.every * IDLE_FACTOR
+            return step % period == 0
+        interval = max(MIN_INTERVAL_S, self._cost / BUDGET) * (1 if watching else IDLE_FACTOR)
+        return time.monotonic() - self._last_sample >= interval
 
     def _boundary(self, scalars: dict[str, Any], *, defer: bool) -> None:
         pending: _Pending | None = None
         if self._armed:
+            first = self._building
             if self._building:
                 if self._calls and not self._layers:
                     self._warn(
@@ -361,7 +379,18 @@ class Monitor:
                 and self._finalizer is not None
                 and any(r is not None for r in self._records)
             ):
+                started = time.perf_counter()
                 pending = _Pending(self._step, self._compute(), time.time(), scalars)
+                self._spent += time.perf_counter() - started
+                # Smoothed, so one slow sample (a page fault, a busy core) does not stall the cadence;
+                # the first sample also pays one-time set-up (the layer table, first kernel calls).
+                if not first:
+                    self._cost = self._spent if self._cost == 0.0 else 0.7 * self._cost + 0.3 * self._spent
+                self._spent = 0.0
+                # Measured from when the sampled step began, so a step that is slow inside its
+                # forward (a big model) is followed by another sample right away.
+                self._last_sample = self._forward_t0 or time.monotonic()
+        self._forward_t0 = None
         self._step += 1
         self._calls.clear()
         self._records = [None] * len(self._layers)
@@ -381,6 +410,13 @@ class Monitor:
         pending, self._pending = self._pending, None
         if pending is None or self._publisher is None:
             return
+        started = time.perf_counter()
+        try:
+            self._hand_off(pending, self._publisher)
+        finally:
+            self._spent += time.perf_counter() - started  # counted toward the next sample's cost
+
+    def _hand_off(self, pending: _Pending, publisher: Publisher) -> None:
         figures = pending.figures
         device = figures.device
         names: list[str] = []
@@ -414,7 +450,7 @@ class Monitor:
         else:
             host = flat if flat.device.type == "cpu" else flat.to("cpu")
         n_layers, n_stats = figures.shape
-        self._publisher.submit(
+        publisher.submit(
             Work(pending.step, pending.t_measured, host, ready, n_layers, n_stats, names, host_scalars)
         )
 
@@ -463,7 +499,7 @@ def watch(
     model: Any,
     *,
     name: str | None = None,
-    every: int = DEFAULT_EVERY,
+    every: int | None = None,
     endpoint: str | None = None,
     include: Selector | Iterable[Selector] | None = None,
     exclude: Selector | Iterable[Selector] | None = None,
@@ -474,8 +510,8 @@ def watch(
         raise TypeError(
             f"icsmon_agent.watch() needs a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}"
         )
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive integer, got {every!r}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be a positive integer or None (adaptive), got {every!r}")
     return Monitor(
         model,
         name=name,
