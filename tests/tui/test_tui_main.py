@@ -126,3 +126,15 @@ async def test_keys_reach_the_table_when_data_arrives_after_the_waiting_view() -
         assert table.has_focus
         await pilot.press("down", "enter")
         assert isinstance(app.screen, DetailScreen) and app.screen.layer_index == 1
+
+
+async def test_a_key_that_reaches_the_detail_before_it_is_composed_is_harmless() -> None:
+    app = app_on(n_layers=6, n_samples=5)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        detail = DetailScreen(app.feed, 0)
+        app.push_screen(detail)
+        detail.action_step(1)  # what a typed-ahead → did in a real terminal: it used to raise NoMatches
+        await pilot.pause()
+        assert app.screen is detail and detail.layer_index == 1
+        assert "layer 1:" in screen_text(app)

@@ -37,7 +37,7 @@ class AlertsScreen(Screen[None]):
 
     def redraw(self, force: bool = False) -> None:
         run = self.feed.current()
-        self.query_one(RunHeader).update(header_text(self.feed, run))
+        self.query_one(RunHeader).update(header_text(self.feed, run, label=self.app.title))
         active = self.query_one("#active-alerts", Static)
         history = self.query_one("#alert-history", Static)
         if run is None:

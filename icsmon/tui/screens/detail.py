@@ -66,10 +66,12 @@ class DetailScreen(Screen[None]):
         self.redraw(force=True)
 
     def redraw(self, force: bool = False) -> None:
+        if not self.is_mounted:
+            return  # a key (→, j) can arrive between the push and the first compose
         run = self.feed.current()
         paused = getattr(self.app, "view_state", None)
         is_paused = bool(paused and paused.paused)
-        self.query_one(RunHeader).update(header_text(self.feed, run, paused=is_paused))
+        self.query_one(RunHeader).update(header_text(self.feed, run, paused=is_paused, label=self.app.title))
         if (is_paused and not force) or run is None or run.schema is None:
             return
         if not 0 <= self.layer_index < len(run.layer_names):

@@ -52,7 +52,9 @@ class HeatmapScreen(Screen[None]):
 
     def redraw(self, force: bool = False) -> None:
         run = self.feed.current()
-        self.query_one(RunHeader).update(header_text(self.feed, run, paused=self.state.paused))
+        self.query_one(RunHeader).update(
+            header_text(self.feed, run, paused=self.state.paused, label=self.app.title)
+        )
         if (self.state.paused and not force) or run is None or run.schema is None or run.count == 0:
             return
         self.heatmap.show(run)

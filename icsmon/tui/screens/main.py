@@ -38,8 +38,8 @@ class MainScreen(Screen[None]):
         Binding("a", "alerts", "Alerts", tooltip="Active alerts and their history"),
         # The table handles these when focused; these catch keys that arrive before focus is
         # restored on returning from another screen (a fast typist, or send-keys).
-        Binding("down", "move(1)", "Down", show=False),
-        Binding("up", "move(-1)", "Up", show=False),
+        Binding("down,j", "move(1)", "Down", show=False),
+        Binding("up,k", "move(-1)", "Up", show=False),
     ]
 
     def __init__(self, feed: Feed, state: ViewState) -> None:
@@ -109,7 +109,9 @@ class MainScreen(Screen[None]):
         extra = f"sort {self.state.sort}"
         if self.state.needle:
             extra += f"  filter {self.state.needle!r}"
-        self.query_one(RunHeader).update(header_text(self.feed, run, paused=self.state.paused, extra=extra))
+        self.query_one(RunHeader).update(
+            header_text(self.feed, run, paused=self.state.paused, extra=extra, label=self.app.title)
+        )
 
     def _waiting_text(self) -> Text:
         text = Text()

@@ -19,10 +19,12 @@ STATE_STYLE = {
 }
 
 
-def header_text(feed: Feed, run: RunState | None, *, paused: bool = False, extra: str = "") -> Text:
+def header_text(
+    feed: Feed, run: RunState | None, *, paused: bool = False, extra: str = "", label: str = "icsmon"
+) -> Text:
     state = feed.state(run)
     text = Text(no_wrap=False)
-    text.append(" icsmon ", style="bold reverse")
+    text.append(f" {label} ", style="bold reverse")
     if run is None or run.schema is None:
         text.append(f"  {state.upper()}", style=STATE_STYLE[state])
         if feed.endpoint:

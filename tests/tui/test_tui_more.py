@@ -1,0 +1,110 @@
+"""Command palette, picker, alerts (log, toasts, bell), and the CLI's errors for bad input."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from screen_text import screen_text
+from synthetic import filled_feed, messages, no_job
+from textual.command import CommandPalette
+from textual.widgets import OptionList
+
+from helpers import icsmon
+from icsmon.live import Feed
+from icsmon.tui.app import IcsmonApp
+from icsmon.tui.screens.main import MainScreen
+from icsmon.tui.screens.picker import PickerScreen
+from icsmon.tui.widgets.alerts import AlertLog
+from icsmon.tui.widgets.layer_table import LayerTable
+from icsmon_agent.discovery import JobInfo
+
+
+async def test_palette_jumps_to_a_layer() -> None:
+    app = IcsmonApp(filled_feed(messages(n_layers=30), engine=False), live=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+p")
+        assert isinstance(app.screen, CommandPalette)
+        await pilot.press(*"net.12.act")
+        await pilot.pause(0.5)  # the palette searches in a worker
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, MainScreen)
+        table = app.screen.query_one(LayerTable)
+        assert table.current_layer == 25  # net.12.act is the 26th layer
+        assert table.has_focus
+
+
+async def test_picker_chooses_among_several_jobs() -> None:
+    jobs = [
+        JobInfo(
+            pid=101,
+            host="h",
+            run="a-1",
+            name="alpha",
+            rank=0,
+            world_size=1,
+            endpoint="ipc:///x/a",
+            started=time.time(),
+        ),
+        JobInfo(
+            pid=102,
+            host="h",
+            run="b-2",
+            name="beta",
+            rank=0,
+            world_size=1,
+            endpoint="ipc:///x/b",
+            started=time.time(),
+        ),
+    ]
+    chosen: list[str] = []
+
+    def connect_job(job: JobInfo) -> str:
+        chosen.append(job.run)
+        return no_job()  # nothing listens there: the app waits, which is all this test needs
+
+    feed = Feed(no_job)
+    app = IcsmonApp(feed, jobs=lambda: jobs, connect_job=connect_job)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, PickerScreen)
+        assert "alpha" in screen_text(app) and "beta" in screen_text(app)
+        app.screen.query_one(OptionList).focus()
+        await pilot.press("down", "enter")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, MainScreen)
+        assert chosen and chosen[0] == "b-2"
+
+
+async def test_alerts_reach_the_log_the_badges_and_a_toast() -> None:
+    pytest.importorskip("icsmon.alerts.engine")
+    feed = Feed(no_job, engine_factory=__import__("icsmon.live", fromlist=["x"]).default_engine_factory())
+    app = IcsmonApp(feed, live=False, bell=True)
+    rang: list[bool] = []
+    app.bell = lambda: rang.append(True)  # type: ignore[method-assign]
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        for msg in messages(n_layers=20, n_samples=30, nan_from=15):
+            feed.ingest(msg)  # the last sample has NaN/Inf from layer 15: a critical alert fires
+        app._tick()
+        await pilot.pause()
+        log = app.screen.query_one(AlertLog)
+        assert log.lines_written >= 1
+        assert app.toasts >= 1 and rang  # critical: a toast and the bell
+        table = app.screen.query_one(LayerTable)
+        assert table.cell_text(15, "status") == "NaN/Inf"
+        await pilot.press("a")
+        assert "active alerts" in screen_text(app)
+
+
+def test_cli_rejects_bad_input_with_a_clear_message(env: dict[str, str], tmp_path: Path) -> None:
+    proc = icsmon("attach", "--theme", "no-such-theme", env=env)
+    assert proc.returncode == 1 and "unknown theme 'no-such-theme'" in proc.stderr and "nord" in proc.stderr
+    proc = icsmon("attach", "4000000", env=env)
+    assert proc.returncode == 1 and "no process with pid 4000000" in proc.stderr
+    proc = icsmon("attach", f"ipc://{tmp_path}/nothing.sock", env=env)
+    assert proc.returncode == 1 and "no socket at" in proc.stderr
+    assert "Traceback" not in proc.stderr
