@@ -25,7 +25,12 @@ import torch
 from .protocol import STAT_INDEX, STATS
 
 SAT_NONE, SAT_TANH, SAT_SIGMOID = 0, 1, 2
-_VAR_EPS = 1e-12  # keeps the KL finite for units with zero variance (dead units, constant inputs)
+# Unit variances in the shift's KL are floored at this fraction of the layer's mean unit variance
+# (the larger of the two moments'). Why: a unit that dies (variance 0) or revives makes the KL
+# of a point mass, infinite in theory and ~1e10 with a tiny absolute epsilon, so one flipping
+# ReLU unit would drown the layer's real shift. Healthy units sit far above the floor: exact.
+SHIFT_VAR_FLOOR = 0.01
+_VAR_EPS = 1e-12  # and an absolute floor for a layer whose every unit is constant
 
 
 @dataclass
@@ -176,7 +181,8 @@ class Finalizer:
         self._seg: torch.Tensor | None = None  # [sum U] layer index of each unit
         self._counts: torch.Tensor | None = None  # [L] units per layer (float64)
         self._rows: torch.Tensor | None = None  # [P] indices of the layers present
-        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None  # per-unit mean, var of last sample
+        # per-unit mean and var, and per-layer mean unit var, of the last sample
+        self._prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._indices: dict[tuple[object, ...], torch.Tensor] = {}
 
     def _index(
@@ -292,13 +298,15 @@ class Finalizer:
             )
 
         # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
+        layer_var = seg_sum(uvar) / safe
         if self._prev is not None:
-            m1, v1 = self._prev
-            v1e, v2e = v1 + _VAR_EPS, uvar + _VAR_EPS
+            m1, v1, layer_var1 = self._prev
+            floor = (SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)[seg]
+            v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
             kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean).square()) / v2e - 1.0)
             shift = seg_sum(kl) / safe
             out[:, STAT_INDEX["shift"]] = torch.where(has_units, shift, out[:, STAT_INDEX["shift"]])
-        self._prev = (umean, uvar)
+        self._prev = (umean, uvar, layer_var)
 
     @staticmethod
     def _unit_var(r: Reduced) -> torch.Tensor:
