@@ -70,8 +70,11 @@ def plot(
     grid = [[(" ", "")] * width for _ in range(height)]
     if finite.size or ylim is not None:
         lo, hi = ylim if ylim is not None else (float(finite.min()), float(finite.max()))
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
+        if hi - lo <= 1e-9 * max(abs(hi), abs(lo)) or hi == lo:
+            # A flat line: give it a band around itself, relative to its size (a vanished layer's
+            # figures are ~1e-15, so an absolute pad would squash them onto one row).
+            pad = 0.5 if log or hi == 0 else abs(hi) * 0.5
+            lo, hi = lo - pad, hi + pad
 
         def row_of(v: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
             with np.errstate(all="ignore"):
@@ -95,6 +98,10 @@ def plot(
         if height >= 5:
             labels[(height - 1) // 2] = (hi + lo) / 2
     else:
+        if log:
+            return Text(
+                "nothing to plot on a log scale: every value is 0, missing or not finite", style="dim"
+            )
         return Text("no finite value yet (or the figure does not apply to this layer)", style="dim")
     text = Text(no_wrap=True, overflow="crop")
     for y, row in enumerate(grid):

@@ -138,7 +138,11 @@ class DetailScreen(Screen[None]):
         box = self.query_one("#layer-alerts", Static)
         box.border_title = "alerts of this layer"
         name = run.layer_names[self.layer_index]
-        changes = [c for c in self.feed.alert_history(run) if c.alert.layer == name]
+        changes = [
+            c
+            for c in self.feed.alert_history(run)
+            if c.alert.layer == name or name in getattr(c.alert, "layers", ())
+        ]
         if not changes:
             box.update(Text("no alert on this layer so far", style="dim"))
             return
