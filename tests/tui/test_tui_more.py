@@ -108,3 +108,21 @@ def test_cli_rejects_bad_input_with_a_clear_message(env: dict[str, str], tmp_pat
     proc = icsmon("attach", f"ipc://{tmp_path}/nothing.sock", env=env)
     assert proc.returncode == 1 and "no socket at" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_quiet_job_shows_stale_then_a_sample_makes_it_live_again() -> None:
+    feed = filled_feed(messages(n_layers=4, n_samples=5), engine=False)
+    app = IcsmonApp(feed, live=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        run = feed.current()
+        assert run is not None
+        run.last_recv = time.monotonic() - 60  # nothing heard for a minute
+        app._tick()
+        await pilot.pause()
+        assert "● stale" in screen_text(app)
+        for msg in messages(n_layers=4, n_samples=6)[-1:]:
+            feed.ingest(msg)
+        app._tick()
+        await pilot.pause()
+        assert "● live" in screen_text(app)
