@@ -275,3 +275,36 @@ def test_failed_bind_warns_and_training_continues(runtime_dir: Path) -> None:
     model(torch.randn(1, 2)).sum().backward()
     mon.step()
     mon.close()
+
+
+class LossInside(nn.Module):
+    """A model that holds its loss module: a 0-d output, and a 1-D one from the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.flat = nn.Flatten(0)
+        self.loss = nn.MSELoss()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.flat(self.fc(x)), torch.zeros(x.shape[0]))
+
+
+def test_scalar_and_vector_outputs_are_one_unit_each(runtime_dir: Path) -> None:
+    model = LossInside()
+    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    cap = Capture(model)
+    store = Store()
+    with Subscriber(mon.endpoint or "") as sub:
+        deadline = time.monotonic() + 10
+        while not mon.watching and time.monotonic() < deadline:
+            sub.poll(0.05)
+        for _ in range(3):
+            model(torch.randn(5, 4)).backward()
+            cap.end_step()
+            mon.step()
+        mon.close()
+        samples = collect(sub, store, 3)
+    assert mon.errors == 0 and mon.layer_names == ["fc", "flat", "loss"]
+    assert [s.step for s in samples] == [0, 1, 2]
+    check_against_truth(samples, cap, ["x"] * 3, [False] * 3)

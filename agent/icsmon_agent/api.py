@@ -81,6 +81,14 @@ def _default_name() -> str:
     return Path(arg0).stem or "python"
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer from the launcher's environment; a malformed one must not stop training."""
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
 def _resolve_endpoint(endpoint: str | None, runtime: Path, key: str) -> str:
     if endpoint is None or endpoint == "ipc":
         return default_endpoint(runtime, key)
@@ -114,8 +122,8 @@ class Monitor:
         self.model = model
         self.name = name or _default_name()
         self.every = every
-        self.rank = int(os.environ.get("RANK", "0") or 0)
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank = _env_int("RANK", 0)
+        self.world_size = _env_int("WORLD_SIZE", 1)
         self.run = os.environ.get("ICSMON_RUN") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
         if not self.run or self.run == "none":
             self.run = f"{self.name}-{secrets.token_hex(3)}"
@@ -131,6 +139,7 @@ class Monitor:
         self._forward_t0: float | None = None  # when this step's (first) forward began
         self._building = True
         self._auto = True
+        self._closed_by_optimizer = False  # the optimizer hook closed the step and no forward followed
         self._layers: list[_Layer] = []
         self._slot: dict[tuple[int, int], int] = {}
         self._records: list[Reduced | None] = []
@@ -138,7 +147,10 @@ class Monitor:
         self._params: list[tuple[int, nn.Parameter]] = []
         self._finalizer: Finalizer | None = None
         self._pending: _Pending | None = None
-        self._owned_optimizers: dict[int, bool] = {}
+        # Weak keys: an optimizer that is dropped and re-created must not inherit a verdict by id.
+        self._owned_optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = (
+            weakref.WeakKeyDictionary()
+        )
         self._model_params = {id(p) for p in model.parameters()}
         self._warned: set[str] = set()
         self._handles: list[Any] = []
@@ -213,9 +225,10 @@ class Monitor:
                 values["loss"] = loss
             if self._auto:
                 self._auto = False  # from now on the user marks steps; the optimizer hook stands down
-                if self._pending is not None:  # the optimizer hook already closed this step
-                    self._pending.scalars.update(values)
-                    self._flush_pending()
+                if self._closed_by_optimizer:  # this step is already closed: do not count it twice
+                    if self._pending is not None:
+                        self._pending.scalars.update(values)
+                        self._flush_pending()
                     return
             self._boundary(values, defer=False)
         except Exception as exc:
@@ -262,6 +275,7 @@ class Monitor:
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         try:
             self._calls.clear()
+            self._closed_by_optimizer = False
             # Decided again here, not only at the step boundary: a viewer may have joined in between.
             self._armed = self._should_sample(self._step)
             if self._forward_t0 is None:
@@ -299,12 +313,13 @@ class Monitor:
         if not self._auto or self._closed:
             return
         try:
-            owned = self._owned_optimizers.get(id(optimizer))
+            owned = self._owned_optimizers.get(optimizer)
             if owned is None:
                 owned = any(id(p) in self._model_params for g in optimizer.param_groups for p in g["params"])
-                self._owned_optimizers[id(optimizer)] = owned
+                self._owned_optimizers[optimizer] = owned
             if owned:
                 self._boundary({}, defer=True)
+                self._closed_by_optimizer = True
         except Exception as exc:
             self._fault("optimizer", exc)
 

@@ -84,8 +84,11 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
     x = t.detach()
     if x.dtype is not torch.float32 and x.dtype is not torch.float64:
         x = x.float()  # half/bfloat16 reductions lose too much; the copy is one kernel
-    if x.ndim == 0:
-        x = x.reshape(1)
+    if x.ndim <= 1:
+        # A scalar or a vector (a loss module, an unbatched head) is one unit: as a column, every
+        # route below yields [1]-shaped per-unit results like any other layer's.
+        x = x.reshape(-1, 1)
+        unit_dim = -1
     if x.device.type == "cpu" and x.numel() > 0:
         last = x.ndim <= 1 or unit_dim % x.ndim == x.ndim - 1
         if last:

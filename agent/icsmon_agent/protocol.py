@@ -288,6 +288,8 @@ def _decode_sample(header: dict[str, Any], body: bytes) -> Sample:
     if len(shape) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(f"sample shape {shape!r} is not two non-negative integers")
     n_layers, n_stats = shape
+    if n_stats != len(STATS):
+        raise ProtocolError(f"sample has {n_stats} figures per layer; protocol v1 has {len(STATS)}")
     expected = n_layers * n_stats * 4
     if len(body) > MAX_BODY_BYTES:
         raise ProtocolError(f"sample body is {len(body)} bytes, over the {MAX_BODY_BYTES} limit")
