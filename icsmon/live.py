@@ -240,7 +240,9 @@ class Feed:
         while True:
             self.attempts += 1
             try:
-                endpoint = self.connect()
+                # In a thread: over SSH, connecting runs ssh subprocesses that can take seconds,
+                # and the app must keep drawing meanwhile.
+                endpoint = await asyncio.to_thread(self.connect)
             except TargetError as exc:
                 self.error = str(exc)
                 await asyncio.sleep(backoff)

@@ -51,7 +51,9 @@ def pick_job(jobs: list[JobInfo], *, pid: int | None = None, run: str | None = N
     return Resolved(job.endpoint, job, note)
 
 
-def resolve_local(target: str | None, *, runtime: Path | None = None, run: str | None = None) -> Resolved:
+def resolve_local(
+    target: str | None, *, runtime: Path | None = None, run: str | None = None, pid: int | None = None
+) -> Resolved:
     if target and is_endpoint(target):
         if target.startswith("ipc://"):
             path = target[len("ipc://") :]
@@ -61,7 +63,7 @@ def resolve_local(target: str | None, *, runtime: Path | None = None, run: str |
     jobs = discovery.read_jobs(runtime)
     where = "on this machine"
     if target is None:
-        return pick_job(jobs, run=run, where=where)
+        return pick_job(jobs, pid=pid, run=run, where=where)
     if target.isdigit():
         return pick_job(jobs, pid=int(target), run=run, where=where)
     raise TargetError(f"{target!r} is not a PID or an endpoint (ipc://PATH, tcp://HOST:PORT)")

@@ -222,3 +222,40 @@ def test_agent_imports_neither_textual_nor_rich_nor_torch() -> None:
     code = "import sys, torch, icsmon_agent.api; print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'rich'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_tail_ends_when_the_job_is_killed(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "doomed.py"
+    path.write_text(
+        textwrap.dedent("""
+        import time, torch
+        from torch import nn
+        import icsmon_agent
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        mon = icsmon_agent.watch(model, every=1)
+        while True:
+            model(torch.randn(2, 4)).sum().backward(); opt.step(); opt.zero_grad()
+            time.sleep(0.02)
+    """)
+    )
+    job = start_script(path, env)
+    try:
+        wait_for_jobs(env)
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "icsmon", "tail", "--pid", str(job.pid)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert tail.stdout is not None
+        assert tail.stdout.readline().startswith("step")  # following it live
+        job.kill()
+        job.wait()
+        _, err = tail.communicate(timeout=30)  # without a closing event, tail notices the pid is gone
+        assert tail.returncode == 0
+        assert f"pid {job.pid}) is gone" in err
+    finally:
+        if job.poll() is None:
+            job.kill()

@@ -148,8 +148,9 @@ def pid_alive(pid: int) -> bool:
 def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobInfo]:
     """Jobs of this host whose process is alive, newest first. Stale files of dead pids are deleted.
 
-    Files from another host (a shared home directory) are listed as they are: their pid cannot be
-    checked from here.
+    Files written by another host (a home directory shared across a cluster) are skipped, as the
+    remote listing script skips them: their pid cannot be checked and their ipc socket cannot be
+    reached from here (reach that host with ``icsmon list HOST``).
     """
     directory = directory or runtime_dir()
     jobs: list[JobInfo] = []
@@ -165,7 +166,9 @@ def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobI
             info = JobInfo.from_json(json.loads(path.read_text()), str(path))
         except (OSError, ValueError):
             continue  # half-written or foreign file: skip, never crash the viewer
-        if info.host == here and not pid_alive(info.pid):
+        if info.host != here:
+            continue
+        if not pid_alive(info.pid):
             if clean:
                 remove(path)
             continue

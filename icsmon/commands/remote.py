@@ -123,6 +123,7 @@ def tail_remote(host: str, args: argparse.Namespace) -> int:
                         make_printer=make_printer,
                         # the same alert thresholds as a local tail (flags checked by tail already)
                         thresholds=thresholds_from_args(args),
+                        check_pids=False,  # the watchdog asks the remote host instead
                     )
                 finally:
                     watchdog.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -18,9 +19,29 @@ from icsmon.render import sample_json, sample_line
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon.targets import TargetError
+from icsmon_agent.discovery import pid_alive
 from icsmon_agent.protocol import Event, Sample, Schema
 
 WAIT_NOTE_S = 5.0
+LOST_CHECK_S = 1.0
+HOST = socket.gethostname()
+
+
+def died(store: Store, ended: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Runs on this host whose process is gone without a closing event (killed, crashed)."""
+    gone = []
+    for key, run in store.runs.items():
+        schema = run.schema
+        if key in ended or run.ended or schema is None or not schema.pid or schema.host != HOST:
+            continue
+        if not pid_alive(schema.pid):
+            gone.append(key)
+    return gone
+
+
+def pid_of(store: Store, key: tuple[str, int]) -> int:
+    run = store.runs[key]
+    return run.schema.pid if run.schema is not None else 0
 
 
 def register(sub: Any) -> None:
@@ -108,10 +129,13 @@ def tail_endpoint(
     out: TextIO | None = None,
     make_printer: Any = None,
     thresholds: Thresholds | None = None,
+    check_pids: bool = True,
 ) -> int:
     """Print what ``endpoint`` (or several, one job each) publishes, with alerts, until done.
 
-    Done: ``count`` samples, ``timeout`` seconds, or every job ended (one closing run per endpoint).
+    Done: ``count`` samples, ``timeout`` seconds, or every job ended (one closing run per endpoint)
+    or died (its pid, on this host, is gone; ``check_pids=False`` where someone else watches that,
+    as the SSH watchdog does for a remote job).
     """
     out = out or sys.stdout
     printer = make_printer(out, as_json) if make_printer else Printer(out, as_json)
@@ -123,6 +147,7 @@ def tail_endpoint(
     start = time.monotonic()
     until = None if timeout is None else start + timeout
     warned = False
+    next_check = 0.0
     where = " ".join(endpoints)
     with Subscriber(endpoints) as sub:
         for batch in sub.messages(until):
@@ -146,6 +171,14 @@ def tail_endpoint(
                         note(f"the job ended (run {msg.run}, step {msg.detail.get('step', '?')})")
                         return 0
                     return error("the job ended before any sample arrived")
+            now = time.monotonic()
+            if check_pids and now >= next_check:
+                next_check = now + LOST_CHECK_S
+                for key in died(store, ended):
+                    ended.add(key)
+                    note(f"the job's process (pid {pid_of(store, key)}) is gone: it died without closing")
+                if ended and len(ended) >= len(endpoints):
+                    return 0 if printer.samples else error("the job died before any sample arrived")
             if (
                 not warned
                 and printer.samples == 0
@@ -175,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             from icsmon.commands.remote import tail_remote
 
             return tail_remote(target, args)
-        resolved = resolve_local(target, run=args.run)
+        resolved = resolve_local(target, run=args.run, pid=args.pid)
     except TargetError as exc:
         return error(str(exc))
     if resolved.note:
