@@ -1,4 +1,4 @@
-"""Plain-text and JSON renderings of samples shared by ``tail``, ``--once`` outputs and recordings."""
+"""Plain-text and JSON renderings of samples (``tail`` and its ``--json`` lines)."""
 
 from __future__ import annotations
 

@@ -210,6 +210,9 @@ def test_tail_on_dead_or_wrong_targets_exits_1_with_a_message(env: dict[str, str
 def test_unknown_flag_is_a_usage_error(env: dict[str, str]) -> None:
     proc = icsmon("tail", "--bogus", env=env)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+    for args in (["tail", "--count", "0"], ["demo", "--steps", "-3"], ["tail", "-n", "x"]):
+        proc = icsmon(*args, env=env)
+        assert proc.returncode == 2 and "usage:" in proc.stderr and "Traceback" not in proc.stderr, args
 
 
 def test_agent_imports_neither_textual_nor_rich_nor_torch() -> None:

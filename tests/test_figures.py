@@ -23,6 +23,18 @@ from truth import close, figures, grad_norm
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
 
 
+def first_floating(out: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of a nested output, found the obvious way."""
+    if isinstance(out, torch.Tensor):
+        return out if out.is_floating_point() else None
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    for item in items:
+        found = first_floating(item)
+        if found is not None:
+            return found
+    return None
+
+
 class Capture:
     """Records every hooked module's output (and param grads) per step, independently of the agent."""
 
@@ -35,9 +47,8 @@ class Capture:
                 module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        t = output
-        while not isinstance(t, torch.Tensor):
-            t = next(iter(t.values())) if isinstance(t, dict) else t[0]
+        t = first_floating(output)
+        assert t is not None
         self.outputs.setdefault(self.step, []).append((module, t.detach().double().numpy().copy()))
 
     def end_step(self) -> None:
@@ -179,17 +190,16 @@ class Net(nn.Module):
 
 def test_tuple_dict_lstm_outputs_and_reused_modules(runtime_dir: Path) -> None:
     model = Net()
-    samples, _ = run_training(model, lambda: (torch.randn(4, 8), torch.randn(4, 8)), 3, runtime_dir, True)
-    assert len(samples) == 3
-    store = Store()
+    samples, cap = run_training(model, lambda: (torch.randn(4, 8), torch.randn(4, 8)), 3, runtime_dir, True)
+    assert [s.step for s in samples] == [0, 1, 2]
+    # the figures of the first floating tensor of each output (the dict's "value", not its ints)
+    assert check_against_truth(samples, cap, ["x"] * 6, [False] * 6) == 3 * 6 * len(STATS)
     # names: from named_modules, reused module calls numbered
     mon = icsmon_agent.watch(Net(), every=1, endpoint="tcp", runtime_dir=runtime_dir)
-    model2 = mon.model
-    model2(torch.randn(2, 8)).sum().backward()
+    mon.model(torch.randn(2, 8)).sum().backward()
     mon.step()
     assert mon.layer_names == ["fc", "act", "tup", "lstm", "dict", "act#1"]
     mon.close()
-    del store
 
 
 def test_nonfinite_values_are_counted_and_min_max_stay_finite(runtime_dir: Path) -> None:

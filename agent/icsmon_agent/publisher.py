@@ -214,6 +214,11 @@ class Publisher:
             except Exception as exc:
                 self._error("encode", exc)
                 continue
+            if self._resend and self._topics:
+                # A schema set (or a viewer joined) since this loop last looked: the table goes
+                # first, so no viewer ever holds a sample it cannot decode yet.
+                self._send_schema_and_history()
+                self._resend = False
             self._history.append(frames)
             if self._topics:
                 self._send(frames)

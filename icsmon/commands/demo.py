@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
-from icsmon.commands.common import error, note
+from icsmon.commands.common import error, note, positive_int
 from icsmon.demo.scenarios import DEFAULT, SCENARIOS, Scenario
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
@@ -48,8 +48,10 @@ def register(sub: Any) -> None:
     p.add_argument("--list", action="store_true", help="describe the scenarios and exit")
     p.add_argument("--headless", action="store_true", help="print the tail (samples and alerts), no app")
     p.add_argument("--json", action="store_true", help="with --headless: JSON lines, as `icsmon tail --json`")
-    p.add_argument("--steps", type=int, metavar="N", help="training steps (default: the scenario's)")
-    p.add_argument("--every", type=int, default=1, metavar="N", help="sample every N steps (default 1)")
+    p.add_argument("--steps", type=positive_int, metavar="N", help="training steps (default: the scenario's)")
+    p.add_argument(
+        "--every", type=positive_int, default=1, metavar="N", help="sample every N steps (default 1)"
+    )
     p.add_argument(
         "--delay",
         type=float,
@@ -101,15 +103,23 @@ def start_jobs(
 ) -> list[DemoJob]:
     delay = args.delay if args.delay is not None else (0.0 if args.headless else INTERACTIVE_DELAY_S)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    jobs = []
-    for net in scenario.nets:
-        cmd = [sys.executable, "-m", "icsmon.demo.train", scenario.name, "--net", net.label]
-        cmd += ["--every", str(args.every), "--wait-viewer", str(wait_viewer), "--delay", str(delay)]
-        if args.steps is not None:
-            cmd += ["--steps", str(args.steps)]
-        log = (logdir / f"{net.label}.log").open("w+")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-        jobs.append(DemoJob(net.label, proc, log))
+    jobs: list[DemoJob] = []
+    try:
+        for net in scenario.nets:
+            cmd = [sys.executable, "-m", "icsmon.demo.train", scenario.name, "--net", net.label]
+            cmd += ["--every", str(args.every), "--wait-viewer", str(wait_viewer), "--delay", str(delay)]
+            if args.steps is not None:
+                cmd += ["--steps", str(args.steps)]
+            log = (logdir / f"{net.label}.log").open("w+")
+            try:
+                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+            except BaseException:
+                log.close()
+                raise
+            jobs.append(DemoJob(net.label, proc, log))
+    except BaseException:
+        stop(jobs)  # a later start failed: the ones already started must not outlive us
+        raise
     return jobs
 
 
@@ -176,10 +186,6 @@ def run(args: argparse.Namespace) -> int:
         return error(
             f"unknown scenario {args.scenario!r}; choose one of: {', '.join(SCENARIOS)} (see --list)"
         )
-    if args.steps is not None and args.steps < 1:
-        return error("--steps must be at least 1")
-    if args.every < 1:
-        return error("--every must be at least 1")
     try:
         thresholds = thresholds_from_args(args)
     except ConfigError as exc:

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
 from icsmon.alerts.engine import AlertEngine
 from icsmon.alerts.model import AlertChange
-from icsmon.commands.common import error, note
+from icsmon.commands.common import error, note, positive_int
 from icsmon.render import sample_json, sample_line
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
         "target", nargs="?", metavar="TARGET", help="PID, endpoint or SSH host; default: the local job"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line, flushed as written")
-    p.add_argument("--count", "-n", type=int, metavar="N", help="exit after N samples")
+    p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N samples")
     p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds (1 if no sample arrived)")
     p.add_argument("--pid", type=int, help="with an SSH host: the job's pid there")
     p.add_argument("--run", help="the job's run id or name (when several run)")
@@ -194,8 +194,6 @@ def tail_endpoint(
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.count is not None and args.count < 1:
-        return error("--count must be at least 1")
     try:
         thresholds = thresholds_from_args(args)
     except ConfigError as exc:
