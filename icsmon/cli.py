@@ -28,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"icsmon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"icsmon.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"icsmon.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"icsmon.commands.{name}").register(sub)
     return parser
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import socket
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from icsmon.alerts.engine import AlertEngine
 from icsmon.alerts.model import Alert, AlertChange
 from icsmon.store import RunKey, RunState, Store
 from icsmon.subscriber import RCVHWM
@@ -46,15 +46,10 @@ EngineFactory = Callable[[], Any]
 
 
 def default_engine_factory(thresholds: Any = None) -> EngineFactory | None:
-    """A factory of the alert engine if it is installed, else None (the app then shows no alerts)."""
-    try:
-        # Looked up by name: the engine ships separately and may be absent from this build.
-        engine_cls = importlib.import_module("icsmon.alerts.engine").AlertEngine
-    except (ImportError, AttributeError):
-        return None
+    """A factory of the alert engine with these thresholds."""
 
     def make() -> Any:
-        return engine_cls(thresholds)
+        return AlertEngine(thresholds)
 
     return make
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from icsmon.alerts.config import add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error
 from icsmon.targets import TargetError, is_endpoint, resolve_local
 from icsmon_agent import discovery
@@ -34,22 +34,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _alerts_config() -> Any:
-    try:
-        return importlib.import_module("icsmon.alerts.config")
-    except ImportError:
-        return None  # the alert rules ship separately; without them the app shows no alerts
-
-
 def _add_threshold_flags(p: argparse.ArgumentParser) -> None:
-    config = _alerts_config()
-    if config is not None:
-        config.add_threshold_flags(p)
+    add_threshold_flags(p)
 
 
 def _thresholds(args: argparse.Namespace) -> Any:
-    config = _alerts_config()
-    return config.thresholds_from_args(args) if config is not None else None
+    return thresholds_from_args(args)
 
 
 def is_ssh_host(target: str | None) -> bool:
@@ -83,11 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.theme is not None and args.theme not in tui.theme_names():
         return error(f"unknown theme {args.theme!r}; choose one of: {', '.join(tui.theme_names())}")
     if is_ssh_host(args.target):
-        try:
-            remote = importlib.import_module("icsmon.commands.remote")
-        except ImportError:
-            return error(f"cannot reach {args.target!r}: attaching over SSH is not supported yet")
-        return int(remote.attach_remote(args))
+        from icsmon.commands.remote import attach_remote
+
+        return attach_remote(args)
     if args.target is not None and args.target.isdigit() and args.pid is not None:
         return error("give the PID once: as TARGET or with --pid")
     if args.target and is_endpoint(args.target):

@@ -170,14 +170,6 @@ def summaries(jobs: list[DemoJob]) -> list[dict[str, Any]]:
     return out
 
 
-def run_app_or_none() -> Callable[..., int] | None:
-    try:
-        from icsmon.tui import run_app
-    except ImportError:  # the terminal app is absent from this build: fall back to the tail
-        return None
-    return run_app
-
-
 def run(args: argparse.Namespace) -> int:
     if args.list:
         return describe(args.json)
@@ -190,9 +182,11 @@ def run(args: argparse.Namespace) -> int:
         thresholds = thresholds_from_args(args)
     except ConfigError as exc:
         return error(str(exc))
-    app = None if args.headless else run_app_or_none()
-    if not args.headless and app is None:
-        note("the terminal app is not available; printing the tail instead")
+    app: Callable[..., int] | None = None
+    if not args.headless:
+        from icsmon.tui import run_app  # only here: the headless demo never loads Textual
+
+        app = run_app
     with tempfile.TemporaryDirectory(prefix="icsmon-demo-") as logdir:
         # Headless, the jobs wait for the viewer so the tail sees every sample from step 0.
         jobs = start_jobs(scenario, args, Path(logdir), wait_viewer=10.0 if app is None else 0.0)
