@@ -94,7 +94,9 @@ class Watchdog:
     def stop(self) -> None:
         with self._lock:
             self._stop.set()
-        self._thread.join(timeout=15)
+        # Short: a check still in flight cannot fire any more (the lock), and it ends at once when
+        # the master it asks is closed, which is what the caller does next.
+        self._thread.join(timeout=3)
 
 
 def tail_remote(host: str, args: argparse.Namespace) -> int:
