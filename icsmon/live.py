@@ -27,10 +27,10 @@ import zmq.asyncio
 from icsmon.alerts.engine import AlertEngine
 from icsmon.alerts.model import Alert, AlertChange
 from icsmon.store import RunKey, RunState, Store
-from icsmon.subscriber import RCVHWM
+from icsmon.subscriber import Decoding, sub_socket
 from icsmon.targets import TargetError
 from icsmon_agent.discovery import pid_alive
-from icsmon_agent.protocol import TOPIC_PREFIX, Event, Message, ProtocolError, Schema, decode
+from icsmon_agent.protocol import Event, Message, Schema
 
 #: Nothing at all (not even the schema the agent re-sends every few seconds) for this long: lost.
 LOST_AFTER_S = 30.0
@@ -54,29 +54,14 @@ def default_engine_factory(thresholds: Any = None) -> EngineFactory | None:
     return make
 
 
-class AsyncSubscriber:
+class AsyncSubscriber(Decoding):
     """A SUB socket on the running event loop; never raises on bad input."""
 
     def __init__(self, endpoint: str) -> None:
+        super().__init__()
         self.endpoint = endpoint
         self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        self._sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
-        self._sock.connect(endpoint)
-        self.received = 0
-        self.rejected = 0
-        self.last_error = ""
-
-    def _decode(self, frames: list[bytes]) -> Message | None:
-        self.received += 1
-        try:
-            return decode(frames)
-        except ProtocolError as exc:
-            self.rejected += 1
-            self.last_error = str(exc)
-            return None
+        self._sock: zmq.asyncio.Socket = sub_socket(self._ctx, [endpoint])
 
     async def poll(self, timeout_s: float, limit: int = BATCH) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then take what is queued (at most ``limit``)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import zmq
 
@@ -17,23 +18,10 @@ from icsmon_agent.protocol import TOPIC_PREFIX, Message, ProtocolError, decode
 RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rather than grow without end
 
 
-class Subscriber:
-    """Subscribes to one endpoint, or several at once (one SUB socket fair-queues them all: a
-    side-by-side view of two runs needs no second socket). Messages carry their run and rank."""
+class Decoding:
+    """Decodes frames, counting what it rejects (and keeping the last reason) instead of raising."""
 
-    def __init__(
-        self, endpoint: str | Sequence[str], ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-    ) -> None:
-        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
-        self.endpoint = " ".join(self.endpoints)
-        self._own_ctx = ctx is None
-        self._ctx = ctx or zmq.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        self._sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
-        for ep in self.endpoints:
-            self._sock.connect(ep)
+    def __init__(self) -> None:
         self.received = 0
         self.rejected = 0
         self.last_error = ""
@@ -46,6 +34,32 @@ class Subscriber:
             self.rejected += 1
             self.last_error = str(exc)
             return None
+
+
+def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
+    """A SUB socket on ``ctx`` (sync or asyncio), subscribed to icsmon's topics, connected."""
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+    for ep in endpoints:
+        sock.connect(ep)
+    return sock
+
+
+class Subscriber(Decoding):
+    """Subscribes to one endpoint, or several at once (one SUB socket fair-queues them all: a
+    side-by-side view of two runs needs no second socket). Messages carry their run and rank."""
+
+    def __init__(
+        self, endpoint: str | Sequence[str], ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+    ) -> None:
+        super().__init__()
+        self.endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        self.endpoint = " ".join(self.endpoints)
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.Context()
+        self._sock: zmq.Socket[bytes] = sub_socket(self._ctx, self.endpoints)
 
     def poll(self, timeout_s: float, limit: int = 10_000) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``limit``)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -91,27 +92,24 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def _nanmedian(a: FloatArray) -> FloatArray:
-    """Column medians ignoring NaN; NaN for a column with no finite value (without a warning)."""
+def _column_reduce(a: FloatArray, reduce: Callable[..., Any]) -> FloatArray:
+    """Column-wise ``reduce`` over finite values; NaN for a column with none (without a warning)."""
     out = np.full(a.shape[1] if a.ndim == 2 else 0, np.nan)
     if a.size == 0:
         return out
     a = np.where(np.isfinite(a), a, np.nan)
     ok = np.isfinite(a).any(axis=0)
     if ok.any():
-        out[ok] = np.nanmedian(a[:, ok], axis=0)
+        out[ok] = reduce(a[:, ok], axis=0)
     return out
+
+
+def _nanmedian(a: FloatArray) -> FloatArray:
+    return _column_reduce(a, np.nanmedian)
 
 
 def _nanmax(a: FloatArray) -> FloatArray:
-    out = np.full(a.shape[1] if a.ndim == 2 else 0, np.nan)
-    if a.size == 0:
-        return out
-    a = np.where(np.isfinite(a), a, np.nan)
-    ok = np.isfinite(a).any(axis=0)
-    if ok.any():
-        out[ok] = np.nanmax(a[:, ok], axis=0)
-    return out
+    return _column_reduce(a, np.nanmax)
 
 
 # ------------------------------------------------------------------------------------------ rules
