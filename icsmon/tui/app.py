@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import ClassVar, Protocol
 
-from textual.app import App
+from textual.app import App, ScreenStackError
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
 from textual.screen import Screen
@@ -111,7 +111,10 @@ class IcsmonApp(App[int]):
 
     def _tick(self) -> None:
         self._take_alert_changes()
-        screen = self.screen
+        try:
+            screen = self.screen
+        except ScreenStackError:
+            return  # a tick queued just before the app tore its screens down (quitting)
         redraw: Callable[[], None] | None = getattr(screen, "redraw", None)
         if redraw is None or not screen.is_attached:
             return
