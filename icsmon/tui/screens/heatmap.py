@@ -7,17 +7,17 @@ from typing import ClassVar
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from icsmon.live import Feed
 from icsmon.render import fmt
+from icsmon.tui.screens.laid_out import LaidOutScreen
 from icsmon.tui.state import ViewState
 from icsmon.tui.widgets.header import RunHeader, header_text
 from icsmon.tui.widgets.heatmap import PALETTE, Heatmap
 
 
-class HeatmapScreen(Screen[None]):
+class HeatmapScreen(LaidOutScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape,h", "app.pop_screen", "Back", tooltip="Back to the layer table")
     ]
@@ -39,16 +39,7 @@ class HeatmapScreen(Screen[None]):
         return self.query_one(Heatmap)
 
     def on_mount(self) -> None:
-        self.call_after_refresh(self._redraw_laid_out)
-
-    def on_resize(self) -> None:
-        self.call_after_refresh(self._redraw_laid_out)
-
-    def _redraw_laid_out(self) -> None:
-        # The heatmap sizes its grid from its own size, known only after layout; by then the
-        # screen may already be gone (a quick Escape, or quitting), which is fine.
-        if self.is_attached and self.app.screen is self:
-            self.redraw(force=True)
+        self.after_layout()  # the heatmap sizes its grid from its own size, known only after layout
 
     def redraw(self, force: bool = False) -> None:
         run = self.feed.current()

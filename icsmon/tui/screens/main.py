@@ -8,11 +8,11 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Static
 
 from icsmon.live import Feed
 from icsmon.tui import view
+from icsmon.tui.screens.laid_out import LaidOutScreen
 from icsmon.tui.state import ViewState
 from icsmon.tui.widgets.alerts import AlertLog
 from icsmon.tui.widgets.header import RunHeader, header_text
@@ -26,7 +26,7 @@ WAITING_HELP = (
 )
 
 
-class MainScreen(Screen[None]):
+class MainScreen(LaidOutScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "detail", "Detail", tooltip="Plots of the selected layer over time"),
         Binding("h", "heatmap", "Heatmap", tooltip="Depth × time of log10(std)"),
@@ -71,15 +71,7 @@ class MainScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.redraw(force=True)
-        self.call_after_refresh(self._redraw_laid_out)
-
-    def on_resize(self) -> None:
-        self.call_after_refresh(self._redraw_laid_out)
-
-    def _redraw_laid_out(self) -> None:
-        # Column choice and the rows in view depend on the laid-out size.
-        if self.is_attached and self.app.screen is self:
-            self.redraw(force=True)
+        self.after_layout()  # column choice and the rows in view depend on the laid-out size
 
     # ------------------------------------------------------------------ drawing
 
