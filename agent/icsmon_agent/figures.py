@@ -267,7 +267,8 @@ class Finalizer:
             uvar = cat([self._unit_var(r) for r in recs])
         mean = seg_sum(umean) / safe
         # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
-        var = (seg_sum(uvar) + seg_sum((umean - mean[seg]).square())) / safe
+        layer_var = seg_sum(uvar) / safe  # mean within-unit variance; the shift's floor uses it too
+        var = layer_var + seg_sum((umean - mean[seg]).square()) / safe
         mn = torch.full((L,), torch.inf, dtype=f64, device=device)
         mn.scatter_reduce_(0, seg, cat([r.umin for r in recs]), reduce="amin")
         umax = cat([r.umax for r in recs])
@@ -301,7 +302,6 @@ class Finalizer:
             )
 
         # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
-        layer_var = seg_sum(uvar) / safe
         if self._prev is not None:
             m1, v1, layer_var1 = self._prev
             floor = (SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)[seg]
