@@ -121,7 +121,7 @@ def test_figures_match_float64_on_gpu(runtime_dir: Path) -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         fin = Finalizer(1)
-        out = fin.figures([reduce_output(y, -1, 0)], [], y.device)
+        out = fin.figures([reduce_output(y, -1, 0)], None, y.device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     got = dict(zip(STATS, out.cpu().double().numpy()[0].tolist(), strict=True))

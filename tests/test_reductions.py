@@ -20,7 +20,7 @@ from truth import close, figures
 def _finish(outputs: list[tuple[torch.Tensor, int, int]], fin: Finalizer | None = None) -> np.ndarray:
     fin = fin or Finalizer(len(outputs))
     recs = [reduce_output(t, unit_dim, sat) for t, unit_dim, sat in outputs]
-    return fin.figures(list(recs), [], torch.device("cpu")).double().numpy()
+    return fin.figures(list(recs), None, torch.device("cpu")).double().numpy()
 
 
 def _check(got: np.ndarray, y: torch.Tensor, kind: str, conv: bool, skip: tuple[str, ...] = ()) -> None:

@@ -25,7 +25,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,17 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import discovery, protocol
-from .figures import Finalizer, Reduced, reduce_output
-from .layers import Selector, candidate_modules, first_float_tensor, layer_kind, saturation_mode, unit_dim
+from .figures import Finalizer, GradNorms, Reduced, grad_norms, reduce_output
+from .layers import (
+    Selector,
+    candidate_modules,
+    first_float_tensor,
+    layer_kind,
+    saturation_mode,
+    tensor_storages,
+    unit_dim,
+)
+from .offload import Offload
 from .publisher import Publisher, Work, default_endpoint
 
 #: The default cadence (``every=None``) is adaptive: the agent times its own work on each sampled
@@ -54,6 +63,14 @@ MIN_INTERVAL_S = 0.05
 #: With nobody subscribed, sample this many times less often: enough history for a late viewer.
 IDLE_FACTOR = 10
 MAX_FAULTS = 50
+#: CPU layer outputs handed to the offload thread are held at most this many bytes at once (this
+#: forward's plus those still queued); past it, a layer is reduced inline. Bounded memory whatever
+#: the model, and a thread that falls behind slows nothing: the inline route is the old cost.
+HOLD_LIMIT = 256 * 2**20
+#: With this many jobs still queued (the offload thread starved of CPU), a step goes unsampled.
+MAX_QUEUED_JOBS = 16
+#: How long ``close()`` waits for the offload thread to finish the last samples.
+CLOSE_WAIT_S = 2.0
 
 
 @dataclass
@@ -64,14 +81,28 @@ class _Layer:
     info: protocol.LayerInfo
     unit_dim: int
     sat: int
+    copy: bool = False  # its output is changed in place after its hook: copy it, never hold it
 
 
 @dataclass
 class _Pending:
     step: int
-    figures: torch.Tensor
     t_measured: float
-    scalars: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, Any]
+    records: list[Reduced | None]  # filled in by the offload thread until its finishing job runs
+    grads: GradNorms | None
+    figures: torch.Tensor | None = None  # None: finished on the offload thread
+    held_grads: list[_Held] | None = None  # gradients whose norms the offload thread takes
+
+
+@dataclass
+class _Held:
+    """A layer output kept for the offload thread, with its version when the hook saw it."""
+
+    slot: int
+    tensor: torch.Tensor
+    version: int
+    reduced: bool  # already reduced inline (the layer-table step): kept to learn in-place changes
 
 
 def _default_name() -> str:
@@ -156,6 +187,21 @@ class Monitor:
         self._handles: list[Any] = []
         self._hooked: list[nn.Module] = []
         self._layer_handles: list[Any] = []
+        self._offload: Offload | None = None  # CPU models only: reductions off the training thread
+        self._held: list[_Held] = []
+        self._held_bytes = 0
+        self._hits = 0  # layers captured in the current forward
+        self._step_hits = 0  # and in the current step
+        self._captured = False  # this step's sample is taken: later forwards (micro-batches) are skipped
+        self._busy_seen = 0.0  # the offload thread's busy seconds already counted toward the cadence
+        # Whether the offload thread may read the gradients after the step ("hold"), or their
+        # norms are taken at the boundary ("inline"); "learn" until a later sample has shown
+        # that the job replaces its gradients (zero_grad(set_to_none=True)) rather than
+        # zeroing or accumulating them in place, which would change them under the reader.
+        self._grad_mode = "learn"
+        self._grad_probe: list[tuple[nn.Parameter, torch.Tensor, int]] | None = None
+        self.skipped = 0  # steps left unsampled because the offload thread was far behind
+        self._skipped_step = -1
         self._side_stream: Any = None
         self._publisher: Publisher | None = None
         self._discovery_path: Path | None = None
@@ -248,6 +294,10 @@ class Monitor:
         self._handles.clear()
         with contextlib.suppress(Exception):
             self._flush_pending()
+        if self._offload is not None:
+            # The last samples are still being finished there; they go out before the closing event.
+            with contextlib.suppress(Exception):
+                self._offload.close(CLOSE_WAIT_S)
         if self._publisher is not None:
             with contextlib.suppress(Exception):
                 self._publisher.submit(self._event("closing"))
@@ -279,9 +329,13 @@ class Monitor:
         try:
             self._calls.clear()
             self._closed_by_optimizer = False
-            # Decided again here, not only at the step boundary: a viewer may have joined in between.
-            self._armed = self._should_sample(self._step)
-            self._set_layer_hooks(self._armed)
+            if self._held:  # the last forward raised before its end: its outputs go now
+                self._dispatch(None)
+            self._hits = 0
+            if not self._captured:
+                # Decided again here, not only at the step boundary: a viewer may have joined in between.
+                self._armed = self._should_sample(self._step)
+                self._set_layer_hooks(self._armed)
             if self._forward_t0 is None:
                 self._forward_t0 = time.monotonic()
             if self._pending is not None:
@@ -290,7 +344,7 @@ class Monitor:
             self._fault("forward", exc)
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._armed:
+        if not self._armed or self._captured:
             return
         started = time.perf_counter()
         try:
@@ -308,9 +362,36 @@ class Monitor:
                     return
                 slot = self._add_layer(module, call, tensor)
             layer = self._layers[slot]
-            self._records[slot] = reduce_output(tensor, layer.unit_dim, layer.sat)
+            self._hits += 1
+            self._step_hits += 1
+            if self._offload is not None and tensor.is_cpu and self._may_hold(tensor):
+                # Hand it to the offload thread at the end of the forward (see offload.py); an
+                # output that is changed in place later in the forward is copied first.
+                held = tensor.detach().clone() if layer.copy else tensor.detach()
+                self._held.append(_Held(slot, held, held._version, False))
+                self._held_bytes += held.nbytes
+            else:
+                self._records[slot] = reduce_output(tensor, layer.unit_dim, layer.sat)
+                if self._building and tensor.is_cpu and not tensor.is_inference():
+                    # Kept until the forward ends only to learn which outputs change in place.
+                    self._held.append(_Held(slot, tensor.detach(), tensor._version, True))
         except Exception as exc:
             self._fault("hook", exc)
+        self._spent += time.perf_counter() - started
+
+    def _on_root_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The end of a forward on a sampled step: hand its outputs over, and stop hooking."""
+        started = time.perf_counter()
+        try:
+            if self._held:
+                self._dispatch(output)
+            if self._hits and not self._building:
+                # One forward per sample: later forwards of the step (gradient accumulation's
+                # micro-batches) are skipped, and the sample is the step's first batch. The hooks
+                # stay: removing and adding 100 of them costs more than a step's worth of returns.
+                self._captured = True
+        except Exception as exc:
+            self._fault("forward", exc)
         self._spent += time.perf_counter() - started
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -344,11 +425,54 @@ class Monitor:
         self._slot[(id(module), call)] = len(self._layers) - 1
         return len(self._layers) - 1
 
+    def _may_hold(self, tensor: torch.Tensor) -> bool:
+        if tensor.is_inference():  # no version counter: nothing would tell us it changed
+            return False
+        assert self._offload is not None
+        return self._offload.outstanding + self._held_bytes + tensor.nbytes <= HOLD_LIMIT
+
+    def _dispatch(self, output: Any) -> None:
+        """Send the held outputs of a finished forward to the offload thread (some inline)."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        # The model's own output goes back to user code, which may change it in place at any time.
+        escaping = tensor_storages(output)
+        jobs: list[_Held] = []
+        for h in held:
+            layer = self._layers[h.slot]
+            if h.tensor._version != h.version:
+                # Changed in place after its hook (a Linear feeding an in-place ReLU, a residual
+                # add): from now on this layer is copied in its hook. This sample goes without it.
+                layer.copy = True
+            elif h.reduced:
+                continue
+            elif self._offload is None or h.tensor.untyped_storage().data_ptr() in escaping:
+                self._records[h.slot] = reduce_output(h.tensor, layer.unit_dim, layer.sat)
+            else:
+                jobs.append(h)
+        if jobs and self._offload is not None:
+            nbytes = sum(h.tensor.nbytes for h in jobs)
+            self._offload.submit(functools.partial(self._reduce_held, self._records, jobs), nbytes)
+
+    def _reduce_held(self, records: list[Reduced | None], jobs: list[_Held]) -> None:
+        """On the offload thread: reduce the held outputs, keeping each only if nothing changed it."""
+        for h in jobs:
+            try:
+                layer = self._layers[h.slot]
+                reduced = reduce_output(h.tensor, layer.unit_dim, layer.sat)
+                if h.tensor._version == h.version:
+                    records[h.slot] = reduced
+                else:
+                    layer.copy = True
+            except Exception as exc:
+                self._offload_fault(exc)
+
     def _finish_table(self) -> None:
         if not self._layers or self._publisher is None:
             return
         self._building = False
         self._finalizer = Finalizer(len(self._layers))
+        if self._publisher is not None and all(r is None or r.ref.is_cpu for r in self._records):
+            self._offload = Offload(self._offload_fault)
         self._params = [
             (i, p)
             for i, layer in enumerate(self._layers)
@@ -383,6 +507,8 @@ class Monitor:
         """
         if on and not self._layer_handles and not self._closed:
             self._layer_handles = [m.register_forward_hook(self._on_output) for m in self._hooked]
+            # Registered last, so it runs after the layer hook when the model is itself a layer.
+            self._layer_handles.append(self.model.register_forward_hook(self._on_root_output))
         elif not on and self._layer_handles:
             for handle in self._layer_handles:
                 with contextlib.suppress(Exception):
@@ -394,6 +520,11 @@ class Monitor:
             return True
         if self._publisher is None:
             return False
+        if self._offload is not None and self._offload.pending > MAX_QUEUED_JOBS:
+            if self._skipped_step != step:
+                self._skipped_step = step
+                self.skipped += 1
+            return False
         watching = self._publisher.watching
         if self.every is not None:
             period = self.every if watching else self.every * IDLE_FACTOR
@@ -403,6 +534,8 @@ class Monitor:
 
     def _boundary(self, scalars: dict[str, Any], *, defer: bool) -> None:
         pending: _Pending | None = None
+        if self._held:  # layers called outside the model's own forward: no forward end was seen
+            self._dispatch(None)
         if self._armed:
             first = self._building
             if self._building:
@@ -412,18 +545,21 @@ class Monitor:
                         "icsmon: no watched layer returned a floating-point tensor; nothing to show",
                     )
                 self._finish_table()
-            if (
-                not self._building
-                and self._finalizer is not None
-                and any(r is not None for r in self._records)
-            ):
+            if not self._building and self._finalizer is not None and self._step_hits:
                 started = time.perf_counter()
-                pending = _Pending(self._step, self._compute(), time.time(), scalars)
+                pending = self._take_sample(scalars)
                 self._spent += time.perf_counter() - started
+                # The offload thread's work counts too (the CPU is the job's): what it did since
+                # the last sample, mostly that sample's reductions and finish.
+                spent = self._spent
+                if self._offload is not None:
+                    busy = self._offload.busy_s
+                    spent += busy - self._busy_seen
+                    self._busy_seen = busy
                 # Smoothed, so one slow sample (a page fault, a busy core) does not stall the cadence;
                 # the first sample also pays one-time set-up (the layer table, first kernel calls).
                 if not first:
-                    self._cost = self._spent if self._cost == 0.0 else 0.7 * self._cost + 0.3 * self._spent
+                    self._cost = spent if self._cost == 0.0 else 0.7 * self._cost + 0.3 * spent
                 self._spent = 0.0
                 # Measured from when the sampled step began, so a step that is slow inside its
                 # forward (a big model) is followed by another sample right away.
@@ -431,6 +567,8 @@ class Monitor:
         self._forward_t0 = None
         self._step += 1
         self._calls.clear()
+        self._hits = self._step_hits = 0
+        self._captured = False
         self._records = [None] * len(self._layers)
         self._armed = self._should_sample(self._step)
         self._set_layer_hooks(self._armed)
@@ -439,11 +577,44 @@ class Monitor:
             if not defer:
                 self._flush_pending()
 
-    def _compute(self) -> torch.Tensor:
+    def _take_sample(self, scalars: dict[str, Any]) -> _Pending:
+        """The step's sample: gradient norms now (the next step overwrites them), figures now on
+        a device (launches only), or later on the offload thread (its reductions may still run)."""
         assert self._finalizer is not None
-        device = next((r.umean.device for r in self._records if r is not None), torch.device("cpu"))
+        records = self._records
+        device = next((r.ref.device for r in records if r is not None), torch.device("cpu"))
         grads = [(i, p.grad) for i, p in self._params if p.grad is not None]
-        return self._finalizer.figures(self._records, grads, device)
+        pending = _Pending(self._step, time.time(), scalars, records, None)
+        if self._offload is not None and self._grad_mode == "learn":
+            self._learn_grad_mode()
+        nbytes = sum(g.nbytes for _, g in grads)
+        if (
+            self._offload is not None
+            and self._grad_mode == "hold"
+            and self._offload.outstanding + nbytes <= HOLD_LIMIT
+            and not any(g.is_inference() for _, g in grads)
+        ):
+            pending.held_grads = [_Held(i, g.detach(), g._version, False) for i, g in grads]
+        else:
+            pending.grads = grad_norms(grads, device)
+        if self._offload is None:
+            pending.figures = self._finalizer.figures(records, pending.grads, device)
+        return pending
+
+    def _learn_grad_mode(self) -> None:
+        """Probe at one sample, judge at the next: were the probed gradients replaced, untouched?"""
+        probe, self._grad_probe = self._grad_probe, None
+        if probe is None:
+            self._grad_probe = [
+                (p, p.grad, p.grad._version)
+                for _, p in self._params
+                if p.grad is not None and not p.grad.is_inference()
+            ]
+            if not self._grad_probe:
+                self._grad_probe = None
+            return
+        replaced = all(p.grad is not g and g._version == v for p, g, v in probe)
+        self._grad_mode = "hold" if replaced else "inline"
 
     def _flush_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -451,12 +622,33 @@ class Monitor:
             return
         started = time.perf_counter()
         try:
-            self._hand_off(pending, self._publisher)
+            if pending.figures is None and self._offload is not None:
+                self._offload.submit(functools.partial(self._finish_offloaded, pending, self._publisher))
+            else:
+                self._hand_off(pending, self._publisher)
         finally:
             self._spent += time.perf_counter() - started  # counted toward the next sample's cost
 
+    def _finish_offloaded(self, pending: _Pending, publisher: Publisher) -> None:
+        """On the offload thread, after the step's reductions: the batched figures, then publish."""
+        assert self._finalizer is not None
+        records = pending.records
+        if pending.held_grads:
+            held = pending.held_grads
+            grads = grad_norms([(h.slot, h.tensor) for h in held], torch.device("cpu"))
+            if all(h.tensor._version == h.version for h in held):
+                pending.grads = grads
+            else:  # changed in place after all: take them at the boundary from now on
+                self._grad_mode = "inline"
+        if not any(r is not None for r in records) and pending.grads is None:
+            return  # every layer of the step changed in place under us: nothing to show
+        device = next((r.ref.device for r in records if r is not None), torch.device("cpu"))
+        pending.figures = self._finalizer.figures(records, pending.grads, device)
+        self._hand_off(pending, publisher)
+
     def _hand_off(self, pending: _Pending, publisher: Publisher) -> None:
         figures = pending.figures
+        assert figures is not None
         device = figures.device
         names: list[str] = []
         tensors: list[torch.Tensor] = []
@@ -523,6 +715,13 @@ class Monitor:
             self._warn("detach", f"icsmon: {self.errors} faults; detaching from the model")
             with contextlib.suppress(Exception):
                 self.close()
+
+    def _offload_fault(self, exc: BaseException) -> None:
+        """A fault on the offload thread: counted and warned once; detaching is the training side's."""
+        self.errors += 1
+        self._warn(
+            "fault:offload", f"icsmon: offload failed ({type(exc).__name__}: {exc}); training continues"
+        )
 
     def _on_publisher_error(self, where: str, exc: BaseException) -> None:
         self._warn(f"publisher:{where}", f"icsmon: publisher {where} failed ({type(exc).__name__}: {exc})")

@@ -8,7 +8,7 @@ Work is split in two so the per-hook cost stays a handful of kernel launches:
 * :class:`Finalizer` runs once per sampled step and turns every layer's vectors into the
   ``n_layers x n_stats`` matrix with a fixed number of batched ops (segment reductions over the
   concatenated unit vectors), whatever the number of layers. It also keeps the previous sample's
-  per-unit Gaussians for the ``shift`` figure, and adds gradient norms with one ``_foreach_norm``.
+  per-unit Gaussians for the ``shift`` figure, and adds the gradient norms that :func:`grad_norms` took at the step boundary.
 
 Finalisation runs in float64: the vectors are small, and it keeps ``std`` exact when a layer's
 mean dwarfs its spread, and ``var = std**2`` finite for activations near float32's limit.
@@ -20,6 +20,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .protocol import STAT_INDEX, STATS
@@ -37,19 +38,29 @@ _VAR_EPS = 1e-12  # and an absolute floor for a layer whose every unit is consta
 class Reduced:
     """Per-unit reductions of one layer output (all on the output's device).
 
-    Counts stay counts (divided once per step for all layers in :class:`Finalizer`), and the spread
-    is carried as a sum of squared deviations or, where that could overflow float32, as a std.
+    Each unit's moments are carried about a reference value of that unit: ``ref`` plus the sum of
+    deviations from it (``dsum``) and of squared deviations (``dsq``). The CPU route takes each
+    unit's first element as its reference, which spares a pass for the mean and stays stable: the
+    deviations are of the order of the spread, so ``dsq / n - (dsum / n)**2`` cancels nothing
+    large. The exact routes take the unit mean itself (``dsum`` None: zero), and on GPU carry the
+    spread as a std (``dsq`` None) because a float32 variance overflows where the std does not.
+    Counts stay counts, divided once per step for all layers in :class:`Finalizer`.
     """
 
-    umean: torch.Tensor  # [U]
-    usq: torch.Tensor | None  # [U] sum of squared deviations from the unit mean; or None, then:
+    ref: torch.Tensor  # [U] reference value of each unit (its mean when dsum is None)
+    dsum: torch.Tensor | None  # [U] sum of (x - ref); None: 0 (ref is the exact unit mean)
+    dsq: torch.Tensor | None  # [U] sum of (x - ref)**2; or None, then:
     ustd: torch.Tensor | None  # [U] population std
-    umin: torch.Tensor  # [U] over finite elements (+inf if none)
     umax: torch.Tensor  # [U] over finite elements (-inf if none)
+    vmin: torch.Tensor  # 0-d minimum over finite elements (+inf if none)
     nonzero: torch.Tensor  # 0-d count of non-zero elements (any dtype)
     nonfinite: torch.Tensor | None  # 0-d count of NaN/Inf elements; None: known to be 0
     sat: torch.Tensor | None  # 0-d count of saturated elements, tanh/sigmoid layers only
     numel: int
+
+    @property
+    def units(self) -> int:
+        return self.ref.numel()
 
 
 def reduction_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -68,18 +79,21 @@ def _sat_count(x: torch.Tensor, sat: int) -> torch.Tensor | None:
     return None
 
 
-def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
-    """Reduce one layer output inside its forward hook: a handful of kernels, no host sync on GPU.
+#: Counts taken with a float32 dot product stay exact up to 2**24 elements.
+_EXACT_DOT = 2**24
 
-    CPU and GPU take different routes because their costs differ. On CPU, in the middle of a
-    training step, every op costs ~10 us of dispatch with cold caches whatever its size, so the op
-    count is the budget; ``torch.var``/``std_mean`` also reduce across rows with a scalar Welford
-    loop (~40x a plain sum on a 128x256 output, more than the Linear layer itself), and reading a
-    value back costs nothing. So the CPU route sums squared deviations from the unit mean (two
-    passes, vectorised, stable) into a reused scratch buffer, takes plain min/max, counts
-    non-zeros, and reads one number to learn whether anything was non-finite or overflowed; only
-    then does it redo the layer the exact, masked way. On GPU a read-back is a sync, so the masked
-    route is the only route.
+
+def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
+    """Reduce one layer output: a handful of kernels, no host sync on GPU.
+
+    CPU and GPU take different routes because their costs differ. On CPU each op is a pass over
+    the output (~4 us for a 128x256 float32 one in cache, about its dispatch cost again in the
+    middle of a step), so passes are the budget; ``torch.var``/``std_mean`` also reduce across rows
+    with a scalar Welford loop (~40x a plain sum on a 128x256 output, more than the Linear layer
+    itself), and reading a value back costs nothing. So the CPU route (:func:`_reduce_cpu`) takes
+    shifted moments in three passes and reads one number to learn whether anything was
+    non-finite or overflowed; only then does it redo the layer the exact, masked way. On GPU a
+    read-back is a sync, so the masked route is the only route.
     """
     x = t.detach()
     if x.dtype is not torch.float32 and x.dtype is not torch.float64:
@@ -90,32 +104,40 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
         x = x.reshape(-1, 1)
         unit_dim = -1
     if x.device.type == "cpu" and x.numel() > 0:
-        last = x.ndim <= 1 or unit_dim % x.ndim == x.ndim - 1
-        if last:
-            # Units on the last axis (Linear-like): the [U] results need no reshape, and the
-            # unit means broadcast against the output as they are.
-            dims: tuple[int, ...] = tuple(range(x.ndim - 1)) if x.ndim > 1 else (0,)
-            m = x.mean(dims)
-        else:
-            dims = reduction_dims(x.ndim, unit_dim)
-            m = x.mean(dims, keepdim=True)
-        usq = torch.sub(x, m, out=_scratch(x)).square_().sum(dims)
-        # usq is non-finite iff an element is NaN/Inf (it poisons its unit's mean) or a square
-        # overflowed float32: either way the exact route below answers. A CPU read is no sync.
-        if math.isfinite(usq.sum().item()):
-            return Reduced(
-                m if last else m.reshape(-1),
-                usq,
-                None,
-                x.amin(dims),
-                x.amax(dims),
-                # |sign(x)| is 1 unless x == 0 (x is finite here): 3x faster than count_nonzero.
-                torch.sign(x, out=_scratch(x)).abs_().sum(),
-                None,
-                _sat_count(x, sat),
-                x.numel(),
-            )
+        found = _reduce_cpu(x, unit_dim, sat)
+        if found is not None:
+            return found
     return _reduce_masked(x, reduction_dims(x.ndim, unit_dim), sat, x.numel())
+
+
+def _reduce_cpu(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
+    """Shifted moments, max, min and a non-zero count in eight ops; None if anything is non-finite."""
+    unit = unit_dim % x.ndim
+    if unit == x.ndim - 1:
+        # Units on the last axis (Linear-like): rows x units, a view when contiguous; the moments
+        # about the first row are two BLAS-backed reductions over the deviations.
+        rows = x.reshape(-1, x.shape[-1])
+        ref = rows[0]
+        d = torch.sub(rows, ref, out=_scratch(rows))
+        dsum = d.sum(0)
+        dsq = torch.linalg.vecdot(d, d, dim=0)
+        umax = rows.amax(0)
+    else:  # channels first (conv-like): reduce over every other axis
+        dims = reduction_dims(x.ndim, unit_dim)
+        first = x[tuple(slice(None) if i == unit else slice(0, 1) for i in range(x.ndim))]
+        d = torch.sub(x, first, out=_scratch(x))
+        dsum = d.sum(dims)
+        dsq = d.square_().sum(dims)
+        umax = x.amax(dims)
+        ref = first.reshape(-1)
+    # dsq is non-finite iff an element is NaN/Inf (it poisons its unit's deviations) or a square
+    # overflowed float32: either way the exact route answers. A CPU read is no sync.
+    if not math.isfinite(dsq.sum().item()):
+        return None
+    # |sign(x)| is 1 unless x == 0 (x is finite here), and sign**2 summed is one BLAS dot.
+    signs = torch.sign(x, out=_scratch(x)).view(-1)
+    nonzero = torch.dot(signs, signs) if signs.numel() <= _EXACT_DOT else signs.abs_().sum()
+    return Reduced(ref, dsum, dsq, None, umax, x.min(), nonzero, None, _sat_count(x, sat), x.numel())
 
 
 _local = threading.local()
@@ -124,8 +146,8 @@ _local = threading.local()
 def _scratch(x: torch.Tensor) -> torch.Tensor:
     """A reused CPU buffer shaped like ``x``: no 100-KB allocation per hook, and it stays in cache.
 
-    One per thread (hooks of data-parallel replicas run in threads), grown to the largest output
-    seen; so bounded by one activation.
+    One per thread (hooks of data-parallel replicas run in threads, and the offload thread has
+    its own), grown to the largest output seen; so bounded by one activation.
     """
     buf: torch.Tensor | None = getattr(_local, "buf", None)
     n = x.numel()
@@ -140,21 +162,22 @@ def _reduce_masked(x: torch.Tensor, dims: tuple[int, ...], sat: int, numel: int)
     if x.device.type == "cpu":
         x64 = x.double()  # CPU reaches here only on the rare non-finite/overflow step: be exact
         var, umean = torch.var_mean(x64, dim=dims, correction=0)
-        usq: torch.Tensor | None = var * (numel / max(umean.numel(), 1))
+        dsq: torch.Tensor | None = var * (numel / max(umean.numel(), 1))
         ustd = None
     else:
         # float32 std never overflows where var would; the finalizer squares it in float64.
         ustd, umean = torch.std_mean(x, dim=dims, correction=0)
-        usq = None
+        dsq = None
     # min/max are over finite elements (product API): masking costs two passes, a sync would cost more.
-    umin = torch.where(finite, x, torch.inf).amin(dim=dims)
+    vmin = torch.where(finite, x, torch.inf).amin()
     umax = torch.where(finite, x, -torch.inf).amax(dim=dims)
     return Reduced(
         umean.reshape(-1),
-        None if usq is None else usq.reshape(-1),
+        None,
+        None if dsq is None else dsq.reshape(-1),
         None if ustd is None else ustd.reshape(-1),
-        umin.reshape(-1),
         umax.reshape(-1),
+        vmin,
         torch.count_nonzero(x),
         numel - torch.count_nonzero(finite),
         _sat_count(x, sat),
@@ -170,19 +193,55 @@ def _host_to(values: list[int] | list[float], device: torch.device, dtype: torch
     return cpu.to(device)
 
 
+class _Segments:
+    """Per-layer reductions over the concatenation of the present layers' unit vectors.
+
+    On CPU, NumPy's ``reduceat`` (a zero-copy view of the tensor): ~10 us for 25,000 units where
+    ``index_add_`` takes ~90 us, and exact (no cumulative-sum cancellation between layers whose
+    scales differ by 1e60). On other devices, ``index_add_``/``scatter_reduce_``: launches only.
+    """
+
+    def __init__(self, units: list[int], device: torch.device) -> None:
+        self.n = len(units)
+        self.cpu = device.type == "cpu"
+        starts = [0]
+        for u in units[:-1]:
+            starts.append(starts[-1] + u)
+        self._starts = np.asarray(starts, dtype=np.intp)
+        self.seg = _host_to([i for i, u in enumerate(units) for _ in range(u)], device, torch.int64)
+        self.counts = _host_to([float(u) for u in units], device, torch.float64)  # units per layer
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.cpu:
+            return torch.from_numpy(np.add.reduceat(values.numpy(), self._starts))
+        return torch.zeros(self.n, dtype=values.dtype, device=values.device).index_add_(0, self.seg, values)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        if self.cpu:
+            return torch.from_numpy(np.maximum.reduceat(values.numpy(), self._starts))
+        out = torch.full((self.n,), -torch.inf, dtype=values.dtype, device=values.device)
+        return out.scatter_reduce_(0, self.seg, values, reduce="amax")
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        return self.sum(values) / self.counts
+
+    def expand(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """A per-layer vector repeated over each layer's units."""
+        return torch.index_select(per_layer, 0, self.seg)
+
+
 class Finalizer:
     """Turns one step's :class:`Reduced` records into the figures matrix, batched across layers.
 
     The op count is fixed whatever the number of layers: each per-unit field is concatenated once
-    (one ``cat`` over all layers, then one cast to float64), and every per-layer figure is a
-    segment reduction over the concatenation.
+    (one ``cat`` over all layers, then one cast to float64), every per-layer figure is a segment
+    reduction over the concatenation (:class:`_Segments`), and every 0-d count one ``stack``.
     """
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
         self._layout_key: tuple[object, ...] | None = None
-        self._seg: torch.Tensor | None = None  # [sum U] layer index of each unit
-        self._counts: torch.Tensor | None = None  # [L] units per layer (float64)
+        self._segments: _Segments | None = None
         self._rows: torch.Tensor | None = None  # [P] indices of the layers present
         # per-unit mean and var, and per-layer mean unit var, of the last sample
         self._prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -202,34 +261,28 @@ class Finalizer:
 
     def _layout(
         self, present: list[int], units: list[int], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[_Segments, torch.Tensor]:
         key = (tuple(present), tuple(units), device)
-        if key != self._layout_key or self._seg is None or self._counts is None or self._rows is None:
-            seg = [layer for layer, u in zip(present, units, strict=True) for _ in range(u)]
-            counts = [0] * self.n_layers
-            for layer, u in zip(present, units, strict=True):
-                counts[layer] = u
-            self._seg = _host_to(seg, device, torch.int64)
-            self._counts = _host_to(counts, device, torch.float64)
+        if key != self._layout_key or self._segments is None or self._rows is None:
+            self._segments = _Segments(units, device)
             self._rows = _host_to(present, device, torch.int64)
             self._layout_key = key
             self._prev = None  # unit layout changed: no comparable previous sample
-        return self._seg, self._counts, self._rows
+        return self._segments, self._rows
 
     def figures(
         self,
         records: list[Reduced | None],
-        grads: list[tuple[int, torch.Tensor]],
+        grads: GradNorms | None,
         device: torch.device,
     ) -> torch.Tensor:
         """The ``n_layers x n_stats`` float32 matrix on ``device``; NaN where a figure is absent."""
-        L = self.n_layers
-        out = torch.full((L, len(STATS)), float("nan"), dtype=torch.float64, device=device)
+        out = torch.full((self.n_layers, len(STATS)), float("nan"), dtype=torch.float64, device=device)
         present = [i for i, r in enumerate(records) if r is not None]
         recs = [r for r in records if r is not None]
         if recs:
             self._activation_figures(out, present, recs, device)
-        if grads:
+        if grads is not None:
             self._grad_figures(out, grads, device)
         return out.to(torch.float32)
 
@@ -237,9 +290,7 @@ class Finalizer:
         self, out: torch.Tensor, present: list[int], recs: list[Reduced], device: torch.device
     ) -> None:
         f64 = torch.float64
-        units = [r.umean.numel() for r in recs]
-        seg, counts, rows = self._layout(present, units, device)
-        L = self.n_layers
+        seg, rows = self._layout(present, [r.units for r in recs], device)
 
         def cat(vectors: list[torch.Tensor]) -> torch.Tensor:
             try:
@@ -253,88 +304,104 @@ class Finalizer:
             except RuntimeError:
                 return torch.stack([s.to(device=device, dtype=f64, non_blocking=True) for s in scalars])
 
-        def seg_sum(values: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(L, dtype=f64, device=device).index_add_(0, seg, values)
-
         numel = self._index([float(r.numel) for r in recs], device, f64)  # [P]
-        safe = counts.clamp(min=1.0)
-        umean = cat([r.umean for r in recs])
-        if all(r.usq is not None for r in recs):
-            # Elements per unit, per layer: numel / units (the batch size may change between steps).
-            per_unit = torch.ones(L, dtype=f64, device=device).index_copy_(0, rows, numel) / safe
-            uvar = cat([r.usq for r in recs if r.usq is not None]) / per_unit[seg]
-        else:  # GPU records carry std; CPU records that took the exact route carry float64 sums
+        # Elements per unit, per unit (the batch size may change between steps).
+        per_unit = seg.expand(numel / seg.counts)
+        ref = cat([r.ref for r in recs])
+        if all(r.dsum is not None and r.dsq is not None for r in recs):  # the CPU route, every layer
+            shift = cat([r.dsum for r in recs if r.dsum is not None]) / per_unit
+            umean = ref + shift
+            uvar = (cat([r.dsq for r in recs if r.dsq is not None]) / per_unit - shift.square()).clamp(min=0)
+        else:  # GPU records, or CPU records of which some took the exact route
+            umean = ref + cat([self._unit_shift(r) for r in recs]) / per_unit
             uvar = cat([self._unit_var(r) for r in recs])
-        mean = seg_sum(umean) / safe
+        mean = seg.mean(umean)
         # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
-        layer_var = seg_sum(uvar) / safe  # mean within-unit variance; the shift's floor uses it too
-        var = layer_var + seg_sum((umean - mean[seg]).square()) / safe
-        mn = torch.full((L,), torch.inf, dtype=f64, device=device)
-        mn.scatter_reduce_(0, seg, cat([r.umin for r in recs]), reduce="amin")
+        layer_var = seg.mean(uvar)  # mean within-unit variance; the shift's floor uses it too
+        var = layer_var + seg.mean((umean - seg.expand(mean)).square())
+        mn = stack([r.vmin for r in recs])
         umax = cat([r.umax for r in recs])
-        mx = torch.full((L,), -torch.inf, dtype=f64, device=device)
-        mx.scatter_reduce_(0, seg, umax, reduce="amax")
+        mx = seg.max(umax)
         # A dead unit is never positive over the batch; umax is over finite elements, as the rule wants.
-        dead = seg_sum((umax <= 0).to(f64)) / safe
-
         cols = {
             "mean": mean,
             "std": var.clamp(min=0).sqrt(),
             # No finite element at all: min/max are absent, not +-inf.
             "min": torch.where(torch.isfinite(mn), mn, torch.nan),
             "max": torch.where(torch.isfinite(mx), mx, torch.nan),
-            "dead_frac": dead,
+            "dead_frac": seg.mean((umax <= 0).to(f64)),
+            "zero_frac": 1.0 - stack([r.nonzero for r in recs]) / numel,
         }
-        has_units = counts > 0
-        for name, col in cols.items():
-            out[:, STAT_INDEX[name]] = torch.where(has_units, col, out[:, STAT_INDEX[name]])
-        out[rows, STAT_INDEX["zero_frac"]] = 1.0 - stack([r.nonzero for r in recs]) / numel
         nonfinite = [r.nonfinite for r in recs]
         if all(n is None for n in nonfinite):
             out[rows, STAT_INDEX["nonfinite"]] = 0.0
         else:
             zero = torch.zeros((), device=device)
-            out[rows, STAT_INDEX["nonfinite"]] = stack([zero if n is None else n for n in nonfinite])
+            cols["nonfinite"] = stack([zero if n is None else n for n in nonfinite])
+
+        # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
+        if self._prev is not None:
+            m1, v1, layer_var1 = self._prev
+            floor = seg.expand(SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)
+            v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
+            kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean).square()) / v2e - 1.0)
+            cols["shift"] = seg.mean(kl)
+        self._prev = (umean, uvar, layer_var)
+        for name, col in cols.items():
+            out[rows, STAT_INDEX[name]] = col
         sat_rows = [(i, r.sat / r.numel) for i, r in zip(present, recs, strict=True) if r.sat is not None]
         if sat_rows:
             out[self._index([i for i, _ in sat_rows], device, torch.int64), STAT_INDEX["sat_frac"]] = stack(
                 [s for _, s in sat_rows]
             )
 
-        # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
-        if self._prev is not None:
-            m1, v1, layer_var1 = self._prev
-            floor = (SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)[seg]
-            v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
-            kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean).square()) / v2e - 1.0)
-            shift = seg_sum(kl) / safe
-            out[:, STAT_INDEX["shift"]] = torch.where(has_units, shift, out[:, STAT_INDEX["shift"]])
-        self._prev = (umean, uvar, layer_var)
+    @staticmethod
+    def _unit_shift(r: Reduced) -> torch.Tensor:
+        """Sum of deviations from the reference (zero where the reference is the exact mean)."""
+        return torch.zeros_like(r.ref, dtype=torch.float64) if r.dsum is None else r.dsum.double()
 
     @staticmethod
     def _unit_var(r: Reduced) -> torch.Tensor:
-        if r.usq is not None:
-            return r.usq.double() / max(r.numel / max(r.umean.numel(), 1), 1.0)
-        assert r.ustd is not None
-        return r.ustd.double().square()
+        if r.dsq is None:
+            assert r.ustd is not None
+            return r.ustd.double().square()
+        n = max(r.numel / max(r.units, 1), 1.0)
+        dsq = r.dsq.double() / n
+        if r.dsum is None:
+            return dsq
+        return (dsq - (r.dsum.double() / n).square()).clamp(min=0)
 
-    def _grad_figures(
-        self, out: torch.Tensor, grads: list[tuple[int, torch.Tensor]], device: torch.device
-    ) -> None:
-        f64 = torch.float64
-        tensors = [g for _, g in grads]
-        norms: list[torch.Tensor] | tuple[torch.Tensor, ...]
-        try:
-            norms = torch._foreach_norm(tensors)
-        except (RuntimeError, TypeError):  # mixed devices/dtypes/sparse: per-tensor fallback
-            norms = [torch.linalg.vector_norm(g) for g in tensors]
-        try:
-            sq = torch.stack(list(norms)).to(device=device, dtype=f64, non_blocking=True).square()
-        except RuntimeError:  # norms on several devices
-            sq = torch.stack([n.to(device=device, dtype=f64, non_blocking=True) for n in norms]).square()
-        index = self._index([layer for layer, _ in grads], device, torch.int64)
-        total = torch.zeros(self.n_layers, dtype=f64, device=device).index_add_(0, index, sq)
+    def _grad_figures(self, out: torch.Tensor, grads: GradNorms, device: torch.device) -> None:
+        layers, norms = grads
+        sq = norms.to(device=device, dtype=torch.float64, non_blocking=True).square()
+        index = self._index(layers, device, torch.int64)
+        total = torch.zeros(self.n_layers, dtype=torch.float64, device=device).index_add_(0, index, sq)
         has = torch.zeros(self.n_layers, dtype=torch.bool, device=device)
         has[index] = True
         col = STAT_INDEX["grad_norm"]
         out[:, col] = torch.where(has, total.sqrt(), out[:, col])
+
+
+#: Gradient norms taken at the step boundary: the layer of each parameter, and its norm ([G]).
+GradNorms = tuple[list[int], torch.Tensor]
+
+
+def grad_norms(grads: list[tuple[int, torch.Tensor]], device: torch.device) -> GradNorms | None:
+    """Each gradient's norm, on ``device``: one ``_foreach_norm``, taken while the gradients hold.
+
+    Taken at the step boundary on the training thread, because the next ``zero_grad`` or backward
+    may overwrite the gradients in place; the figures that use them may be finished later.
+    """
+    if not grads:
+        return None
+    tensors = [g for _, g in grads]
+    norms: list[torch.Tensor] | tuple[torch.Tensor, ...]
+    try:
+        norms = torch._foreach_norm(tensors)
+    except (RuntimeError, TypeError):  # mixed devices/dtypes/sparse: per-tensor fallback
+        norms = [torch.linalg.vector_norm(g) for g in tensors]
+    try:
+        stacked = torch.stack(list(norms)).to(device=device, non_blocking=True)
+    except RuntimeError:  # norms on several devices
+        stacked = torch.stack([n.to(device=device, non_blocking=True) for n in norms])
+    return [layer for layer, _ in grads], stacked

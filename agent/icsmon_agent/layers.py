@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -112,24 +112,34 @@ def unit_dim(
     return -1
 
 
-def first_float_tensor(output: Any, depth: int = 0) -> torch.Tensor | None:
-    """The first floating-point tensor in a module's output (tuple, list, dict or nested)."""
+def tensors_in(output: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor in a module's output (tuple, list, dict or nested, to a bounded depth), in order."""
     if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() else None
+        yield output
+        return
     if depth > 4:
-        return None
+        return
     items: Iterable[Any]
     if isinstance(output, Mapping):
         items = output.values()
     elif isinstance(output, list | tuple):
         items = output
     else:
-        return None
+        return
     for item in items:
-        found = first_float_tensor(item, depth + 1)
-        if found is not None:
-            return found
-    return None
+        yield from tensors_in(item, depth + 1)
+
+
+def first_float_tensor(output: Any) -> torch.Tensor | None:
+    """The first floating-point tensor in a module's output (tuple, list, dict or nested)."""
+    if isinstance(output, torch.Tensor):  # the common case, on the hot path: no generator
+        return output if output.is_floating_point() else None
+    return next((t for t in tensors_in(output) if t.is_floating_point()), None)
+
+
+def tensor_storages(output: Any) -> set[int]:
+    """Addresses of the storages of every tensor in a (nested) module output."""
+    return {t.untyped_storage().data_ptr() for t in tensors_in(output)}
 
 
 Selector = str | type[nn.Module]
