@@ -94,7 +94,13 @@ def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], c
 
 
 def run_training(
-    model: nn.Module, make_batch: Any, steps: int, runtime_dir: Path, manual: bool
+    model: nn.Module,
+    make_batch: Any,
+    steps: int,
+    runtime_dir: Path,
+    manual: bool,
+    *,
+    set_to_none: bool = True,
 ) -> tuple[list[Sample], Capture]:
     torch.manual_seed(1)
     mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
@@ -110,7 +116,7 @@ def run_training(
             x, y = make_batch()
             out = model(x)
             loss = nn.functional.mse_loss(out, y)
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             loss.backward()
             opt.step()
             cap.end_step()
@@ -138,6 +144,43 @@ def test_mlp_figures_equal_float64_truth(runtime_dir: Path) -> None:
         for m, _ in cap.outputs[0]
     ]
     assert check_against_truth(samples, cap, kinds, [False] * len(kinds)) == 5 * 13 * len(STATS)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["grads-replaced", "grads-zeroed-in-place"])
+def test_outputs_changed_in_place_and_reused_gradients_keep_figures_exact(
+    runtime_dir: Path, set_to_none: bool
+) -> None:
+    """The CPU route reduces outputs on a thread of its own after the forward: an output that a
+    later module changes in place (Linear -> ReLU(inplace=True), a residual ``+=``) must still be
+    measured as it was when its layer returned it, and gradients that the job zeroes in place
+    must be measured before the next step touches them."""
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            h += self.b(x)  # changes a's output in place after its hook ran
+            return h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 16), nn.ReLU(inplace=True), Residual(), nn.ReLU(inplace=True), nn.Linear(16, 4)
+    )
+    steps = 6
+    samples, cap = run_training(
+        model,
+        lambda: (torch.randn(32, 16), torch.randn(32, 4)),
+        steps,
+        runtime_dir,
+        True,
+        set_to_none=set_to_none,
+    )
+    assert [s.step for s in samples] == list(range(steps))
+    n = len(cap.outputs[0])
+    assert check_against_truth(samples, cap, ["x"] * n, [False] * n) == steps * n * len(STATS)
 
 
 def test_cnn_figures_equal_float64_truth_with_only_the_two_lines(runtime_dir: Path) -> None:

@@ -117,14 +117,15 @@ def _reduce_cpu(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
         # Units on the last axis (Linear-like): rows x units, a view when contiguous; the moments
         # about the first row are two BLAS-backed reductions over the deviations.
         rows = x.reshape(-1, x.shape[-1])
-        ref = rows[0]
+        # A copy, not a view: the output may be changed in place before the figures are finished.
+        ref = rows[0].clone()
         d = torch.sub(rows, ref, out=_scratch(rows))
         dsum = d.sum(0)
         dsq = torch.linalg.vecdot(d, d, dim=0)
         umax = rows.amax(0)
     else:  # channels first (conv-like): reduce over every other axis
         dims = reduction_dims(x.ndim, unit_dim)
-        first = x[tuple(slice(None) if i == unit else slice(0, 1) for i in range(x.ndim))]
+        first = x[tuple(slice(None) if i == unit else slice(0, 1) for i in range(x.ndim))].clone()
         d = torch.sub(x, first, out=_scratch(x))
         dsum = d.sum(dims)
         dsq = d.square_().sum(dims)
