@@ -92,7 +92,8 @@ class _Pending:
     records: list[Reduced | None]  # filled in by the offload thread until its finishing job runs
     grads: GradNorms | None
     figures: torch.Tensor | None = None  # None: finished on the offload thread
-    held_grads: list[_Held] | None = None  # gradients whose norms the offload thread takes
+    # Gradients whose norms the offload thread takes, and their versions when the step ended.
+    held_grads: tuple[list[tuple[int, torch.Tensor]], list[int]] | None = None
 
 
 @dataclass
@@ -455,16 +456,17 @@ class Monitor:
 
     def _reduce_held(self, records: list[Reduced | None], jobs: list[_Held]) -> None:
         """On the offload thread: reduce the held outputs, keeping each only if nothing changed it."""
-        for h in jobs:
-            try:
-                layer = self._layers[h.slot]
-                reduced = reduce_output(h.tensor, layer.unit_dim, layer.sat)
-                if h.tensor._version == h.version:
-                    records[h.slot] = reduced
-                else:
-                    layer.copy = True
-            except Exception as exc:
-                self._offload_fault(exc)
+        with torch.no_grad():  # grad mode is per thread: this one's is on
+            for h in jobs:
+                try:
+                    layer = self._layers[h.slot]
+                    reduced = reduce_output(h.tensor, layer.unit_dim, layer.sat)
+                    if h.tensor._version == h.version:
+                        records[h.slot] = reduced
+                    else:
+                        layer.copy = True
+                except Exception as exc:
+                    self._offload_fault(exc)
 
     def _finish_table(self) -> None:
         if not self._layers or self._publisher is None:
@@ -594,7 +596,7 @@ class Monitor:
             and self._offload.outstanding + nbytes <= HOLD_LIMIT
             and not any(g.is_inference() for _, g in grads)
         ):
-            pending.held_grads = [_Held(i, g.detach(), g._version, False) for i, g in grads]
+            pending.held_grads = (grads, [g._version for _, g in grads])
         else:
             pending.grads = grad_norms(grads, device)
         if self._offload is None:
@@ -631,12 +633,16 @@ class Monitor:
 
     def _finish_offloaded(self, pending: _Pending, publisher: Publisher) -> None:
         """On the offload thread, after the step's reductions: the batched figures, then publish."""
+        with torch.no_grad():  # gradients made with create_graph require grad: build no graph here
+            self._finish_figures(pending, publisher)
+
+    def _finish_figures(self, pending: _Pending, publisher: Publisher) -> None:
         assert self._finalizer is not None
         records = pending.records
         if pending.held_grads:
-            held = pending.held_grads
-            grads = grad_norms([(h.slot, h.tensor) for h in held], torch.device("cpu"))
-            if all(h.tensor._version == h.version for h in held):
+            held, versions = pending.held_grads
+            grads = grad_norms(held, torch.device("cpu"))
+            if all(g._version == v for (_, g), v in zip(held, versions, strict=True)):
                 pending.grads = grads
             else:  # changed in place after all: take them at the boundary from now on
                 self._grad_mode = "inline"

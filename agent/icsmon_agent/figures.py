@@ -312,14 +312,15 @@ class Finalizer:
         if all(r.dsum is not None and r.dsq is not None for r in recs):  # the CPU route, every layer
             shift = cat([r.dsum for r in recs if r.dsum is not None]) / per_unit
             umean = ref + shift
-            uvar = (cat([r.dsq for r in recs if r.dsq is not None]) / per_unit - shift.square()).clamp(min=0)
+            uvar = (cat([r.dsq for r in recs if r.dsq is not None]) / per_unit - shift * shift).clamp(min=0)
         else:  # GPU records, or CPU records of which some took the exact route
             umean = ref + cat([self._unit_shift(r) for r in recs]) / per_unit
             uvar = cat([self._unit_var(r) for r in recs])
         mean = seg.mean(umean)
         # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
         layer_var = seg.mean(uvar)  # mean within-unit variance; the shift's floor uses it too
-        var = layer_var + seg.mean((umean - seg.expand(mean)).square())
+        spread = umean - seg.expand(mean)
+        var = layer_var + seg.mean(spread * spread)
         mn = stack([r.vmin for r in recs])
         umax = cat([r.umax for r in recs])
         mx = seg.max(umax)
@@ -345,7 +346,7 @@ class Finalizer:
             m1, v1, layer_var1 = self._prev
             floor = seg.expand(SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)
             v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
-            kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean).square()) / v2e - 1.0)
+            kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean) * (m1 - umean)) / v2e - 1.0)
             cols["shift"] = seg.mean(kl)
         self._prev = (umean, uvar, layer_var)
         for name, col in cols.items():
