@@ -189,7 +189,7 @@ def _tensorboard_hooks(model: nn.Module, logdir: str) -> tuple[Callable[[int], N
 
 @contextlib.contextmanager
 def variants(
-    spec: Spec, device: torch.device, every: int | None, viewer: str, tensorboard: bool
+    spec: Spec, device: torch.device, every: int | None, viewer: str, tensorboard: bool, only_every: bool
 ) -> Iterator[list[Variant]]:
     torch.manual_seed(0)
     base = spec.build().to(device)
@@ -212,6 +212,8 @@ def variants(
             configs += [(f"{label}+viewer", every, True), ("every=1+viewer", 1, True)]
         if viewer in ("no", "both"):
             configs += [(f"{label}, no viewer", every, False), ("every=1, no viewer", 1, False)]
+        if only_every:
+            configs = [c for c in configs if c[1] == 1]
         for name, period, watched in configs:
             v = add(name)
             v.mon = icsmon_agent.watch(v.model, every=period, name=f"bench-{name}")
@@ -276,7 +278,7 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
         f"rounds {args.rounds} x {steps} steps, warm-up {args.warmup} rounds, cadence {cadence_label(every)}"
     )
     x, y = spec.batch(device)
-    with variants(spec, device, every, args.viewer, tensorboard) as vs:
+    with variants(spec, device, every, args.viewer, tensorboard, args.only_every) as vs:
         for r in range(args.warmup + args.rounds):
             order = vs[r % len(vs) :] + vs[: r % len(vs)]  # rotate: no variant always follows another
             for v in order:
@@ -330,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--viewer", choices=["yes", "no", "both"], default="both")
+    p.add_argument(
+        "--only-every",
+        action="store_true",
+        help="leave out the default-cadence variants: fewer agents and viewers share the CPU",
+    )
     p.add_argument("--no-tensorboard", action="store_true", help="leave out the anchor column")
     p.add_argument("--quick", action="store_true", help="a second or two: for the smoke test")
     args = p.parse_args(argv)
