@@ -2,13 +2,15 @@
 
 Work is split in two so the per-hook cost stays a handful of kernel launches:
 
-* :func:`reduce_output` runs inside the forward hook and reduces one output to per-unit vectors
-  (mean, spread, finite min, finite max) plus 0-d counts (non-zero, non-finite, saturated).
-  Nothing leaves the device; divisions and comparisons wait for the batched step below.
+* :func:`reduce_output` reduces one output to per-unit vectors (moments, finite max) plus 0-d
+  figures (finite min, non-zero, non-finite and saturated counts): inside the forward hook on
+  GPU, on the agent's offload thread on CPU. Nothing leaves the device; divisions and
+  comparisons wait for the batched step below.
 * :class:`Finalizer` runs once per sampled step and turns every layer's vectors into the
   ``n_layers x n_stats`` matrix with a fixed number of batched ops (segment reductions over the
   concatenated unit vectors), whatever the number of layers. It also keeps the previous sample's
-  per-unit Gaussians for the ``shift`` figure, and adds the gradient norms that :func:`grad_norms` took at the step boundary.
+  per-unit Gaussians for the ``shift`` figure, and adds the gradient norms that
+  :func:`grad_norms` took.
 
 Finalisation runs in float64: the vectors are small, and it keeps ``std`` exact when a layer's
 mean dwarfs its spread, and ``var = std**2`` finite for activations near float32's limit.
