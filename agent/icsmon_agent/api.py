@@ -194,7 +194,9 @@ class Monitor:
         self._hits = 0  # layers captured in the current forward
         self._step_hits = 0  # and in the current step
         self._captured = False  # this step's sample is taken: later forwards (micro-batches) are skipped
-        self._busy_seen = 0.0  # the offload thread's busy seconds already counted toward the cadence
+        # The offload thread's busy seconds already counted toward the cadence; None until its first
+        # sample, whose time (starting the thread, first calls) is one-time set-up, not a sample's cost.
+        self._busy_seen: float | None = None
         # Whether the offload thread may read the gradients after the step ("hold"), or their
         # norms are taken at the boundary ("inline"); "learn" until a later sample has shown
         # that the job replaces its gradients (zero_grad(set_to_none=True)) rather than
@@ -536,10 +538,10 @@ class Monitor:
 
     def _boundary(self, scalars: dict[str, Any], *, defer: bool) -> None:
         pending: _Pending | None = None
+        first = self._building
         if self._held:  # layers called outside the model's own forward: no forward end was seen
             self._dispatch(None)
         if self._armed:
-            first = self._building
             if self._building:
                 if self._calls and not self._layers:
                     self._warn(
@@ -556,7 +558,8 @@ class Monitor:
                 spent = self._spent
                 if self._offload is not None:
                     busy = self._offload.busy_s
-                    spent += busy - self._busy_seen
+                    if self._busy_seen is not None:
+                        spent += busy - self._busy_seen
                     self._busy_seen = busy
                 # Smoothed, so one slow sample (a page fault, a busy core) does not stall the cadence;
                 # the first sample also pays one-time set-up (the layer table, first kernel calls).
@@ -578,6 +581,10 @@ class Monitor:
             self._pending = pending
             if not defer:
                 self._flush_pending()
+        if first:
+            # The first sample's hand-off starts the offload thread: one-time set-up, like the
+            # table itself, not part of the next sample's cost.
+            self._spent = 0.0
 
     def _take_sample(self, scalars: dict[str, Any]) -> _Pending:
         """The step's sample: gradient norms now (the next step overwrites them), figures now on
