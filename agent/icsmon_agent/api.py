@@ -20,10 +20,12 @@ import itertools
 import os
 import secrets
 import socket
+import statistics
 import sys
 import time
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,8 @@ MIN_INTERVAL_S = 0.05
 #: With nobody subscribed, sample this many times less often: enough history for a late viewer.
 IDLE_FACTOR = 10
 MAX_FAULTS = 50
+#: The cadence follows the low median of this many samples' costs.
+COST_WINDOW = 5
 #: CPU layer outputs handed to the offload thread are held at most this many bytes at once (this
 #: forward's plus those still queued); past it, a layer is reduced inline. Bounded memory whatever
 #: the model, and a thread that falls behind slows nothing: the inline route is the old cost.
@@ -166,7 +170,8 @@ class Monitor:
         self._step = 0
         self._armed = True  # the first forward builds the layer table
         self._spent = 0.0  # seconds of our own work on the current sampled step
-        self._cost = 0.0  # smoothed seconds of our own work per sampled step (adaptive cadence)
+        self._cost = 0.0  # typical seconds of our own work per sampled step (adaptive cadence)
+        self._costs: deque[float] = deque(maxlen=COST_WINDOW)  # the last samples' own costs
         self._last_sample = 0.0  # monotonic time the last sampled step began
         self._forward_t0: float | None = None  # when this step's (first) forward began
         self._building = True
@@ -194,8 +199,9 @@ class Monitor:
         self._hits = 0  # layers captured in the current forward
         self._step_hits = 0  # and in the current step
         self._captured = False  # this step's sample is taken: later forwards (micro-batches) are skipped
-        # The offload thread's busy seconds already counted toward the cadence; None until its first
-        # sample, whose time (starting the thread, first calls) is one-time set-up, not a sample's cost.
+        # The offload thread's busy seconds already counted toward the cadence; None until the
+        # second sample: the first one's work there (the thread's first calls into torch and
+        # NumPy, ~3 ms) is one-time set-up, not a sample's cost.
         self._busy_seen: float | None = None
         # Whether the offload thread may read the gradients after the step ("hold"), or their
         # norms are taken at the boundary ("inline"); "learn" until a later sample has shown
@@ -560,11 +566,15 @@ class Monitor:
                     busy = self._offload.busy_s
                     if self._busy_seen is not None:
                         spent += busy - self._busy_seen
-                    self._busy_seen = busy
-                # Smoothed, so one slow sample (a page fault, a busy core) does not stall the cadence;
-                # the first sample also pays one-time set-up (the layer table, first kernel calls).
+                    if not first:  # the first sample's work there is still running, or just done
+                        self._busy_seen = busy
+                # The low median of the last few, so one slow sample does not stall the cadence: a
+                # page fault, a busy core, or a first call into some torch or NumPy op on either
+                # thread (measured up to 35 ms, 30x a sample of a small model). The first sample
+                # pays the layer table and is left out.
                 if not first:
-                    self._cost = spent if self._cost == 0.0 else 0.7 * self._cost + 0.3 * spent
+                    self._costs.append(spent)
+                    self._cost = statistics.median_low(self._costs)
                 self._spent = 0.0
                 # Measured from when the sampled step began, so a step that is slow inside its
                 # forward (a big model) is followed by another sample right away.
