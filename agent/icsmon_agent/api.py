@@ -110,6 +110,11 @@ class _Held:
     reduced: bool  # already reduced inline (the layer-table step): kept to learn in-place changes
 
 
+def _records_device(records: list[Reduced | None]) -> torch.device:
+    """Where a sample's figures are finished: the device of its first layer's reductions."""
+    return next((r.ref.device for r in records if r is not None), torch.device("cpu"))
+
+
 def _default_name() -> str:
     arg0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     if arg0 in ("", "-", "-c", "-m"):
@@ -601,7 +606,7 @@ class Monitor:
         a device (launches only), or later on the offload thread (its reductions may still run)."""
         assert self._finalizer is not None
         records = self._records
-        device = next((r.ref.device for r in records if r is not None), torch.device("cpu"))
+        device = _records_device(records)
         grads = [(i, p.grad) for i, p in self._params if p.grad is not None]
         pending = _Pending(self._step, time.time(), scalars, records, None)
         if self._offload is not None and self._grad_mode == "learn":
@@ -665,7 +670,7 @@ class Monitor:
                 self._grad_mode = "inline"
         if not any(r is not None for r in records) and pending.grads is None:
             return  # every layer of the step changed in place under us: nothing to show
-        device = next((r.ref.device for r in records if r is not None), torch.device("cpu"))
+        device = _records_device(records)
         pending.figures = self._finalizer.figures(records, pending.grads, device)
         self._hand_off(pending, publisher)
 
