@@ -65,7 +65,7 @@ MIN_INTERVAL_S = 0.05
 #: With nobody subscribed, sample this many times less often: enough history for a late viewer.
 IDLE_FACTOR = 10
 MAX_FAULTS = 50
-#: The cadence follows the low median of this many samples' costs.
+#: The cadence follows the low median of this many samples' costs (the first ones go at the floor).
 COST_WINDOW = 5
 #: CPU layer outputs handed to the offload thread are held at most this many bytes at once (this
 #: forward's plus those still queued); past it, a layer is reduced inline. Bounded memory whatever
@@ -575,11 +575,13 @@ class Monitor:
                         self._busy_seen = busy
                 # The low median of the last few, so one slow sample does not stall the cadence: a
                 # page fault, a busy core, or a first call into some torch or NumPy op on either
-                # thread (measured up to 35 ms, 30x a sample of a small model). The first sample
-                # pays the layer table and is left out.
+                # thread (measured up to 35 ms, 30x a sample of a small model, on the first samples
+                # after the table). Until the window is full the samples go at the floor interval.
+                # The first sample pays the layer table and is left out.
                 if not first:
                     self._costs.append(spent)
-                    self._cost = statistics.median_low(self._costs)
+                    if len(self._costs) == COST_WINDOW:
+                        self._cost = statistics.median_low(self._costs)
                 self._spent = 0.0
                 # Measured from when the sampled step began, so a step that is slow inside its
                 # forward (a big model) is followed by another sample right away.
