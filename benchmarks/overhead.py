@@ -46,6 +46,9 @@ import icsmon_agent
 from icsmon_agent.api import IDLE_FACTOR
 
 TARGETS = {"default+viewer": 1.01, "every+viewer": 1.10}
+#: A step's phases as train() times them: zero_grad + forward + loss; backward; optimizer + the
+#: agent's step() (+ the anchor's logging).
+PHASES = ("forward", "backward", "optimizer+step")
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -149,6 +152,9 @@ class Variant:
     after_forward: Callable[[int], None] | None = None
     times: list[float] = field(default_factory=list)  # wall seconds per step, one entry per round
     cpu: list[float] = field(default_factory=list)  # process CPU seconds per step (all threads)
+    # Wall seconds of each step's phases, measured rounds only (see PHASES); CPU runs only, where
+    # no device queue hides the time.
+    phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     step: int = 0
 
 
@@ -245,17 +251,24 @@ def variants(
                 proc.wait(5)
 
 
-def train(v: Variant, spec: Spec, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+def train(v: Variant, spec: Spec, x: torch.Tensor, y: torch.Tensor, steps: int, phases: bool = False) -> None:
+    clock = time.perf_counter
     for _ in range(steps):
+        t0 = clock()
         v.opt.zero_grad(set_to_none=True)
         loss = spec.loss(v.model(x), y)
+        t1 = clock()
         loss.backward()  # type: ignore[no-untyped-call]
+        t2 = clock()
         v.opt.step()
         if v.mon is not None:
             v.mon.step(loss=loss)  # a tensor: the agent never calls .item() on it
         if v.after_forward is not None:
             v.after_forward(v.step)
         v.step += 1
+        if phases:
+            for name, seconds in zip(PHASES, (t1 - t0, t2 - t1, clock() - t2), strict=True):
+                v.phases[name].append(seconds)
 
 
 def _sync(device: torch.device) -> None:
@@ -284,12 +297,14 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
             for v in order:
                 _sync(device)
                 t0, c0 = time.perf_counter(), time.process_time()
-                train(v, spec, x, y, steps)
+                train(v, spec, x, y, steps, phases=r >= args.warmup and device.type == "cpu")
                 _sync(device)
                 if r >= args.warmup:
                     v.times.append((time.perf_counter() - t0) / steps)
                     v.cpu.append((time.process_time() - c0) / steps)
         report(vs, every)
+        if device.type == "cpu":
+            report_phases(vs)
 
 
 def report(vs: list[Variant], every: int | None) -> None:
@@ -315,6 +330,19 @@ def report(vs: list[Variant], every: int | None) -> None:
     if mons:
         errors = sum(v.mon.errors for v in mons if v.mon is not None)
         print(f"agent faults: {errors}; unwatched agents sample every {IDLE_FACTOR} x their period")
+
+
+def report_phases(vs: list[Variant]) -> None:
+    """Where the time goes: each phase's median step, and its difference from bare's."""
+    bare = {name: statistics.median(times) for name, times in vs[0].phases.items()}
+    print("median ms per phase (difference from bare):")
+    print(f"{'variant':<22}" + "".join(f"{name:>22}" for name in PHASES))
+    for v in vs:
+        cells = []
+        for name in PHASES:
+            ms = statistics.median(v.phases[name]) * 1e3
+            cells.append(f"{ms:9.2f} ({ms - bare[name] * 1e3:+6.2f})")
+        print(f"{v.name:<22}" + "".join(f"{c:>22}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:

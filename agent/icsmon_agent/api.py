@@ -459,8 +459,12 @@ class Monitor:
                 layer.copy = True
             elif h.reduced:
                 continue
-            elif self._offload is None or h.tensor.untyped_storage().data_ptr() in escaping:
+            elif self._offload is None:
                 self._records[h.slot] = reduce_output(h.tensor, layer.unit_dim, layer.sat)
+            elif h.tensor.untyped_storage().data_ptr() in escaping:
+                # A copy goes instead: one pass here, where reducing it would take eight.
+                copy = h.tensor.detach().clone()
+                jobs.append(_Held(h.slot, copy, copy._version, False))
             else:
                 jobs.append(h)
         if jobs and self._offload is not None:
