@@ -280,14 +280,27 @@ class Finalizer:
         device: torch.device,
     ) -> torch.Tensor:
         """The ``n_layers x n_stats`` float32 matrix on ``device``; NaN where a figure is absent."""
+        return self.with_grads(self.activations(records, device), grads)
+
+    def activations(self, records: list[Reduced | None], device: torch.device) -> torch.Tensor:
+        """The activation figures alone, as a float64 matrix for :meth:`with_grads`.
+
+        A step's activation figures are known once its forward is reduced, its gradient norms only
+        after the backward: the offload thread finishes the first during the backward, when the
+        training thread holds the GIL least, and leaves little for the step's end.
+        """
         out = torch.full((self.n_layers, len(STATS)), float("nan"), dtype=torch.float64, device=device)
         present = [i for i, r in enumerate(records) if r is not None]
         recs = [r for r in records if r is not None]
         if recs:
             self._activation_figures(out, present, recs, device)
+        return out
+
+    def with_grads(self, activations: torch.Tensor, grads: GradNorms | None) -> torch.Tensor:
+        """The float32 figures: :meth:`activations`' matrix with the gradient norms filled in."""
         if grads is not None:
-            self._grad_figures(out, grads, device)
-        return out.to(torch.float32)
+            self._grad_figures(activations, grads, activations.device)
+        return activations.to(torch.float32)
 
     def _activation_figures(
         self, out: torch.Tensor, present: list[int], recs: list[Reduced], device: torch.device
