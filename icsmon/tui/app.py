@@ -8,26 +8,97 @@ redraw itself from the store. The frame rate is therefore independent of the mes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
 from collections.abc import Callable
 from functools import partial
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from textual.app import App, ScreenStackError
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
+from textual.driver import Driver
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from icsmon.live import Feed
+from icsmon.targets import TargetError
+from icsmon.targets import describe as describe_job
 from icsmon.tui.commands import LayerCommands
 from icsmon.tui.screens.help import HelpScreen, describe
 from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
 from icsmon.tui.state import ViewState
-from icsmon_agent.discovery import JobInfo
+from icsmon_agent.discovery import JobInfo, pid_alive
+
+if sys.platform != "win32":
+    import termios
 
 REFRESH_HZ = 10.0  # DESIGN: 4-10 Hz; a 1,000-layer redraw costs ~11 ms, so 10 Hz fits
+#: How often the app checks that its terminal is still there (see _watch_terminal).
+TERMINAL_CHECK_S = 1.0
+#: The exit status when the terminal went away: what a shell reports for a death by SIGHUP.
+HANGUP_EXIT = 128 + int(signal.SIGHUP)
 TOASTS_PER_TICK = 3
+
+
+def _endpoint_while_alive(job: JobInfo) -> str:
+    """The picked job's endpoint, while its process runs: a job that ended before (or after) it
+    was picked has no publisher left, and subscribing would wait for it forever in silence."""
+    if job.host == socket.gethostname() and not pid_alive(job.pid):
+        raise TargetError(f"{describe_job(job)} has ended; its figures ended with it. q quits.")
+    return job.endpoint
+
+
+class _TerminalOut:
+    """The file Textual's output thread writes to, which survives a hung-up terminal.
+
+    Once the terminal is gone every write fails with EIO; in the output thread that exception
+    ends the thread, its bounded queue fills, and the next screen update blocks the event loop
+    for good (the app then never sees that its terminal went away). Here the text is dropped
+    instead, so the app stays responsive and :meth:`IcsmonApp._check_terminal` ends it.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self._file.write(text)
+            except OSError:
+                self.gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._file.flush()
+            except OSError:
+                self.gone = True
+
+    def fileno(self) -> int:
+        return int(self._file.fileno())
+
+    def isatty(self) -> bool:
+        return not self.gone and bool(self._file.isatty())
+
+
+def _hangup_safe(driver: type[Driver]) -> type[Driver]:
+    """``driver`` (Textual's LinuxDriver) writing through :class:`_TerminalOut`."""
+
+    class HangupSafeDriver(driver):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # LinuxDriver writes to sys.__stderr__ (kept off stdout, which may be redirected).
+            self._file = _TerminalOut(sys.__stderr__)
+
+    return HangupSafeDriver
 
 
 class Redrawable(Protocol):
@@ -72,6 +143,14 @@ class IcsmonApp(App[int]):
         if theme:
             self.theme = theme
 
+    def get_driver_class(self) -> type[Driver]:
+        driver = super().get_driver_class()
+        if sys.platform == "win32":
+            return driver
+        from textual.drivers.linux_driver import LinuxDriver
+
+        return _hangup_safe(driver) if issubclass(driver, LinuxDriver) else driver
+
     def get_default_screen(self) -> Screen[None]:
         return MainScreen(self.feed, self.view_state)
 
@@ -84,6 +163,8 @@ class IcsmonApp(App[int]):
 
     def on_mount(self) -> None:
         self.set_interval(1 / self.refresh_hz, self._tick)
+        if not self.is_headless:
+            self._watch_terminal()
         if not self.live:
             return
         jobs = self.jobs() if self.jobs is not None else []
@@ -92,9 +173,43 @@ class IcsmonApp(App[int]):
         else:
             self._start_feed()
 
+    def _watch_terminal(self) -> None:
+        """Leave, the ordinary way (the demo then stops its jobs), when the terminal goes away.
+
+        Two signs, because either can be missing: SIGHUP, which a parent may take and not pass on
+        (``make demo`` in a closed tmux window), and the terminal itself, which answers every
+        query with EIO once it is hung up, while Textual's input thread reads end-of-file in a
+        loop (measured: ~60% of a core) and never says so. A SIGHUP that somebody set to be
+        ignored (``nohup``) or handled stays theirs.
+        """
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+                # The loop removes its handlers when it closes: the disposition is restored.
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._terminal_gone)
+        if sys.platform == "win32" or sys.__stdin__ is None:
+            return
+        try:
+            fd = sys.__stdin__.fileno()  # the terminal Textual's driver reads
+            tty = os.isatty(fd)
+        except (OSError, ValueError):
+            return
+        if tty:
+            self.set_interval(TERMINAL_CHECK_S, partial(self._check_terminal, fd))
+
+    def _check_terminal(self, fd: int) -> None:
+        if sys.platform == "win32":
+            return
+        try:
+            termios.tcgetattr(fd)
+        except (OSError, termios.error):
+            self._terminal_gone()
+
+    def _terminal_gone(self) -> None:
+        self.exit(return_code=HANGUP_EXIT)
+
     def _picked(self, job: JobInfo | None) -> None:
         if job is not None:
-            pick = self.connect_job or (lambda j: j.endpoint)
+            pick = self.connect_job or _endpoint_while_alive
             self.feed.connect = partial(pick, job)
         self._start_feed()
 

@@ -79,6 +79,43 @@ async def test_picker_chooses_among_several_jobs() -> None:
         assert chosen and chosen[0] == "b-2"
 
 
+async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a real process of this host that has exited: its pid is free
+    here = socket.gethostname()
+
+    def job(pid: int, name: str) -> JobInfo:
+        return JobInfo(
+            pid=pid,
+            host=here,
+            run=f"{name}-1",
+            name=name,
+            rank=0,
+            world_size=1,
+            endpoint=f"ipc:///nonexistent/{name}",
+            started=time.time(),
+        )
+
+    jobs = [job(gone.pid, "plain"), job(gone.pid, "batchnorm")]
+    feed = Feed(no_job)
+    app = IcsmonApp(feed, jobs=lambda: jobs)  # no connect_job: the demo's way
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, PickerScreen)
+        app.screen.query_one(OptionList).focus()
+        await pilot.press("enter")
+        deadline = time.monotonic() + 10
+        while "has ended" not in screen_text(app) and time.monotonic() < deadline:
+            await pilot.pause(0.1)
+        text = screen_text(app)
+        assert f"plain (pid {gone.pid}" in text and "has ended" in text, text
+        assert feed.endpoint is None  # it never subscribed to the dead endpoint
+
+
 async def test_alerts_reach_the_log_the_badges_and_a_toast() -> None:
     pytest.importorskip("icsmon.alerts.engine")
     feed = Feed(no_job, engine_factory=__import__("icsmon.live", fromlist=["x"]).default_engine_factory())

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from test_tui_live import N_LAYERS, SCRIPT
 
+from helpers import wait_for_jobs
+
 pytestmark = [
     pytest.mark.tmux,
     pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux"),
@@ -23,6 +25,9 @@ class Tmux:
     def __init__(self, name: str, env: dict[str, str]) -> None:
         self.name = name
         self.env = env
+
+    def start(self, command: str, width: int = 100, height: int = 30) -> None:
+        self.run("new-session", "-d", "-s", self.name, "-x", str(width), "-y", str(height), command)
 
     def run(self, *args: str) -> str:
         proc = subprocess.run(["tmux", *args], env=self.env, capture_output=True, text=True, timeout=20)
@@ -45,17 +50,25 @@ class Tmux:
             time.sleep(0.2)
 
 
-@pytest.mark.timeout(110)
-def test_attach_in_tmux(tmp_path: Path, env: dict[str, str]) -> None:
+def terminal(tmp_path: Path, env: dict[str, str], name: str) -> Tmux:
+    """A tmux of its own (its socket under tmp_path) with a terminal type the app can draw on."""
+    return Tmux(name, dict(env, TERM="xterm-256color", TMUX_TMPDIR=str(tmp_path)))
+
+
+def start_job(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The live test's training job, long enough to outlast the test."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    job = subprocess.Popen([sys.executable, str(script), "100000"], env=env)
+    return subprocess.Popen([sys.executable, str(script), "100000"], env=env)
+
+
+@pytest.mark.timeout(110)
+def test_attach_in_tmux(tmp_path: Path, env: dict[str, str]) -> None:
+    job = start_job(tmp_path, env)
     status = tmp_path / "status"
-    env = dict(env, TERM="xterm-256color", TMUX_TMPDIR=str(tmp_path))
-    tmux = Tmux(f"icsmon-{job.pid}", env)
-    command = f"{sys.executable} -m icsmon attach; echo EXIT=$? > {status}"
+    tmux = terminal(tmp_path, env, f"icsmon-{job.pid}")
     try:
-        tmux.run("new-session", "-d", "-s", tmux.name, "-x", "100", "-y", "30", command)
+        tmux.start(f"{sys.executable} -m icsmon attach; echo EXIT=$? > {status}")
         # The table fills in: every layer's row, live, sparklines drawn.
         text = tmux.wait(lambda t: "● live" in t and "tui-live" in t, "the live table")
         assert "std trend" in text and "status" in text
@@ -89,3 +102,67 @@ def test_attach_in_tmux(tmp_path: Path, env: dict[str, str]) -> None:
         tmux.run("kill-server")
         job.kill()
         job.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie that nobody reaped yet (the tmux server that forked it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z"
+
+
+def _gone_within(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.timeout(110)
+def test_closing_the_terminal_ends_the_app_even_when_sighup_never_reaches_it(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # The launcher takes the hang-up and does not pass it on (as make does): SIGHUP is ignored
+    # from the start, so only the app's look at its terminal can tell it to leave.
+    job = start_job(tmp_path, env)
+    pidfile = tmp_path / "app.pid"
+    tmux = terminal(tmp_path, env, f"icsmon-hup-{job.pid}")
+    command = f"sh -c 'echo $$ > {pidfile}; trap \"\" HUP; exec {sys.executable} -m icsmon attach'"
+    try:
+        tmux.start(command)
+        tmux.wait(lambda t: "● live" in t and "tui-live" in t, "the live table")
+        app_pid = int(pidfile.read_text())
+        assert _alive(app_pid)
+        tmux.run("kill-session", "-t", tmux.name)  # the window closes: its terminal hangs up
+        assert not _gone_within([app_pid], 15), "the app outlived its terminal"
+        assert job.poll() is None  # the job it watched goes on
+    finally:
+        tmux.run("kill-server")
+        job.kill()
+        job.wait()
+
+
+@pytest.mark.timeout(110)
+@pytest.mark.parametrize("hangup", ["ignored", "default"])
+def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
+    tmp_path: Path, env: dict[str, str], hangup: str
+) -> None:
+    # "ignored": SIGHUP reaches neither the app nor the training jobs (they inherit the launcher's
+    # disposition), so the jobs stop only if the app leaves the ordinary way and stops them.
+    pidfile = tmp_path / "demo.pid"
+    tmux = terminal(tmp_path, env, f"icsmon-demo-{hangup}-{tmp_path.name}")
+    trap = 'trap "" HUP; ' if hangup == "ignored" else ""
+    command = f"sh -c 'echo $$ > {pidfile}; {trap}exec {sys.executable} -m icsmon demo --steps 100000'"
+    try:
+        tmux.start(command, 120, 35)
+        tmux.wait(lambda t: "pick one" in t, "the demo's job picker")
+        demo_pid = int(pidfile.read_text())
+        trainers = [int(j["pid"]) for j in wait_for_jobs(env, 2)]
+        assert all(_alive(p) for p in [demo_pid, *trainers])
+        tmux.run("kill-session", "-t", tmux.name)
+        left = _gone_within([demo_pid, *trainers], 20)
+        assert not left, f"still running after the terminal closed: {left}"
+    finally:
+        tmux.run("kill-server")
