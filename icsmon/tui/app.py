@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
 from functools import partial
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from textual.app import App, ScreenStackError
 from textual.binding import Binding, BindingType
@@ -33,16 +32,12 @@ from icsmon.tui.screens.help import HelpScreen, describe
 from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
 from icsmon.tui.state import ViewState
+from icsmon.tui.terminal import HANGUP_EXIT, hangup_safe, hung_up, input_tty
 from icsmon_agent.discovery import JobInfo, pid_alive
-
-if sys.platform != "win32":
-    import termios
 
 REFRESH_HZ = 10.0  # DESIGN: 4-10 Hz; a 1,000-layer redraw costs ~11 ms, so 10 Hz fits
 #: How often the app checks that its terminal is still there (see _watch_terminal).
 TERMINAL_CHECK_S = 1.0
-#: The exit status when the terminal went away: what a shell reports for a death by SIGHUP.
-HANGUP_EXIT = 128 + int(signal.SIGHUP)
 TOASTS_PER_TICK = 3
 
 
@@ -52,53 +47,6 @@ def _endpoint_while_alive(job: JobInfo) -> str:
     if job.host == socket.gethostname() and not pid_alive(job.pid):
         raise TargetError(f"{describe_job(job)} has ended; its figures ended with it. q quits.")
     return job.endpoint
-
-
-class _TerminalOut:
-    """The file Textual's output thread writes to, which survives a hung-up terminal.
-
-    Once the terminal is gone every write fails with EIO; in the output thread that exception
-    ends the thread, its bounded queue fills, and the next screen update blocks the event loop
-    for good (the app then never sees that its terminal went away). Here the text is dropped
-    instead, so the app stays responsive and :meth:`IcsmonApp._check_terminal` ends it.
-    """
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        self.gone = False
-
-    def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                self._file.write(text)
-            except OSError:
-                self.gone = True
-        return len(text)
-
-    def flush(self) -> None:
-        if not self.gone:
-            try:
-                self._file.flush()
-            except OSError:
-                self.gone = True
-
-    def fileno(self) -> int:
-        return int(self._file.fileno())
-
-    def isatty(self) -> bool:
-        return not self.gone and bool(self._file.isatty())
-
-
-def _hangup_safe(driver: type[Driver]) -> type[Driver]:
-    """``driver`` (Textual's LinuxDriver) writing through :class:`_TerminalOut`."""
-
-    class HangupSafeDriver(driver):  # type: ignore[valid-type,misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # LinuxDriver writes to sys.__stderr__ (kept off stdout, which may be redirected).
-            self._file = _TerminalOut(sys.__stderr__)
-
-    return HangupSafeDriver
 
 
 class Redrawable(Protocol):
@@ -149,7 +97,7 @@ class IcsmonApp(App[int]):
             return driver
         from textual.drivers.linux_driver import LinuxDriver
 
-        return _hangup_safe(driver) if issubclass(driver, LinuxDriver) else driver
+        return hangup_safe(driver) if issubclass(driver, LinuxDriver) else driver
 
     def get_default_screen(self) -> Screen[None]:
         return MainScreen(self.feed, self.view_state)
@@ -177,31 +125,19 @@ class IcsmonApp(App[int]):
         """Leave, the ordinary way (the demo then stops its jobs), when the terminal goes away.
 
         Two signs, because either can be missing: SIGHUP, which a parent may take and not pass on
-        (``make demo`` in a closed tmux window), and the terminal itself, which answers every
-        query with EIO once it is hung up, while Textual's input thread reads end-of-file in a
-        loop (measured: ~60% of a core) and never says so. A SIGHUP that somebody set to be
-        ignored (``nohup``) or handled stays theirs.
+        (``make demo`` in a closed tmux window), and the terminal itself (see terminal.py). A
+        SIGHUP that somebody set to be ignored (``nohup``) or handled stays theirs.
         """
         with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
             if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
                 # The loop removes its handlers when it closes: the disposition is restored.
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._terminal_gone)
-        if sys.platform == "win32" or sys.__stdin__ is None:
-            return
-        try:
-            fd = sys.__stdin__.fileno()  # the terminal Textual's driver reads
-            tty = os.isatty(fd)
-        except (OSError, ValueError):
-            return
-        if tty:
+        fd = input_tty()
+        if fd is not None:
             self.set_interval(TERMINAL_CHECK_S, partial(self._check_terminal, fd))
 
     def _check_terminal(self, fd: int) -> None:
-        if sys.platform == "win32":
-            return
-        try:
-            termios.tcgetattr(fd)
-        except (OSError, termios.error):
+        if hung_up(fd):
             self._terminal_gone()
 
     def _terminal_gone(self) -> None:
