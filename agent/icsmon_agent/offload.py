@@ -45,9 +45,9 @@ class Offload:
         self._done_bytes = 0
         self._submitted = 0
         self._done = 0
-        # CPU seconds spent running jobs, all told (written by the worker only). CPU, not wall:
-        # the thread steps back behind training (background.py), so its jobs take longer on a
-        # busy machine without costing the job any more.
+        # Wall seconds spent running jobs, all told (written by the worker only). Wall, not CPU:
+        # what stretches them (the GIL, the memory bus, a busy core) costs the training thread
+        # too, and a cadence paced by it samples less when the machine is busy, as it should.
         self.busy_s = 0.0
         self._closed = False
 
@@ -115,9 +115,9 @@ class Offload:
             if item is None:
                 return
             job, nbytes = item
-            started = time.thread_time()
+            started = time.perf_counter()
             self._run(job)
             del job, item  # the job holds layer outputs: release them now, not at the next get()
-            self.busy_s += time.thread_time() - started
+            self.busy_s += time.perf_counter() - started
             self._done_bytes += nbytes
             self._done += 1
