@@ -330,8 +330,8 @@ def report(vs: list[Variant], every: int | None) -> None:
     if mons:
         errors = sum(v.mon.errors for v in mons if v.mon is not None)
         print(f"agent faults: {errors}; unwatched agents sample every {IDLE_FACTOR} x their period")
-        # The agent's threads step back behind training: on a CPU with no core to spare they fall
-        # behind, and the agent then leaves steps unsampled rather than slow them. Say how many.
+        # On a CPU with no core to spare the offload thread falls behind, and the agent then leaves
+        # steps unsampled rather than slow them: a ratio is only comparable with the count beside it.
         behind = [
             f"{v.name} {v.mon.skipped} of {v.step}" for v in mons if v.mon is not None and v.mon.skipped
         ]

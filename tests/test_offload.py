@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
-
-import pytest
 
 from icsmon_agent.offload import Offload
 
@@ -57,38 +53,3 @@ def test_close_waits_a_bounded_time_and_later_jobs_run_inline() -> None:
     off.submit(lambda: where.append(threading.current_thread().name))
     assert where == [caller]  # closed: run at once on the caller, never queued to a dead thread
 
-
-def _nice(native_id: int) -> int:
-    """A thread's niceness, from the kernel's own record of it."""
-    stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-def test_the_agents_threads_step_back_behind_the_training_thread(runtime_dir: Path) -> None:
-    import torch
-    from torch import nn
-
-    import icsmon_agent
-    from icsmon_agent.background import NICE
-
-    training = _nice(threading.get_native_id())
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = icsmon_agent.watch(model, every=1)
-    try:
-        for _ in range(3):  # the first sample starts the offload thread
-            loss = model(torch.randn(4, 8)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            mon.step(loss=loss)
-        threads = {t.name: t.native_id for t in threading.enumerate()}
-        assert {"icsmon-offload", "icsmon-publisher"} <= set(threads)
-        for name in ("icsmon-offload", "icsmon-publisher"):
-            native_id = threads[name]
-            assert native_id is not None
-            assert _nice(native_id) == min(training + NICE, 19), name
-        assert _nice(threading.get_native_id()) == training  # the training thread is left as it was
-    finally:
-        mon.close()

@@ -28,8 +28,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from .background import step_back
-
 Job = Callable[[], None]
 
 
@@ -46,8 +44,7 @@ class Offload:
         self._submitted = 0
         self._done = 0
         # Wall seconds spent running jobs, all told (written by the worker only). Wall, not CPU:
-        # what stretches them (the GIL, the memory bus, a busy core) costs the training thread
-        # too, and a cadence paced by it samples less when the machine is busy, as it should.
+        # what stretches them (the GIL, the memory bus, a busy core) costs the training thread too.
         self.busy_s = 0.0
         self._closed = False
 
@@ -109,7 +106,6 @@ class Offload:
                 self._on_error(exc)
 
     def _loop(self) -> None:
-        step_back()
         while True:
             item = self._queue.get()
             if item is None:

@@ -26,7 +26,6 @@ from typing import Any
 import zmq
 
 from . import protocol
-from .background import step_back
 from .protocol import Event, Schema
 
 SNDHWM = 100
@@ -225,7 +224,6 @@ class Publisher:
                 self._send(frames)
 
     def _run(self) -> None:
-        step_back()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         last_schema = 0.0
