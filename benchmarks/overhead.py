@@ -7,8 +7,10 @@ multiple of the sampling period, so each round of a cadence variant holds its sa
 
 Printed per variant: median step time; the wall ratio, its total time over the bare total across
 the same rounds (the figure the targets apply to: every sampled step counts); the median of the
-per-round ratios (robust to a stray slow round); and the CPU ratio, the process's CPU time (all
-its threads, the publisher's included) over bare's, which a busy machine disturbs least. Targets
+per-round ratios (robust to a stray slow round); the CPU ratio, the process's CPU time (all its
+threads, the publisher's included) over bare's, which a busy machine disturbs least; and the
+training thread's own CPU time over bare's ("train thread"): what the agent costs that thread, its
+hooks and the stalls that contention adds, without the time the scheduler gave to others. Targets
 are printed beside the ratios they apply to.
 
 "viewer" variants have a real ``icsmon tail --json`` subscribed to their own agent, in its own
@@ -152,6 +154,9 @@ class Variant:
     after_forward: Callable[[int], None] | None = None
     times: list[float] = field(default_factory=list)  # wall seconds per step, one entry per round
     cpu: list[float] = field(default_factory=list)  # process CPU seconds per step (all threads)
+    # The training thread's own CPU seconds per step: what the agent costs it (its hooks, and the
+    # stalls contention adds), without the time the scheduler gave to anything else on the box.
+    thread_cpu: list[float] = field(default_factory=list)
     # Wall seconds of each step's phases, measured rounds only (see PHASES); CPU runs only, where
     # no device queue hides the time.
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
@@ -296,24 +301,29 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
             order = vs[r % len(vs) :] + vs[: r % len(vs)]  # rotate: no variant always follows another
             for v in order:
                 _sync(device)
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0, tc0 = time.perf_counter(), time.process_time(), time.thread_time()
                 train(v, spec, x, y, steps, phases=r >= args.warmup and device.type == "cpu")
                 _sync(device)
                 if r >= args.warmup:
                     v.times.append((time.perf_counter() - t0) / steps)
                     v.cpu.append((time.process_time() - c0) / steps)
+                    v.thread_cpu.append((time.thread_time() - tc0) / steps)
         report(vs, every)
         if device.type == "cpu":
             report_phases(vs)
 
 
 def report(vs: list[Variant], every: int | None) -> None:
-    bare, bare_cpu = vs[0].times, vs[0].cpu
-    print(f"{'variant':<22}{'ms/step':>9}{'wall ratio':>12}{'(median)':>10}{'CPU ratio':>11}   target")
+    bare, bare_cpu, bare_thread = vs[0].times, vs[0].cpu, vs[0].thread_cpu
+    print(
+        f"{'variant':<22}{'ms/step':>9}{'wall ratio':>12}{'(median)':>10}{'CPU ratio':>11}"
+        f"{'train thread':>14}   target"
+    )
     for v in vs:
         ratio_total = sum(v.times) / sum(bare)
         ratio_med = statistics.median(t / b for t, b in zip(v.times, bare, strict=True))
         ratio_cpu = sum(v.cpu) / sum(bare_cpu)
+        ratio_thread = sum(v.thread_cpu) / sum(bare_thread)
         target = None
         if v.name == f"{cadence_label(every)}+viewer" and every is None:
             target = TARGETS["default+viewer"]
@@ -324,7 +334,7 @@ def report(vs: list[Variant], every: int | None) -> None:
             mark = f"<= {target:.2f}" + (" ok" if ratio_total <= target else " MISS")
         print(
             f"{v.name:<22}{statistics.median(v.times) * 1e3:>9.2f}{ratio_total:>11.3f}x"
-            f"{ratio_med:>9.3f}x{ratio_cpu:>10.3f}x   {mark}"
+            f"{ratio_med:>9.3f}x{ratio_cpu:>10.3f}x{ratio_thread:>13.3f}x   {mark}"
         )
     mons = [v for v in vs if v.mon is not None]
     if mons:

@@ -52,4 +52,3 @@ def test_close_waits_a_bounded_time_and_later_jobs_run_inline() -> None:
     where: list[str] = []
     off.submit(lambda: where.append(threading.current_thread().name))
     assert where == [caller]  # closed: run at once on the caller, never queued to a dead thread
-
