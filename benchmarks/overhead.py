@@ -308,12 +308,15 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
                     v.times.append((time.perf_counter() - t0) / steps)
                     v.cpu.append((time.process_time() - c0) / steps)
                     v.thread_cpu.append((time.thread_time() - tc0) / steps)
-        report(vs, every)
+        # The training thread's CPU time says what the agent costs it only where that thread does
+        # all of the work: not with intra-op threads (their time is not its), not on a GPU (it
+        # would count the synchronising spin).
+        report(vs, every, thread_column=device.type == "cpu" and torch.get_num_threads() == 1)
         if device.type == "cpu":
             report_phases(vs)
 
 
-def report(vs: list[Variant], every: int | None) -> None:
+def report(vs: list[Variant], every: int | None, thread_column: bool) -> None:
     bare, bare_cpu, bare_thread = vs[0].times, vs[0].cpu, vs[0].thread_cpu
     print(
         f"{'variant':<22}{'ms/step':>9}{'wall ratio':>12}{'(median)':>10}{'CPU ratio':>11}"
@@ -323,7 +326,7 @@ def report(vs: list[Variant], every: int | None) -> None:
         ratio_total = sum(v.times) / sum(bare)
         ratio_med = statistics.median(t / b for t, b in zip(v.times, bare, strict=True))
         ratio_cpu = sum(v.cpu) / sum(bare_cpu)
-        ratio_thread = sum(v.thread_cpu) / sum(bare_thread)
+        ratio_thread = f"{sum(v.thread_cpu) / sum(bare_thread):.3f}x" if thread_column else "-"
         target = None
         if v.name == f"{cadence_label(every)}+viewer" and every is None:
             target = TARGETS["default+viewer"]
@@ -334,7 +337,7 @@ def report(vs: list[Variant], every: int | None) -> None:
             mark = f"<= {target:.2f}" + (" ok" if ratio_total <= target else " MISS")
         print(
             f"{v.name:<22}{statistics.median(v.times) * 1e3:>9.2f}{ratio_total:>11.3f}x"
-            f"{ratio_med:>9.3f}x{ratio_cpu:>10.3f}x{ratio_thread:>13.3f}x   {mark}"
+            f"{ratio_med:>9.3f}x{ratio_cpu:>10.3f}x{ratio_thread:>14}   {mark}"
         )
     mons = [v for v in vs if v.mon is not None]
     if mons:

@@ -72,7 +72,8 @@ COST_WINDOW = 5
 #: the model, and a thread that falls behind slows nothing: the inline route is the old cost.
 HOLD_LIMIT = 256 * 2**20
 #: With this many jobs still queued (the offload thread starved of CPU), a step goes unsampled.
-MAX_QUEUED_JOBS = 16
+#: A sample queues three (its reductions, its activation figures, its finish): about 8 samples.
+MAX_QUEUED_JOBS = 24
 #: How long ``close()`` waits for the offload thread to finish the last samples.
 CLOSE_WAIT_S = 2.0
 

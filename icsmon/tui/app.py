@@ -33,6 +33,7 @@ from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
 from icsmon.tui.state import ViewState
 from icsmon.tui.terminal import HANGUP_EXIT, hangup_safe, hung_up, input_tty
+from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo, pid_alive
 
 REFRESH_HZ = 10.0  # DESIGN: 4-10 Hz; a 1,000-layer redraw costs ~11 ms, so 10 Hz fits
@@ -42,9 +43,15 @@ TOASTS_PER_TICK = 3
 
 
 def _endpoint_while_alive(job: JobInfo) -> str:
-    """The picked job's endpoint, while its process runs: a job that ended before (or after) it
-    was picked has no publisher left, and subscribing would wait for it forever in silence."""
-    if job.host == socket.gethostname() and not pid_alive(job.pid):
+    """The picked job's endpoint, while it runs: a job that ended before (or after) it was picked
+    has no publisher left, and subscribing would wait for it forever in silence.
+
+    Ended: its process is gone, or its discovery file is (the agent removes it on close; a child
+    that its parent has not reaped yet, as the demo's finished runs are, still answers kill -0).
+    """
+    if job.host == socket.gethostname() and (
+        not pid_alive(job.pid) or job.run not in {j.run for j in discovery.read_jobs()}
+    ):
         raise TargetError(f"{describe_job(job)} has ended; its figures ended with it. q quits.")
     return job.endpoint
 

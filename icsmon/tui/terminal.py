@@ -9,8 +9,8 @@ core, measured) with nobody told.
 
 from __future__ import annotations
 
+import errno
 import os
-import signal
 import sys
 from typing import Any
 
@@ -19,8 +19,12 @@ from textual.driver import Driver
 if sys.platform != "win32":
     import termios
 
-#: The exit status when the terminal went away: what a shell reports for a death by SIGHUP.
-HANGUP_EXIT = 128 + int(signal.SIGHUP)
+#: The exit status when the terminal went away: what a shell reports for a death by SIGHUP (1).
+#: A literal: Windows has no signal.SIGHUP.
+HANGUP_EXIT = 129
+#: The errors of a terminal that is gone for good; any other (EAGAIN on a terminal somebody set
+#: non-blocking, a full disk under a redirected stderr) loses only the text of that write.
+_GONE = {errno.EIO, errno.ENXIO, errno.EPIPE, errno.EBADF}
 
 
 class TerminalOut:
@@ -35,16 +39,16 @@ class TerminalOut:
         if not self.gone:
             try:
                 self._file.write(text)
-            except OSError:
-                self.gone = True
+            except OSError as exc:
+                self.gone = exc.errno in _GONE
         return len(text)
 
     def flush(self) -> None:
         if not self.gone:
             try:
                 self._file.flush()
-            except OSError:
-                self.gone = True
+            except OSError as exc:
+                self.gone = exc.errno in _GONE
 
     def fileno(self) -> int:
         return int(self._file.fileno())

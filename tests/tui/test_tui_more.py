@@ -80,12 +80,14 @@ async def test_picker_chooses_among_several_jobs() -> None:
 
 
 async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence() -> None:
+    import os
     import socket
     import subprocess
     import sys
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a real process of this host that has exited: its pid is free
+    # Exited and left unreaped, as the demo leaves its finished runs: a zombie still answers kill -0.
+    os.waitid(os.P_PID, gone.pid, os.WEXITED | os.WNOWAIT)
     here = socket.gethostname()
 
     def job(pid: int, name: str) -> JobInfo:
@@ -114,6 +116,7 @@ async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence
         text = screen_text(app)
         assert f"plain (pid {gone.pid}" in text and "has ended" in text, text
         assert feed.endpoint is None  # it never subscribed to the dead endpoint
+    gone.wait()
 
 
 async def test_alerts_reach_the_log_the_badges_and_a_toast() -> None:

@@ -3,7 +3,10 @@ keys sent with send-keys, the screen read back with capture-pane."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -120,6 +123,17 @@ def _gone_within(pids: list[int], timeout: float) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
+def _kill(pids: list[int]) -> None:
+    """What a failed test leaves behind (an app ignoring SIGHUP, its jobs) must not outlive it."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@linux_only
 @pytest.mark.timeout(110)
 def test_closing_the_terminal_ends_the_app_even_when_sighup_never_reaches_it(
     tmp_path: Path, env: dict[str, str]
@@ -130,20 +144,23 @@ def test_closing_the_terminal_ends_the_app_even_when_sighup_never_reaches_it(
     pidfile = tmp_path / "app.pid"
     tmux = terminal(tmp_path, env, f"icsmon-hup-{job.pid}")
     command = f"sh -c 'echo $$ > {pidfile}; trap \"\" HUP; exec {sys.executable} -m icsmon attach'"
+    app_pid: list[int] = []
     try:
         tmux.start(command)
         tmux.wait(lambda t: "● live" in t and "tui-live" in t, "the live table")
-        app_pid = int(pidfile.read_text())
-        assert _alive(app_pid)
+        app_pid.append(int(pidfile.read_text()))
+        assert _alive(app_pid[0])
         tmux.run("kill-session", "-t", tmux.name)  # the window closes: its terminal hangs up
-        assert not _gone_within([app_pid], 15), "the app outlived its terminal"
+        assert not _gone_within(app_pid, 15), "the app outlived its terminal"
         assert job.poll() is None  # the job it watched goes on
     finally:
         tmux.run("kill-server")
+        _kill(app_pid)
         job.kill()
         job.wait()
 
 
+@linux_only
 @pytest.mark.timeout(110)
 @pytest.mark.parametrize("hangup", ["ignored", "default"])
 def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
@@ -151,18 +168,25 @@ def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
 ) -> None:
     # "ignored": SIGHUP reaches neither the app nor the training jobs (they inherit the launcher's
     # disposition), so the jobs stop only if the app leaves the ordinary way and stops them.
+    # "default": SIGHUP reaches all of them; the demo must still leave the ordinary way (its
+    # handler), which the removal of its temporary directory shows: a death by SIGHUP leaves it.
     pidfile = tmp_path / "demo.pid"
-    tmux = terminal(tmp_path, env, f"icsmon-demo-{hangup}-{tmp_path.name}")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    tmux = terminal(tmp_path, dict(env, TMPDIR=str(scratch)), f"icsmon-demo-{hangup}-{tmp_path.name}")
     trap = 'trap "" HUP; ' if hangup == "ignored" else ""
     command = f"sh -c 'echo $$ > {pidfile}; {trap}exec {sys.executable} -m icsmon demo --steps 100000'"
+    pids: list[int] = []
     try:
         tmux.start(command, 120, 35)
         tmux.wait(lambda t: "pick one" in t, "the demo's job picker")
-        demo_pid = int(pidfile.read_text())
-        trainers = [int(j["pid"]) for j in wait_for_jobs(env, 2)]
-        assert all(_alive(p) for p in [demo_pid, *trainers])
+        pids = [int(pidfile.read_text()), *(int(j["pid"]) for j in wait_for_jobs(env, 2))]
+        assert all(_alive(p) for p in pids)
+        assert list(scratch.glob("icsmon-demo-*"))  # the demo's logs of its jobs
         tmux.run("kill-session", "-t", tmux.name)
-        left = _gone_within([demo_pid, *trainers], 20)
+        left = _gone_within(pids, 20)
         assert not left, f"still running after the terminal closed: {left}"
+        assert not list(scratch.glob("icsmon-demo-*")), "the demo did not leave the ordinary way"
     finally:
         tmux.run("kill-server")
+        _kill(pids)
