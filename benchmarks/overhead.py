@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a second or two: for the smoke test")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.rounds, args.warmup = args.every or 5, 2, 0
+        # One warm-up round: without it the first variant pays every first call and the ratios
+        # mean nothing (0.007x once), which a smoke run need not prove but must not print.
+        args.steps, args.rounds, args.warmup = args.every or 5, 2, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
