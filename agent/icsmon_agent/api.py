@@ -510,7 +510,7 @@ class Monitor:
             return
         self._building = False
         self._finalizer = Finalizer(len(self._layers))
-        if self._publisher is not None and all(r is None or r.ref.is_cpu for r in self._records):
+        if all(r is None or r.ref.is_cpu for r in self._records):
             self._offload = Offload(self._offload_fault)
         self._params = [
             (i, p)
@@ -635,9 +635,7 @@ class Monitor:
         records = self._records
         device = _records_device(records)
         grads = [(i, p.grad) for i, p in self._params if p.grad is not None]
-        pending = _Pending(self._step, time.time(), scalars, records, None)
-        if self._early is not None and self._early.records is records:
-            pending.early = self._early
+        pending = _Pending(self._step, time.time(), scalars, records, None, early=self._early)
         if self._offload is not None and self._grad_mode == "learn":
             self._learn_grad_mode()
         nbytes = sum(g.nbytes for _, g in grads)

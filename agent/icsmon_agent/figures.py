@@ -406,8 +406,8 @@ GradNorms = tuple[list[int], torch.Tensor]
 def grad_norms(grads: list[tuple[int, torch.Tensor]], device: torch.device) -> GradNorms | None:
     """Each gradient's norm, on ``device``: one ``_foreach_norm``, taken while the gradients hold.
 
-    Taken at the step boundary on the training thread, because the next ``zero_grad`` or backward
-    may overwrite the gradients in place; the figures that use them may be finished later.
+    At the step boundary on the training thread when the next ``zero_grad`` or backward may
+    overwrite the gradients in place; on the offload thread when the job replaces them instead.
     """
     if not grads:
         return None

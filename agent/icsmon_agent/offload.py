@@ -14,8 +14,8 @@ feeding an in-place ReLU, are copied in the hook instead), and the job re-checks
 reading. Memory is bounded: :attr:`Offload.outstanding` bytes are held at most ``limit`` at once,
 and the agent reduces inline past that.
 
-Jobs run in submission order, so a step's finishing job (batched figures, hand-off to the
-publisher) always follows its reductions. A job's exception goes to ``on_error`` and the thread
+Jobs run in submission order, so a sample's activation figures always follow its reductions, and
+its finishing job (gradient norms, hand-off to the publisher) follows both. A job's exception goes to ``on_error`` and the thread
 lives on; nothing here ever raises into the caller.
 """
 

@@ -25,7 +25,7 @@ from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from icsmon.live import Feed
-from icsmon.targets import TargetError
+from icsmon.targets import TargetError, resolve_local
 from icsmon.targets import describe as describe_job
 from icsmon.tui.commands import LayerCommands
 from icsmon.tui.screens.help import HelpScreen, describe
@@ -33,8 +33,7 @@ from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
 from icsmon.tui.state import ViewState
 from icsmon.tui.terminal import HANGUP_EXIT, hangup_safe, hung_up, input_tty
-from icsmon_agent import discovery
-from icsmon_agent.discovery import JobInfo, pid_alive
+from icsmon_agent.discovery import JobInfo
 
 REFRESH_HZ = 10.0  # DESIGN: 4-10 Hz; a 1,000-layer redraw costs ~11 ms, so 10 Hz fits
 #: How often the app checks that its terminal is still there (see _watch_terminal).
@@ -46,14 +45,16 @@ def _endpoint_while_alive(job: JobInfo) -> str:
     """The picked job's endpoint, while it runs: a job that ended before (or after) it was picked
     has no publisher left, and subscribing would wait for it forever in silence.
 
-    Ended: its process is gone, or its discovery file is (the agent removes it on close; a child
-    that its parent has not reaped yet, as the demo's finished runs are, still answers kill -0).
+    Ended: discovery no longer lists it. Its file goes when the agent closes, or when a reader finds
+    its pid dead; the pid alone would not do, since a child that its parent has not reaped yet (the
+    demo's finished runs) still answers kill -0.
     """
-    if job.host == socket.gethostname() and (
-        not pid_alive(job.pid) or job.run not in {j.run for j in discovery.read_jobs()}
-    ):
-        raise TargetError(f"{describe_job(job)} has ended; its figures ended with it. q quits.")
-    return job.endpoint
+    if job.host != socket.gethostname():
+        return job.endpoint
+    try:
+        return resolve_local(None, run=job.run).endpoint
+    except TargetError:
+        raise TargetError(f"{describe_job(job)} has ended; its figures ended with it. q quits.") from None
 
 
 class Redrawable(Protocol):
