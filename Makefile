@@ -7,7 +7,8 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup system-deps demo test lint pytest bench clean
 
-$(VENV)/.ready: pyproject.toml
+# The editable install compiles the agent's C kernel in place: rebuild when it changes.
+$(VENV)/.ready: pyproject.toml setup.py agent/icsmon_agent/_fused.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
@@ -36,4 +37,4 @@ bench: setup
 	$(PY) benchmarks/viewer.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build agent/icsmon_agent/_fused.*.so

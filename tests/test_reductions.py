@@ -2,6 +2,7 @@
 
 The CPU route takes a fast path (centred sums, plain min/max, a single read) and falls back to the
 exact masked path on non-finite values or float32 overflow; both must give the product's figures.
+The fast path is the C kernel where it is built, else torch ops: every test here runs on both.
 """
 
 from __future__ import annotations
@@ -12,9 +13,24 @@ import numpy as np
 import pytest
 import torch
 
-from icsmon_agent.figures import SAT_NONE, SAT_TANH, Finalizer, reduce_output
+from icsmon_agent import figures as figures_module
+from icsmon_agent.figures import SAT_NONE, SAT_SIGMOID, SAT_TANH, Finalizer, reduce_output
 from icsmon_agent.protocol import STATS
 from truth import close, figures
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def cpu_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test once through the C kernel and once through the torch ops that stand in for it."""
+    if request.param == "torch":
+        monkeypatch.setattr(figures_module, "_fused", None)
+    return str(request.param)
+
+
+def test_the_kernel_is_built_here() -> None:
+    """The install compiles the kernel wherever a C compiler is (CI's machines have one); without
+    this the kernel tests below would quietly test the torch route twice."""
+    import icsmon_agent._fused  # noqa: F401
 
 
 def _finish(outputs: list[tuple[torch.Tensor, int, int]], fin: Finalizer | None = None) -> np.ndarray:
@@ -40,6 +56,9 @@ def _check(got: np.ndarray, y: torch.Tensor, kind: str, conv: bool, skip: tuple[
         lambda: torch.randn(64, 48) * 3e19,  # squares overflow float32: the exact route
         lambda: torch.randn(8, 16, 32),  # sequence output, units last
         lambda: torch.zeros(16, 8),  # dead and constant
+        # More rows than the kernel's float32 block (64), a mean far from zero, a ragged last block.
+        lambda: torch.randn(1000, 3) * 0.5 + 7.0,
+        lambda: torch.randn(2, 3, 4, 5).transpose(1, 3),  # not contiguous: copied first
     ],
 )
 def test_linear_like_outputs(make: Callable[[], torch.Tensor]) -> None:
@@ -53,6 +72,32 @@ def test_conv_output_units_on_dim_1() -> None:
     torch.manual_seed(0)
     y = torch.randn(4, 6, 5, 5) + torch.arange(6.0).reshape(1, 6, 1, 1)
     _check(_finish([(y, 1, SAT_NONE)])[0], y, "x", conv=True)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 5, 7, 7),  # a run (49) of three full lanes and a tail
+        (2, 3, 40, 41),  # a run (1,640) longer than the kernel's float32 block (1,024)
+        (5, 4, 3),  # a run shorter than one lane
+    ],
+)
+def test_conv_like_runs_of_any_length(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(1)
+    y = torch.randn(*shape) * 2.0 + torch.arange(float(shape[1])).reshape(1, -1, *([1] * (len(shape) - 2)))
+    _check(_finish([(y.relu(), 1, SAT_NONE)])[0], y.relu(), "x", conv=True)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_saturation_counts(conv: bool) -> None:
+    torch.manual_seed(2)
+    raw = torch.randn(16, 8, 6, 6) * 4 if conv else torch.randn(200, 24) * 4
+    unit_dim = 1 if conv else -1
+    for act, sat, kind in ((torch.tanh, SAT_TANH, "tanh"), (torch.sigmoid, SAT_SIGMOID, "sigmoid")):
+        y = act(raw)
+        got = _finish([(y, unit_dim, sat)])[0]
+        assert 0.1 < got[STATS.index("sat_frac")] < 0.9  # a test that can tell a miscount
+        _check(got, y, kind, conv=conv)
 
 
 def test_nonfinite_values_take_the_masked_route() -> None:
@@ -75,3 +120,41 @@ def test_float64_and_half_outputs_and_a_changing_batch() -> None:
         got = _finish([(a, -1, SAT_NONE), (b, -1, SAT_NONE)], fin)
         _check(got[0], a, "x", conv=False)
         _check(got[1], b.float(), "x", conv=False)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (70, 1), (199, 2)])  # the reference, a later block, the end
+def test_a_single_nan_anywhere_is_found(where: tuple[int, int]) -> None:
+    y = torch.rand(200, 3)
+    y[where] = float("nan")
+    got = _finish([(y, -1, SAT_NONE)])[0]
+    assert got[STATS.index("nonfinite")] == 1
+    finite = y[torch.isfinite(y)]
+    assert got[STATS.index("min")] == pytest.approx(float(finite.min()))
+    assert got[STATS.index("max")] == pytest.approx(float(finite.max()))
+
+
+def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
+    """A caller's slip is a Python error, never a read or write past a buffer."""
+    if cpu_route != "kernel":
+        pytest.skip("the kernel's own argument checks")
+    from icsmon_agent import _fused
+
+    x = np.zeros((4, 3), dtype=np.float32)
+    out, scalars = np.zeros(12), np.zeros(3)
+    assert _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, out, scalars) is True
+    with pytest.raises(ValueError):
+        _fused.reduce_f32(x, 5, 3, 1, SAT_NONE, out, scalars)  # more elements than x holds
+    with pytest.raises(ValueError):
+        _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, np.zeros(11), scalars)  # out too short
+    with pytest.raises(ValueError):
+        _fused.reduce_f32(x.astype(np.float64), 4, 3, 1, SAT_NONE, out, scalars)  # wrong dtype
+    with pytest.raises(ValueError):
+        _fused.reduce_f32(np.zeros((3, 4), dtype=np.float32).T, 4, 3, 1, SAT_NONE, out, scalars)
+    with pytest.raises(ValueError):
+        _fused.reduce_f32(x, 4, 3, 1, 7, out, scalars)  # no such saturation kind
+    with pytest.raises(ValueError):
+        _fused.reduce_f32(bytes(48), 4, 3, 1, SAT_NONE, out, scalars)  # bytes, not float32
+    with pytest.raises(BufferError):
+        _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, bytes(96), scalars)  # out read-only
+    with pytest.raises(TypeError):
+        _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, out)  # an argument short

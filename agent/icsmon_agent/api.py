@@ -54,9 +54,10 @@ from .publisher import Publisher, Work, default_endpoint
 #: next sample, but never less than ``MIN_INTERVAL_S``. Why not a fixed N: a sampled step's cost
 #: is roughly fixed per layer while step times span 1 ms to 10 s, so any fixed N is either too
 #: dear for fast jobs or too sparse for slow ones. Measured (benchmarks/overhead.py, seed 50-layer
-#: MLP, batch 128, one CPU thread): a sampled step costs about a third to half of a bare step more
-#: (~100 layers x ~10 small ops at ~10 us of dispatch each), so the adaptive default samples about
-#: every 50-100th step there and every step of a job whose steps take a second.
+#: MLP, batch 128, one CPU thread): a sampled step's work, in both threads, is ~13 ms, a third of a
+#: bare step (hooks on 101 outputs, a one-pass reduction of each, the batched finish, gradient
+#: norms), so the adaptive default samples about every 60th step there and every step of a job
+#: whose steps take a second.
 #: Half a percent measured: the other half is for what the timing cannot see (the hooks' calls on
 #: unsampled steps, the publisher thread's encoding, cache effects), so the total stays near 1%.
 BUDGET = 0.005
