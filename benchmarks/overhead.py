@@ -295,6 +295,12 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
     print(
         f"rounds {args.rounds} x {steps} steps, warm-up {args.warmup} rounds, cadence {cadence_label(every)}"
     )
+    if device.type == "cpu":
+        # The agent's figures cost three times as much without its C kernel: say which one ran.
+        kernel = importlib.util.find_spec("icsmon_agent._fused") is not None
+        print(
+            "CPU reductions: " + ("one-pass C kernel" if kernel else "torch ops (the C kernel is not built)")
+        )
     x, y = spec.batch(device)
     with variants(spec, device, every, args.viewer, tensorboard, args.only_every) as vs:
         for r in range(args.warmup + args.rounds):

@@ -59,6 +59,8 @@ def _check(got: np.ndarray, y: torch.Tensor, kind: str, conv: bool, skip: tuple[
         # More rows than the kernel's float32 block (64), a mean far from zero, a ragged last block.
         lambda: torch.randn(1000, 3) * 0.5 + 7.0,
         lambda: torch.randn(2, 3, 4, 5).transpose(1, 3),  # not contiguous: copied first
+        lambda: torch.randn(300, 1) + 2.0,  # one unit (a regression head): one long run
+        lambda: torch.randn(70, 5000),  # wider than one column chunk, more rows than one block
     ],
 )
 def test_linear_like_outputs(make: Callable[[], torch.Tensor]) -> None:
@@ -77,9 +79,12 @@ def test_conv_output_units_on_dim_1() -> None:
 @pytest.mark.parametrize(
     "shape",
     [
-        (3, 5, 7, 7),  # a run (49) of three full lanes and a tail
+        (3, 5, 7, 7),  # a short run (49): reduced as rows of columns
+        (3, 5, 9, 11),  # a run (99) of six full lanes and a tail
         (2, 3, 40, 41),  # a run (1,640) longer than the kernel's float32 block (1,024)
         (5, 4, 3),  # a run shorter than one lane
+        (40, 3, 70),  # a run (70) long enough for lanes, but many rows: reduced as rows
+        (70, 300, 20),  # 6,000 columns: a unit split across the kernel's column chunks (4,096)
     ],
 )
 def test_conv_like_runs_of_any_length(shape: tuple[int, ...]) -> None:
@@ -158,3 +163,15 @@ def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
         _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, bytes(96), scalars)  # out read-only
     with pytest.raises(TypeError):
         _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, out)  # an argument short
+    # Sizes whose byte counts overflow must not wrap round to a size that fits (found by review).
+    one, four = np.zeros(1, dtype=np.float32), np.zeros(4)
+    for outer, units, inner in (
+        (1, 1, 2**62 + 1),
+        (2**62 + 1, 1, 1),
+        (1, 2**59 + 1, 8),
+        (2**40, 2**40, 2**40),
+    ):
+        with pytest.raises(ValueError):
+            _fused.reduce_f32(one, outer, units, inner, SAT_NONE, four, scalars)
+    with pytest.raises(OverflowError):
+        _fused.reduce_f32(one, 2**70, 1, 1, SAT_NONE, four, scalars)
