@@ -104,9 +104,15 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
     double nonzero = 0.0, saturated = 0.0;
     for (Py_ssize_t c0 = 0; c0 < cols; c0 += width) {
         const Py_ssize_t n = cols - c0 < width ? cols - c0 : width;
-        for (Py_ssize_t k = 0; k < n; k++) {
-            l.ref[k] = (float)ref[(c0 + k) / inner];
+        /* u, j: column c0 + k is unit u's j-th (counted along, not divided: a division a column
+         * cost more than the reduction of a 128-row Linear output). */
+        for (Py_ssize_t k = 0, u = c0 / inner, j = c0 % inner; k < n; k++) {
+            l.ref[k] = (float)ref[u];
             l.hi[k] = l.lo[k] = x[c0 + k];
+            if (++j == inner) {
+                j = 0;
+                u++;
+            }
         }
         for (Py_ssize_t start = 0; start < rows; start += BLOCK_ROWS) {
             Py_ssize_t stop = start + BLOCK_ROWS < rows ? start + BLOCK_ROWS : rows;
@@ -115,22 +121,35 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
                 accumulate(x + i * cols + c0, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, n);
                 count_saturated(x + i * cols + c0, l.st, sat, n);
             }
-            /* Fold the columns into their units (u, j: the unit of column c0 + k, and its place). */
-            for (Py_ssize_t k = 0, u = c0 / inner, j = c0 % inner; k < n; k++) {
-                dsum[u] += l.sum[k];
-                dsq[u] += l.sq[k];
-                nonzero += l.nz[k];
-                saturated += l.st[k];
-                if (++j == inner) {
-                    j = 0;
-                    u++;
+            /* Fold the columns into their units. With one column a unit (the common Linear case)
+             * the loop is plain, and vectorised. */
+            if (inner == 1) {
+                for (Py_ssize_t k = 0; k < n; k++) {
+                    dsum[c0 + k] += l.sum[k];
+                    dsq[c0 + k] += l.sq[k];
+                }
+            } else {
+                for (Py_ssize_t k = 0, u = c0 / inner, j = c0 % inner; k < n; k++) {
+                    dsum[u] += l.sum[k];
+                    dsq[u] += l.sq[k];
+                    if (++j == inner) {
+                        j = 0;
+                        u++;
+                    }
                 }
             }
+            for (Py_ssize_t k = 0; k < n; k++) {
+                nonzero += l.nz[k];
+                saturated += l.st[k];
+            }
         }
-        for (Py_ssize_t k = 0; k < n; k++) {
-            Py_ssize_t u = (c0 + k) / inner;
+        for (Py_ssize_t k = 0, u = c0 / inner, j = c0 % inner; k < n; k++) {
             umax[u] = l.hi[k] > umax[u] ? l.hi[k] : umax[u];
             vmin = l.lo[k] < vmin ? l.lo[k] : vmin;
+            if (++j == inner) {
+                j = 0;
+                u++;
+            }
         }
     }
     int finite = 1;
