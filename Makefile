@@ -11,6 +11,8 @@ TORCH ?= torch==2.13.0
 $(VENV)/.ready: pyproject.toml setup.py agent/icsmon_agent/_fused.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# An old build would hide a kernel that no longer compiles (the extension is optional).
+	rm -f agent/icsmon_agent/_fused.*.so
 	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
 	touch $@
 
@@ -37,4 +39,4 @@ bench: setup
 	$(PY) benchmarks/viewer.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build agent/icsmon_agent/_fused.*.so
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info agent/icsmon_agent/_fused.*.so

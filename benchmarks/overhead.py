@@ -45,6 +45,7 @@ from torch import nn
 
 # Imported after torch so a missing package shows as an ImportError here, not deep in a variant.
 import icsmon_agent
+from icsmon_agent import figures
 from icsmon_agent.api import IDLE_FACTOR
 
 TARGETS = {"default+viewer": 1.01, "every+viewer": 1.10}
@@ -297,7 +298,7 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
     )
     if device.type == "cpu":
         # The agent's figures cost three times as much without its C kernel: say which one ran.
-        kernel = importlib.util.find_spec("icsmon_agent._fused") is not None
+        kernel = figures.kernel_available()
         print(
             "CPU reductions: " + ("one-pass C kernel" if kernel else "torch ops (the C kernel is not built)")
         )

@@ -61,6 +61,7 @@ def _check(got: np.ndarray, y: torch.Tensor, kind: str, conv: bool, skip: tuple[
         lambda: torch.randn(2, 3, 4, 5).transpose(1, 3),  # not contiguous: copied first
         lambda: torch.randn(300, 1) + 2.0,  # one unit (a regression head): one long run
         lambda: torch.randn(70, 5000),  # wider than one column chunk, more rows than one block
+        lambda: torch._neg_view(torch.randn(16, 8)),  # a lazily negated view (NumPy refuses one)
     ],
 )
 def test_linear_like_outputs(make: Callable[[], torch.Tensor]) -> None:

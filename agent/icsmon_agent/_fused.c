@@ -17,6 +17,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#if defined(_MSC_VER) && !defined(restrict)
+#define restrict __restrict /* MSVC's C without /std:c11 spells it so */
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -118,6 +118,11 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
     return _reduce_masked(x, reduction_dims(x.ndim, unit_dim), sat, x.numel())
 
 
+def kernel_available() -> bool:
+    """Whether CPU outputs go through the one-pass C kernel (built at install where a compiler was)."""
+    return _fused is not None
+
+
 def _reduce_cpu(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
     """Shifted moments, max, min and the counts; None if anything is non-finite or overflowed."""
     if _fused is not None and x.dtype is torch.float32 and x.layout is torch.strided:
@@ -138,7 +143,10 @@ def _reduce_fused(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
     per_unit = np.empty((4, units))
     scalars = np.empty(3)
     # numpy() is a zero-copy view that hands the kernel a buffer it checks (format, size, layout).
-    if not _fused.reduce_f32(x.contiguous().numpy(), outer, units, inner, sat, per_unit, scalars):
+    # resolve_neg: numpy() refuses a lazily negated view (free when there is none).
+    if not _fused.reduce_f32(
+        x.resolve_neg().contiguous().numpy(), outer, units, inner, sat, per_unit, scalars
+    ):
         return None
     ref, dsum, dsq, umax = torch.from_numpy(per_unit).unbind(0)
     vmin, nonzero, saturated = torch.from_numpy(scalars).unbind(0)
