@@ -6,6 +6,7 @@ Real training loops in this process, a real ZeroMQ subscriber on the agent's rea
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,35 @@ def test_scalar_and_vector_outputs_are_one_unit_each(runtime_dir: Path) -> None:
     assert mon.errors == 0 and mon.layer_names == ["fc", "flat", "loss"]
     assert [s.step for s in samples] == [0, 1, 2]
     check_against_truth(samples, cap, ["x"] * 3, [False] * 3)
+
+
+class Routed(nn.Module):
+    """A mixture-of-experts in miniature: the expert sees only the rows routed to it, often none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.expert = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h.sum() + self.expert(x[x[:, 0] > 0]).sum()
+
+
+def test_an_empty_output_is_absent_from_its_sample_not_a_fault(runtime_dir: Path) -> None:
+    """An expert given no tokens (or a batch of none) has no figures: reducing it raised, counted a
+    fault a step (the agent detaches after 50) and made torch warn inside the job."""
+    steps = iter(range(1_000))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(6, 4).abs() * (1 if next(steps) % 2 else -1)  # odd steps route every row
+        return x, torch.zeros(())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning reaches the job (run_training checks faults)
+        samples, _ = run_training(Routed(), batch, 6, runtime_dir, True)
+    assert [s.step for s in samples] == list(range(6))
+    mean = STATS.index("mean")
+    for s in samples:
+        assert np.isfinite(s.figures[0, mean])  # fc: always there
+        assert np.isfinite(s.figures[1, mean]) == (s.step % 2 == 1), s.step  # expert: when routed to

@@ -90,8 +90,8 @@ def _sat_count(x: torch.Tensor, sat: int) -> torch.Tensor | None:
 _EXACT_DOT = 2**24
 
 
-def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
-    """Reduce one layer output: a handful of kernels, no host sync on GPU.
+def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
+    """Reduce one layer output: a handful of kernels, no host sync on GPU; None if it is empty.
 
     CPU and GPU take different routes because their costs differ. On CPU each op is a pass over
     the output (~4 us for a 128x256 float32 one in cache, about its dispatch cost again in the
@@ -103,6 +103,10 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
     does it redo the layer the exact, masked way. On GPU a read-back is a sync, so the masked
     route is the only route.
     """
+    if t.numel() == 0:
+        # No elements, no figures: a batch of none, an expert that was routed no tokens. The layer
+        # is absent from this sample, as if unsampled (reducing it would raise, and torch warn).
+        return None
     x = t.detach()
     if x.dtype is not torch.float32 and x.dtype is not torch.float64:
         x = x.float()  # half/bfloat16 reductions lose too much; the copy is one kernel
@@ -111,7 +115,7 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced:
         # route below yields [1]-shaped per-unit results like any other layer's.
         x = x.reshape(-1, 1)
         unit_dim = -1
-    if x.device.type == "cpu" and x.numel() > 0:
+    if x.device.type == "cpu":
         found = _reduce_cpu(x, unit_dim, sat)
         if found is not None:
             return found
