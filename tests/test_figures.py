@@ -19,7 +19,7 @@ import icsmon_agent
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import STATS, Sample
-from truth import close, figures, grad_norm
+from truth import close, figures, grad_norm, per_unit
 
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
 
@@ -73,7 +73,6 @@ def collect(sub: Subscriber, store: Store, want: int, timeout: float = 20) -> li
 def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], conv_flags: list[bool]) -> int:
     checked = 0
     prev_units: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    from truth import per_unit
 
     for s in samples:
         outs = cap.outputs[s.step]
@@ -388,9 +387,16 @@ def test_an_empty_output_is_absent_from_its_sample_not_a_fault(runtime_dir: Path
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning reaches the job (run_training checks faults)
-        samples, _ = run_training(Routed(), batch, 6, runtime_dir, True)
+        samples, cap = run_training(Routed(), batch, 6, runtime_dir, True)
     assert [s.step for s in samples] == list(range(6))
-    mean = STATS.index("mean")
+    mean, shift = STATS.index("mean"), STATS.index("shift")
     for s in samples:
         assert np.isfinite(s.figures[0, mean])  # fc: always there
         assert np.isfinite(s.figures[1, mean]) == (s.step % 2 == 1), s.step  # expert: when routed to
+        # The expert coming and going leaves fc's shift alone (it used to take every layer's with
+        # it); the expert has none, its previous sample never had it.
+        assert np.isnan(s.figures[1, shift])
+        if s.step:
+            prev = per_unit(cap.outputs[s.step - 1][0][1], False)
+            want = figures(cap.outputs[s.step][0][1], "x", False, prev[:2])["shift"]
+            assert close(float(s.figures[0, shift]), want), (s.step, s.figures[0, shift], want)

@@ -235,9 +235,15 @@ def _reduce_masked(x: torch.Tensor, dims: tuple[int, ...], sat: int, numel: int)
     )
 
 
-def _host_to(values: list[int] | list[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _host_to(
+    values: list[int] | list[float] | np.ndarray, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """A small tensor on ``device`` without a blocking host-to-device copy."""
-    cpu = torch.tensor(values, dtype=dtype)
+    cpu = (
+        torch.from_numpy(values).to(dtype)
+        if isinstance(values, np.ndarray)
+        else torch.tensor(values, dtype=dtype)
+    )
     if device.type == "cuda":
         return cpu.pin_memory().to(device, non_blocking=True)
     return cpu.to(device)
@@ -280,6 +286,10 @@ class _Segments:
         return torch.index_select(per_layer, 0, self.seg)
 
 
+#: A sample's layout: the slots of the layers present, their unit counts, the figures' device.
+_LayoutKey = tuple[tuple[int, ...], tuple[int, ...], torch.device]
+
+
 class Finalizer:
     """Turns one step's :class:`Reduced` records into the figures matrix, batched across layers.
 
@@ -293,8 +303,10 @@ class Finalizer:
         self._layout_key: tuple[object, ...] | None = None
         self._segments: _Segments | None = None
         self._rows: torch.Tensor | None = None  # [P] indices of the layers present
-        # per-unit mean and var, and per-layer mean unit var, of the last sample
+        # per-unit mean and var, and per-layer mean unit var, of the last sample, and its layout
         self._prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._prev_key: _LayoutKey | None = None
+        self._carry: dict[tuple[_LayoutKey, _LayoutKey], tuple[torch.Tensor, torch.Tensor]] = {}
         self._indices: dict[tuple[object, ...], torch.Tensor] = {}
 
     def _index(
@@ -317,7 +329,6 @@ class Finalizer:
             self._segments = _Segments(units, device)
             self._rows = _host_to(present, device, torch.int64)
             self._layout_key = key
-            self._prev = None  # unit layout changed: no comparable previous sample
         return self._segments, self._rows
 
     def figures(
@@ -353,7 +364,8 @@ class Finalizer:
         self, out: torch.Tensor, present: list[int], recs: list[Reduced], device: torch.device
     ) -> None:
         f64 = torch.float64
-        seg, rows = self._layout(present, [r.units for r in recs], device)
+        units = [r.units for r in recs]
+        seg, rows = self._layout(present, units, device)
 
         def cat(vectors: list[torch.Tensor]) -> torch.Tensor:
             try:
@@ -404,13 +416,15 @@ class Finalizer:
             cols["nonfinite"] = stack([zero if n is None else n for n in nonfinite])
 
         # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
-        if self._prev is not None:
-            m1, v1, layer_var1 = self._prev
+        key: _LayoutKey = (tuple(present), tuple(units), device)
+        previous = self._previous(key)
+        if previous is not None:
+            m1, v1, layer_var1 = previous
             floor = seg.expand(SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)
             v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
             kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean) * (m1 - umean)) / v2e - 1.0)
             cols["shift"] = seg.mean(kl)
-        self._prev = (umean, uvar, layer_var)
+        self._prev, self._prev_key = (umean, uvar, layer_var), key
         for name, col in cols.items():
             out[rows, STAT_INDEX[name]] = col
         sat_rows = [(i, r.sat / r.numel) for i, r in zip(present, recs, strict=True) if r.sat is not None]
@@ -418,6 +432,52 @@ class Finalizer:
             out[self._index([i for i, _ in sat_rows], device, torch.int64), STAT_INDEX["sat_frac"]] = stack(
                 [s for _, s in sat_rows]
             )
+
+    def _previous(self, key: _LayoutKey) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The last sample's moments laid out as this sample's layers, NaN for those it lacked.
+
+        Why not drop them whenever the set of layers changes: an output that is sometimes empty (an
+        expert routed no tokens) changes it every few steps, and would take every layer's shift
+        with it. A layer that was absent, or whose unit count changed, gets no shift this sample.
+        """
+        if self._prev is None or self._prev_key is None or key == self._prev_key:
+            return self._prev
+        (present, units, device), (old_present, old_units, old_device) = key, self._prev_key
+        if device != old_device:
+            return None
+        pair = (self._prev_key, key)
+        carry = self._carry.get(pair)
+        if carry is None:
+            where: dict[int, tuple[int, int, int]] = {}  # slot -> (first unit, units, position)
+            start = 0
+            for i, (slot, u) in enumerate(zip(old_present, old_units, strict=True)):
+                where[slot] = (start, u, i)
+                start += u
+            # Index len(...) picks the NaN appended below: no previous value.
+            unit_index: list[np.ndarray] = []
+            layer_index: list[int] = []
+            for slot, u in zip(present, units, strict=True):
+                first, old_u, i = where.get(slot, (0, -1, -1))
+                if old_u == u:
+                    unit_index.append(np.arange(first, first + u))
+                    layer_index.append(i)
+                else:
+                    unit_index.append(np.full(u, start))
+                    layer_index.append(len(old_present))
+            if len(self._carry) >= 8:  # bounded (8 x units x 16 bytes): a layout that never repeats
+                self._carry.clear()
+            carry = self._carry[pair] = (
+                _host_to(np.concatenate(unit_index), device, torch.int64),
+                _host_to(layer_index, device, torch.int64),
+            )
+        units_at, layers_at = carry
+        m1, v1, layer_var1 = self._prev
+        nan = torch.full((1,), float("nan"), dtype=m1.dtype, device=m1.device)
+        return (
+            torch.cat([m1, nan])[units_at],
+            torch.cat([v1, nan])[units_at],
+            torch.cat([layer_var1, nan])[layers_at],
+        )
 
     @staticmethod
     def _unit_shift(r: Reduced) -> torch.Tensor:
