@@ -464,7 +464,7 @@ class Finalizer:
                 else:
                     unit_index.append(np.full(u, start))
                     layer_index.append(len(old_present))
-            if len(self._carry) >= 8:  # bounded (8 x units x 16 bytes): a layout that never repeats
+            if len(self._carry) >= 8:  # bounded (8 x units x 8 bytes): a layout that never repeats
                 self._carry.clear()
             carry = self._carry[pair] = (
                 _host_to(np.concatenate(unit_index), device, torch.int64),
