@@ -26,7 +26,7 @@
 
 #define BLOCK_ROWS 64 /* rows of float32 partial sums before they are added into float64 */
 #define LANES 16      /* independent accumulators along a contiguous run (conv-like) */
-#define RUN_BLOCK 1024
+#define RUN_BLOCK 1024 /* elements of a run each lane sums in float32 before float64 */
 /* reduce_runs takes runs at least this long and at least RUNS_OVER_ROWS times longer than there
  * are rows; reduce_rows everything else. Measured (ns an element, 2-core x86-64, -O3): rows win
  * from [256, 64, 64] (0.47 vs 1.5) to [64, 64, 128] (0.55 vs 1.05); runs win from [16, 64, 1024]
@@ -35,7 +35,7 @@
 #define RUNS_OVER_ROWS 8
 #define COLUMN_CHUNK 4096  /* columns reduce_rows keeps lanes for at once */
 
-enum { SAT_NONE = 0, SAT_TANH = 1, SAT_SIGMOID = 2 };
+enum { SAT_NONE = 0, SAT_TANH = 1, SAT_SIGMOID = 2 }; /* as figures.SAT_* */
 
 /* One row of elements into per-lane partial sums. `restrict`: the lanes never alias the input,
  * which lets the compiler vectorise the loop without run-time overlap checks. */
