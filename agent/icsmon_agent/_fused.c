@@ -86,6 +86,29 @@ static void lanes_clear(Lanes *l, Py_ssize_t n) {
     memset(l->st, 0, sizeof(float) * (size_t)n);
 }
 
+/* out is [4, units]: each unit's reference (its first element), the sums of deviations from it
+ * and of their squares, and its max. Both layouts start and end their units the same way. */
+static void start_units(const float *x, Py_ssize_t units, Py_ssize_t inner, double *out) {
+    double *ref = out, *dsum = out + units, *dsq = out + 2 * units, *umax = out + 3 * units;
+    for (Py_ssize_t u = 0; u < units; u++) {
+        ref[u] = umax[u] = x[u * inner];
+        dsum[u] = dsq[u] = 0.0;
+    }
+}
+
+/* The scalars, and whether every unit's sums are finite (else an element was NaN/Inf, or a float32
+ * partial sum overflowed, and the caller takes the exact route). */
+static int finish_units(const double *out, Py_ssize_t units, float vmin, double nonzero, double saturated,
+                        double *scalars) {
+    const double *dsum = out + units, *dsq = out + 2 * units;
+    int finite = 1;
+    for (Py_ssize_t u = 0; u < units; u++) finite &= isfinite(dsum[u]) && isfinite(dsq[u]);
+    scalars[0] = vmin;
+    scalars[1] = nonzero;
+    scalars[2] = saturated;
+    return finite;
+}
+
 /* Rows of columns: each row of `units * inner` elements updates every column's lanes, so the
  * column axis is the SIMD axis. Units on the last axis (inner == 1: Linear-like) and units before
  * a run too short for reduce_runs' lanes to pay (see SHORT_RUN) both go here;
@@ -99,10 +122,7 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
     const Py_ssize_t width = cols < COLUMN_CHUNK ? cols : COLUMN_CHUNK;
     Lanes l;
     if (lanes_new(&l, width) < 0) return -1;
-    for (Py_ssize_t u = 0; u < units; u++) {
-        ref[u] = umax[u] = x[u * inner];
-        dsum[u] = dsq[u] = 0.0;
-    }
+    start_units(x, units, inner, out);
     float vmin = x[0];
     double nonzero = 0.0, saturated = 0.0;
     for (Py_ssize_t c0 = 0; c0 < cols; c0 += width) {
@@ -155,13 +175,8 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
             }
         }
     }
-    int finite = 1;
-    for (Py_ssize_t u = 0; u < units; u++) finite &= isfinite(dsum[u]) && isfinite(dsq[u]);
-    scalars[0] = vmin;
-    scalars[1] = nonzero;
-    scalars[2] = saturated;
     free(l.block);
-    return finite;
+    return finish_units(out, units, vmin, nonzero, saturated, scalars);
 }
 
 /* Units before a contiguous run (conv-like): each (sample, unit) is a run of `inner` elements,
@@ -174,10 +189,7 @@ static int reduce_runs(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ss
     if (lanes_new(&l, LANES) < 0) return -1;
     float vmin = x[0];
     double nonzero = 0.0, saturated = 0.0;
-    for (Py_ssize_t u = 0; u < units; u++) {
-        ref[u] = umax[u] = x[u * inner];
-        dsum[u] = dsq[u] = 0.0;
-    }
+    start_units(x, units, inner, out);
     for (Py_ssize_t n = 0; n < outer; n++) {
         for (Py_ssize_t u = 0; u < units; u++) {
             const float *run = x + (n * units + u) * inner;
@@ -207,13 +219,8 @@ static int reduce_runs(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ss
             }
         }
     }
-    int finite = 1;
-    for (Py_ssize_t u = 0; u < units; u++) finite &= isfinite(dsum[u]) && isfinite(dsq[u]);
-    scalars[0] = vmin;
-    scalars[1] = nonzero;
-    scalars[2] = saturated;
     free(l.block);
-    return finite;
+    return finish_units(out, units, vmin, nonzero, saturated, scalars);
 }
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *format,
