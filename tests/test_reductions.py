@@ -14,17 +14,24 @@ import pytest
 import torch
 
 from icsmon_agent import figures as figures_module
-from icsmon_agent.figures import SAT_NONE, SAT_SIGMOID, SAT_TANH, Finalizer, reduce_output
+from icsmon_agent.figures import SAT_NONE, SAT_SIGMOID, SAT_TANH, Finalizer, Record, reduce_output
 from icsmon_agent.protocol import STATS
-from truth import close, figures
+from truth import close, figures, per_unit
 
 
-@pytest.fixture(autouse=True, params=["kernel", "torch"])
+@pytest.fixture(autouse=True, params=["batch", "kernel", "torch"])
 def cpu_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each test once through the C kernel and once through the torch ops that stand in for it."""
+    """Each test through the C kernel, the outputs together (one call, as the offload thread
+    reduces them) and one by one (as a hook does), and through the torch ops that stand in for it."""
     if request.param == "torch":
         monkeypatch.setattr(figures_module, "_fused", None)
+    if request.param != "batch":
+        monkeypatch.setattr(figures_module, "reduce_outputs", _one_by_one)
     return str(request.param)
+
+
+def _one_by_one(outputs: list[tuple[torch.Tensor, int, int]]) -> list[Record | None]:
+    return [reduce_output(t, unit_dim, sat) for t, unit_dim, sat in outputs]
 
 
 def test_the_kernel_is_built_here() -> None:
@@ -35,7 +42,7 @@ def test_the_kernel_is_built_here() -> None:
 
 def _finish(outputs: list[tuple[torch.Tensor, int, int]], fin: Finalizer | None = None) -> np.ndarray:
     fin = fin or Finalizer(len(outputs))
-    recs = [reduce_output(t, unit_dim, sat) for t, unit_dim, sat in outputs]
+    recs = figures_module.reduce_outputs(outputs)
     return fin.figures(list(recs), None, torch.device("cpu")).double().numpy()
 
 
@@ -145,26 +152,38 @@ def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
         pytest.skip("the kernel's own argument checks")
     from icsmon_agent import _fused
 
+    def shapes(*rows: tuple[int, int, int, int]) -> np.ndarray:
+        return np.array(rows, dtype=np.int64)
+
     x = np.zeros((4, 3), dtype=np.float32)
-    out, scalars = np.zeros(12), np.zeros(3)
-    assert _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, out, scalars) is True
-    with pytest.raises(ValueError):
-        _fused.reduce_f32(x, 5, 3, 1, SAT_NONE, out, scalars)  # more elements than x holds
-    with pytest.raises(ValueError):
-        _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, np.zeros(11), scalars)  # out too short
-    with pytest.raises(ValueError):
-        _fused.reduce_f32(x.astype(np.float64), 4, 3, 1, SAT_NONE, out, scalars)  # wrong dtype
-    with pytest.raises(ValueError):
-        _fused.reduce_f32(np.zeros((3, 4), dtype=np.float32).T, 4, 3, 1, SAT_NONE, out, scalars)
-    with pytest.raises(ValueError):
-        _fused.reduce_f32(x, 4, 3, 1, 7, out, scalars)  # no such saturation kind
-    with pytest.raises(ValueError):
-        _fused.reduce_f32(bytes(48), 4, 3, 1, SAT_NONE, out, scalars)  # bytes, not float32
+    moments, scalars, ok = np.zeros((4, 3)), np.zeros((3, 1)), np.zeros(1, dtype=np.bool_)
+    fits = shapes((4, 3, 1, SAT_NONE))
+    assert _fused.reduce_batch([x], fits, moments, scalars, ok) is None
+    assert ok.tolist() == [True]
+    bad: list[tuple[object, ...]] = [
+        ([x], shapes((5, 3, 1, SAT_NONE)), moments, scalars, ok),  # more elements than x holds
+        ([x], fits, np.zeros(11), scalars, ok),  # moments too short
+        ([x], fits, moments, np.zeros(2), ok),  # scalars too short
+        ([x], fits, moments, scalars, np.zeros(1, dtype=np.uint8)),  # ok not bool
+        ([x.astype(np.float64)], fits, moments, scalars, ok),  # wrong dtype
+        ([np.zeros((3, 4), dtype=np.float32).T], fits, moments, scalars, ok),  # not C-contiguous
+        ([x], shapes((4, 3, 1, 7)), moments, scalars, ok),  # no such saturation kind
+        ([bytes(48)], fits, moments, scalars, ok),  # bytes, not float32
+        ([x], fits.astype(np.int32), moments, scalars, ok),  # shapes not int64
+        ([x, x], fits, moments, scalars, ok),  # more outputs than shapes
+        ([], shapes(), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.bool_)),  # no outputs
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            _fused.reduce_batch(*args)
     with pytest.raises(BufferError):
-        _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, bytes(96), scalars)  # out read-only
+        _fused.reduce_batch([x], fits, bytes(96), scalars, ok)  # moments read-only
     with pytest.raises(TypeError):
-        _fused.reduce_f32(x, 4, 3, 1, SAT_NONE, out)  # an argument short
-    # Sizes whose byte counts overflow must not wrap round to a size that fits (found by review).
+        _fused.reduce_batch([x], fits, moments, scalars)  # an argument short
+    with pytest.raises(TypeError):
+        _fused.reduce_batch(x[0, 0], fits, moments, scalars, ok)  # xs not a sequence
+    # Sizes whose byte counts overflow must not wrap round to a size that fits (found by review),
+    # nor may the units of several outputs add up past what the moments can index.
     one, four = np.zeros(1, dtype=np.float32), np.zeros(4)
     for outer, units, inner in (
         (1, 1, 2**62 + 1),
@@ -173,6 +192,49 @@ def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
         (2**40, 2**40, 2**40),
     ):
         with pytest.raises(ValueError):
-            _fused.reduce_f32(one, outer, units, inner, SAT_NONE, four, scalars)
-    with pytest.raises(OverflowError):
-        _fused.reduce_f32(one, 2**70, 1, 1, SAT_NONE, four, scalars)
+            _fused.reduce_batch([one], shapes((outer, units, inner, SAT_NONE)), four, scalars, ok)
+    two = np.zeros((3, 2))
+    with pytest.raises(ValueError):
+        _fused.reduce_batch(
+            [one, one], shapes((1, 2**57, 1, SAT_NONE), (1, 2**57, 1, SAT_NONE)), four, two, np.zeros(2, bool)
+        )
+
+
+def test_many_outputs_of_every_kind_in_one_call() -> None:
+    """One kernel call over outputs of both layouts, one unit, tanh and sigmoid, a NaN (the exact
+    route, inside the batch), a float64 output (not the kernel's) and an empty one: each layer's
+    figures, and its shift on the second sample, are its own, wherever it sits in the batch."""
+    torch.manual_seed(3)
+
+    def sample() -> list[tuple[torch.Tensor, int, int, str, bool]]:
+        nan = torch.randn(8, 6)
+        nan[2, 3] = float("nan")
+        return [
+            (torch.randn(32, 17) * 2 + 1, -1, SAT_NONE, "x", False),
+            (torch.randn(4, 8, 9, 9).relu(), 1, SAT_NONE, "x", True),  # long runs: the runs layout
+            (torch.randn(64, 1) - 3, -1, SAT_NONE, "x", False),  # one unit
+            ((torch.randn(16, 5) * 3).tanh(), -1, SAT_TANH, "tanh", False),
+            (nan, -1, SAT_NONE, "x", False),
+            (torch.randn(8, 6, dtype=torch.float64) * 5, -1, SAT_NONE, "x", False),
+            (torch.empty(0, 6), -1, SAT_NONE, "x", False),  # absent from the sample
+            ((torch.randn(8, 3, 5) * 4).sigmoid(), 1, SAT_SIGMOID, "sigmoid", True),  # short runs: rows
+        ]
+
+    fin = Finalizer(8)
+    prev: list[tuple[np.ndarray, np.ndarray] | None] = [None] * 8
+    for _ in range(2):
+        outputs = sample()
+        got = _finish([(t, unit_dim, sat) for t, unit_dim, sat, _, _ in outputs], fin)
+        for k, (t, _, _, kind, conv) in enumerate(outputs):
+            if t.numel() == 0:
+                assert np.isnan(got[k]).all()
+                continue
+            y = t.double().numpy()
+            want = figures(y, kind, conv, prev[k] if k != 4 else None)
+            for j, stat in enumerate(STATS):
+                if stat == "grad_norm" or (k == 4 and stat in ("dead_frac", "shift")):
+                    continue  # the NaN layer: see test_nonfinite_values_take_the_masked_route
+                value = None if np.isnan(got[k, j]) else float(got[k, j])
+                assert close(value, want[stat]), f"output {k}, {stat}: got {value}, want {want[stat]}"
+            mu, var, _ = per_unit(y, conv)
+            prev[k] = (mu, var)

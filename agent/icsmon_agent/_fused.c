@@ -86,28 +86,36 @@ static void lanes_clear(Lanes *l, Py_ssize_t n) {
     memset(l->st, 0, sizeof(float) * (size_t)n);
 }
 
-/* out is [4, units]: each unit's reference (its first element), the sums of deviations from it
- * and of their squares, and its max. Both layouts start and end their units the same way. */
-static void start_units(const float *x, Py_ssize_t units, Py_ssize_t inner, double *out) {
-    double *ref = out, *dsum = out + units, *dsq = out + 2 * units, *umax = out + 3 * units;
+/* out is 4 rows of `ld` (a batch's units in all): at this output's first unit, each unit's
+ * reference (its first element), the sums of deviations from it and of their squares, and its
+ * max. Both layouts start and end their units the same way. */
+static void start_units(const float *x, Py_ssize_t units, Py_ssize_t inner, double *out, Py_ssize_t ld) {
+    double *ref = out, *dsum = out + ld, *dsq = out + 2 * ld, *umax = out + 3 * ld;
     for (Py_ssize_t u = 0; u < units; u++) {
         ref[u] = umax[u] = x[u * inner];
         dsum[u] = dsq[u] = 0.0;
     }
 }
 
-/* The scalars, and whether every unit's sums are finite (else an element was NaN/Inf, or a float32
- * partial sum overflowed, and the caller takes the exact route). */
-static int finish_units(const double *out, Py_ssize_t units, float vmin, double nonzero, double saturated,
-                        double *scalars) {
-    const double *dsum = out + units, *dsq = out + 2 * units;
+/* The scalars (3 rows of `ls`: min, non-zero and saturated counts), and whether every unit's sums
+ * are finite (else an element was NaN/Inf, or a float32 partial sum overflowed, and the caller
+ * takes the exact route). */
+static int finish_units(const double *out, Py_ssize_t units, Py_ssize_t ld, float vmin, double nonzero,
+                        double saturated, double *scalars, Py_ssize_t ls) {
+    const double *dsum = out + ld, *dsq = out + 2 * ld;
     int finite = 1;
     for (Py_ssize_t u = 0; u < units; u++) finite &= isfinite(dsum[u]) && isfinite(dsq[u]);
     scalars[0] = vmin;
-    scalars[1] = nonzero;
-    scalars[2] = saturated;
+    scalars[ls] = nonzero;
+    scalars[2 * ls] = saturated;
     return finite;
 }
+
+/* Where one output's results go: its columns of the batch's [4, ld] moments and [3, ls] scalars. */
+typedef struct {
+    double *out, *scalars;
+    Py_ssize_t ld, ls;
+} Dest;
 
 /* Rows of columns: each row of `units * inner` elements updates every column's lanes, so the
  * column axis is the SIMD axis. Units on the last axis (inner == 1: Linear-like) and units before
@@ -116,13 +124,13 @@ static int finish_units(const double *out, Py_ssize_t units, float vmin, double 
  * Columns go COLUMN_CHUNK at a time: the lanes stay in cache, and their memory is bounded
  * whatever the width of the output. */
 static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssize_t inner, int sat,
-                       double *out, double *scalars) {
-    double *ref = out, *dsum = out + units, *dsq = out + 2 * units, *umax = out + 3 * units;
+                       Dest d) {
+    double *ref = d.out, *dsum = d.out + d.ld, *dsq = d.out + 2 * d.ld, *umax = d.out + 3 * d.ld;
     const Py_ssize_t cols = units * inner;
     const Py_ssize_t width = cols < COLUMN_CHUNK ? cols : COLUMN_CHUNK;
     Lanes l;
     if (lanes_new(&l, width) < 0) return -1;
-    start_units(x, units, inner, out);
+    start_units(x, units, inner, d.out, d.ld);
     float vmin = x[0];
     double nonzero = 0.0, saturated = 0.0;
     for (Py_ssize_t c0 = 0; c0 < cols; c0 += width) {
@@ -176,20 +184,20 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
         }
     }
     free(l.block);
-    return finish_units(out, units, vmin, nonzero, saturated, scalars);
+    return finish_units(d.out, units, d.ld, vmin, nonzero, saturated, d.scalars, d.ls);
 }
 
 /* Units before a contiguous run (conv-like): each (sample, unit) is a run of `inner` elements,
  * taken LANES at a time into independent accumulators (a reduction the compiler vectorises
  * without reassociating float arithmetic). */
 static int reduce_runs(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ssize_t inner, int sat,
-                       double *out, double *scalars) {
-    double *ref = out, *dsum = out + units, *dsq = out + 2 * units, *umax = out + 3 * units;
+                       Dest d) {
+    double *ref = d.out, *dsum = d.out + d.ld, *dsq = d.out + 2 * d.ld, *umax = d.out + 3 * d.ld;
     Lanes l;
     if (lanes_new(&l, LANES) < 0) return -1;
     float vmin = x[0];
     double nonzero = 0.0, saturated = 0.0;
-    start_units(x, units, inner, out);
+    start_units(x, units, inner, d.out, d.ld);
     for (Py_ssize_t n = 0; n < outer; n++) {
         for (Py_ssize_t u = 0; u < units; u++) {
             const float *run = x + (n * units + u) * inner;
@@ -220,82 +228,133 @@ static int reduce_runs(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ss
         }
     }
     free(l.block);
-    return finish_units(out, units, vmin, nonzero, saturated, scalars);
+    return finish_units(d.out, units, d.ld, vmin, nonzero, saturated, d.scalars, d.ls);
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *format,
-                      Py_ssize_t itemsize, Py_ssize_t count, const char *what) {
+/* `formats`: the one-character struct codes accepted (int64 is 'l' on LP64 systems, 'q' elsewhere). */
+static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *formats, Py_ssize_t itemsize,
+                      Py_ssize_t count, const char *what) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
     /* len / itemsize: itemsize * count could overflow for a count the caller made up. */
-    if (view->itemsize != itemsize || view->format == NULL || strcmp(view->format, format) != 0 ||
-        view->len % itemsize != 0 || view->len / itemsize != count) {
+    if (view->itemsize != itemsize || view->format == NULL || strlen(view->format) != 1 ||
+        strchr(formats, view->format[0]) == NULL || view->len % itemsize != 0 || view->len / itemsize != count) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd C-contiguous items of format '%s'", what, count,
-                     format);
+                     formats);
         PyBuffer_Release(view);
         return -1;
     }
     return 0;
 }
 
-PyDoc_STRVAR(reduce_doc,
-             "reduce_f32(x, outer, units, inner, sat, out, scalars) -> bool\n\n"
-             "x: float32 buffer of outer*units*inner elements (units on the middle axis).\n"
-             "out: float64 buffer [4, units] written with each unit's reference (first element),\n"
-             "sum and sum of squares of deviations from it, and max. scalars: float64 [3] written\n"
-             "with the min, the non-zero count and the saturated count (sat: 0 none, 1 tanh, 2\n"
-             "sigmoid). False when an element is non-finite or a float32 partial sum overflowed:\n"
-             "the results are then not to be used.");
-
-static PyObject *reduce_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "reduce_f32 takes 7 arguments");
-        return NULL;
-    }
-    Py_ssize_t outer, units, inner;
-    long sat;
-    if ((outer = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) return NULL;
-    if ((units = PyLong_AsSsize_t(args[2])) == -1 && PyErr_Occurred()) return NULL;
-    if ((inner = PyLong_AsSsize_t(args[3])) == -1 && PyErr_Occurred()) return NULL;
-    if ((sat = PyLong_AsLong(args[4])) == -1 && PyErr_Occurred()) return NULL;
-    /* Bounded so that every index and byte count below fits in a Py_ssize_t. */
-    if (outer < 1 || units < 1 || inner < 1 || sat < SAT_NONE || sat > SAT_SIGMOID ||
-        units > PY_SSIZE_T_MAX / 32 || outer > PY_SSIZE_T_MAX / 4 / units / inner) {
-        PyErr_SetString(PyExc_ValueError,
-                        "reduce_f32: outer, units and inner must be positive and their product "
-                        "addressable; sat 0-2");
-        return NULL;
-    }
-    Py_buffer xv, ov, sv;
-    if (get_buffer(args[0], &xv, 0, "f", 4, outer * units * inner, "x") < 0) return NULL;
-    if (get_buffer(args[5], &ov, 1, "d", 8, 4 * units, "out") < 0) {
-        PyBuffer_Release(&xv);
-        return NULL;
-    }
-    if (get_buffer(args[6], &sv, 1, "d", 8, 3, "scalars") < 0) {
-        PyBuffer_Release(&xv);
-        PyBuffer_Release(&ov);
-        return NULL;
-    }
-    int found;
-    Py_BEGIN_ALLOW_THREADS;
+/* One output, by the layout that suits its shape (see SHORT_RUN). */
+static int reduce_one(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ssize_t inner, int sat, Dest d) {
     if (units == 1 && inner == 1) /* one column: as one run, the lanes have something to do */
-        found = reduce_runs(xv.buf, 1, 1, outer, (int)sat, ov.buf, sv.buf);
-    else if (inner >= SHORT_RUN && inner / RUNS_OVER_ROWS >= outer)
-        found = reduce_runs(xv.buf, outer, units, inner, (int)sat, ov.buf, sv.buf);
-    else
-        found = reduce_rows(xv.buf, outer, units, inner, (int)sat, ov.buf, sv.buf);
+        return reduce_runs(x, 1, 1, outer, sat, d);
+    if (inner >= SHORT_RUN && inner / RUNS_OVER_ROWS >= outer) return reduce_runs(x, outer, units, inner, sat, d);
+    return reduce_rows(x, outer, units, inner, sat, d);
+}
+
+static void release_all(Py_buffer *views, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+}
+
+PyDoc_STRVAR(reduce_doc,
+             "reduce_batch(xs, shapes, moments, scalars, ok) -> None\n\n"
+             "Reduces P float32 outputs in one call, the GIL released for all of them.\n"
+             "xs: P C-contiguous float32 buffers. shapes: int64 [P, 4], each output's outer, units\n"
+             "and inner sizes (units on the middle axis; outer*units*inner elements) and its\n"
+             "saturation kind (0 none, 1 tanh, 2 sigmoid). moments: float64 [4, U], U the units of all\n"
+             "P outputs in order, written with each unit's reference (its first element), the sums of\n"
+             "deviations from it and of their squares, and its max. scalars: float64 [3, P], written\n"
+             "with each output's min, non-zero count and saturated count. ok: bool [P], False where an\n"
+             "element was non-finite or a float32 partial sum overflowed: that output's results are\n"
+             "then not to be used.");
+
+static PyObject *reduce_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "reduce_batch takes 5 arguments");
+        return NULL;
+    }
+    PyObject *xs = PySequence_Fast(args[0], "reduce_batch: xs must be a sequence");
+    if (xs == NULL) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(xs);
+    PyObject *result = NULL;
+    Py_buffer shv, mv, sv, okv;
+    int have_shapes = 0, have_moments = 0, have_scalars = 0, have_ok = 0;
+    Py_ssize_t got = 0; /* views[0..got) are held */
+    Py_buffer *views = NULL;
+    if (n < 1 || n > PY_SSIZE_T_MAX / 4 / (Py_ssize_t)sizeof(Py_buffer)) {
+        PyErr_SetString(PyExc_ValueError, "reduce_batch: xs must hold at least one output");
+        goto done;
+    }
+    if (get_buffer(args[1], &shv, 0, "lq", 8, 4 * n, "shapes") < 0) goto done;
+    have_shapes = 1;
+    const long long *shapes = shv.buf;
+    /* Bounded so that every index and byte count below fits in a Py_ssize_t. */
+    Py_ssize_t total_units = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const long long outer = shapes[4 * i], units = shapes[4 * i + 1], inner = shapes[4 * i + 2];
+        const long long sat = shapes[4 * i + 3];
+        if (outer < 1 || units < 1 || inner < 1 || sat < SAT_NONE || sat > SAT_SIGMOID ||
+            units > PY_SSIZE_T_MAX / 32 - total_units || outer > PY_SSIZE_T_MAX / 4 / units / inner) {
+            PyErr_Format(PyExc_ValueError,
+                         "reduce_batch: output %zd: outer, units and inner must be positive and their "
+                         "product addressable; sat 0-2",
+                         i);
+            goto done;
+        }
+        total_units += (Py_ssize_t)units;
+    }
+    if (get_buffer(args[2], &mv, 1, "d", 8, 4 * total_units, "moments") < 0) goto done;
+    have_moments = 1;
+    if (get_buffer(args[3], &sv, 1, "d", 8, 3 * n, "scalars") < 0) goto done;
+    have_scalars = 1;
+    if (get_buffer(args[4], &okv, 1, "?", 1, n, "ok") < 0) goto done;
+    have_ok = 1;
+    views = PyMem_Malloc(sizeof(Py_buffer) * (size_t)n);
+    if (views == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < n; got++) {
+        const long long *sh = shapes + 4 * got;
+        if (get_buffer(PySequence_Fast_GET_ITEM(xs, got), &views[got], 0, "f", 4,
+                       (Py_ssize_t)(sh[0] * sh[1] * sh[2]), "x") < 0)
+            goto done;
+    }
+    int failed = 0;
+    char *ok = okv.buf;
+    Py_BEGIN_ALLOW_THREADS;
+    Py_ssize_t first = 0;
+    for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        const long long *sh = shapes + 4 * i;
+        Dest d = {(double *)mv.buf + first, (double *)sv.buf + i, total_units, n};
+        int found = reduce_one(views[i].buf, (Py_ssize_t)sh[0], (Py_ssize_t)sh[1], (Py_ssize_t)sh[2],
+                               (int)sh[3], d);
+        failed = found < 0;
+        ok[i] = found > 0;
+        first += (Py_ssize_t)sh[1];
+    }
     Py_END_ALLOW_THREADS;
-    PyBuffer_Release(&xv);
-    PyBuffer_Release(&ov);
-    PyBuffer_Release(&sv);
-    if (found < 0) return PyErr_NoMemory();
-    return PyBool_FromLong(found);
+    if (failed)
+        PyErr_NoMemory();
+    else
+        result = Py_NewRef(Py_None);
+done:
+    release_all(views, got);
+    PyMem_Free(views);
+    if (have_ok) PyBuffer_Release(&okv);
+    if (have_scalars) PyBuffer_Release(&sv);
+    if (have_moments) PyBuffer_Release(&mv);
+    if (have_shapes) PyBuffer_Release(&shv);
+    Py_DECREF(xs);
+    return result;
 }
 
 static PyMethodDef methods[] = {
-    {"reduce_f32", (PyCFunction)(void (*)(void))reduce_f32, METH_FASTCALL, reduce_doc},
+    {"reduce_batch", (PyCFunction)(void (*)(void))reduce_batch, METH_FASTCALL, reduce_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,6 @@
 """Types of the C extension built from _fused.c."""
 
+from collections.abc import Sequence
 from typing import Any
 
-def reduce_f32(x: Any, outer: int, units: int, inner: int, sat: int, out: Any, scalars: Any, /) -> bool: ...
+def reduce_batch(xs: Sequence[Any], shapes: Any, moments: Any, scalars: Any, ok: Any, /) -> None: ...

@@ -36,7 +36,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import discovery, protocol
-from .figures import Finalizer, GradNorms, Reduced, grad_norms, reduce_output
+from .figures import Finalizer, GradNorms, Record, grad_norms, reduce_output, reduce_outputs
 from .layers import (
     Selector,
     candidate_modules,
@@ -100,7 +100,7 @@ class _Early:
     Beside the backward, which holds the GIL least, it costs the training thread almost nothing.
     """
 
-    records: list[Reduced | None]
+    records: list[Record | None]
     figures: torch.Tensor | None = None  # float64, from Finalizer.activations; None until done
 
 
@@ -109,7 +109,7 @@ class _Pending:
     step: int
     t_measured: float
     scalars: dict[str, Any]
-    records: list[Reduced | None]  # filled in by the offload thread until its finishing job runs
+    records: list[Record | None]  # filled in by the offload thread until its finishing job runs
     grads: GradNorms | None
     figures: torch.Tensor | None = None  # None: finished on the offload thread
     # Gradients whose norms the offload thread takes, and their versions when the step ended.
@@ -127,9 +127,9 @@ class _Held:
     reduced: bool  # already reduced inline (the layer-table step): kept to learn in-place changes
 
 
-def _records_device(records: list[Reduced | None]) -> torch.device:
+def _records_device(records: list[Record | None]) -> torch.device:
     """Where a sample's figures are finished: the device of its first layer's reductions."""
-    return next((r.ref.device for r in records if r is not None), torch.device("cpu"))
+    return next((r.device for r in records if r is not None), torch.device("cpu"))
 
 
 def _default_name() -> str:
@@ -201,7 +201,7 @@ class Monitor:
         self._closed_by_optimizer = False  # the optimizer hook closed the step and no forward followed
         self._layers: list[_Layer] = []
         self._slot: dict[tuple[int, int], int] = {}
-        self._records: list[Reduced | None] = []
+        self._records: list[Record | None] = []
         self._calls: dict[int, int] = {}
         self._params: list[tuple[int, nn.Parameter]] = []
         self._finalizer: Finalizer | None = None
@@ -492,26 +492,37 @@ class Monitor:
             nbytes = sum(h.tensor.nbytes for h in jobs)
             self._offload.submit(functools.partial(self._reduce_held, self._records, jobs), nbytes)
 
-    def _reduce_held(self, records: list[Reduced | None], jobs: list[_Held]) -> None:
+    def _reduce_held(self, records: list[Record | None], jobs: list[_Held]) -> None:
         """On the offload thread: reduce the held outputs, keeping each only if nothing changed it."""
+        layers = [self._layers[h.slot] for h in jobs]
         with torch.no_grad():  # grad mode is per thread: this one's is on
-            for h in jobs:
-                try:
-                    layer = self._layers[h.slot]
-                    reduced = reduce_output(h.tensor, layer.unit_dim, layer.sat)
-                    if h.tensor._version == h.version:
-                        records[h.slot] = reduced
-                    else:
-                        layer.copy = True
-                except Exception as exc:
-                    self._offload_fault(exc)
+            try:
+                reduced = reduce_outputs(
+                    [(h.tensor, la.unit_dim, la.sat) for h, la in zip(jobs, layers, strict=True)]
+                )
+            except Exception:
+                # One output no route can take (a sparse or distributed tensor) costs that layer
+                # alone: the rest go one by one, and only the failures count as faults.
+                reduced = [self._reduce_alone(h, layer) for h, layer in zip(jobs, layers, strict=True)]
+        for h, layer, record in zip(jobs, layers, reduced, strict=True):
+            if h.tensor._version == h.version:
+                records[h.slot] = record
+            else:
+                layer.copy = True
+
+    def _reduce_alone(self, h: _Held, layer: _Layer) -> Record | None:
+        try:
+            return reduce_output(h.tensor, layer.unit_dim, layer.sat)
+        except Exception as exc:
+            self._offload_fault(exc)
+            return None
 
     def _finish_table(self) -> None:
         if not self._layers or self._publisher is None:
             return
         self._building = False
         self._finalizer = Finalizer(len(self._layers))
-        if all(r is None or r.ref.is_cpu for r in self._records):
+        if all(r is None or r.device.type == "cpu" for r in self._records):
             self._offload = Offload(self._offload_fault)
         self._params = [
             (i, p)

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,6 +71,10 @@ class Reduced:
     def units(self) -> int:
         return self.ref.numel()
 
+    @property
+    def device(self) -> torch.device:
+        return self.ref.device
+
 
 def reduction_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     """All dims but the unit dim (every dim for a 0-/1-D output, which is then one unit)."""
@@ -101,8 +107,21 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
     shifted moments, in one pass of C where the extension is built (float32), else in three torch
     passes, and learns from their sums whether anything was non-finite or overflowed; only then
     does it redo the layer the exact, masked way. On GPU a read-back is a sync, so the masked
-    route is the only route.
+    route is the only route. :func:`reduce_outputs` does the same for many outputs at once.
     """
+    prepared = _prepare(t, unit_dim)
+    if prepared is None:
+        return None
+    x, unit_dim = prepared
+    if x.device.type == "cpu":
+        found = _reduce_cpu(x, unit_dim, sat)
+        if found is not None:
+            return found
+    return _reduce_masked(x, reduction_dims(x.ndim, unit_dim), sat, x.numel())
+
+
+def _prepare(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int] | None:
+    """The tensor every route reduces, and its unit dim; None for an empty output."""
     if t.numel() == 0:
         # No elements, no figures: a batch of none, an expert that was routed no tokens. The layer
         # is absent from this sample, as if unsampled (reducing it would raise, and torch warn).
@@ -115,11 +134,7 @@ def reduce_output(t: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
         # route below yields [1]-shaped per-unit results like any other layer's.
         x = x.reshape(-1, 1)
         unit_dim = -1
-    if x.device.type == "cpu":
-        found = _reduce_cpu(x, unit_dim, sat)
-        if found is not None:
-            return found
-    return _reduce_masked(x, reduction_dims(x.ndim, unit_dim), sat, x.numel())
+    return x, unit_dim
 
 
 def kernel_available() -> bool:
@@ -129,34 +144,137 @@ def kernel_available() -> bool:
 
 def _reduce_cpu(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
     """Shifted moments, max, min and the counts; None if anything is non-finite or overflowed."""
-    if _fused is not None and x.dtype is torch.float32 and x.layout is torch.strided:
-        return _reduce_fused(x, unit_dim, sat)
+    if _for_kernel(x):
+        batch = Batch.reduce([_kernel_array(x)], [*_kernel_shape(x, unit_dim), sat])
+        return Batched(batch, 0).reduced() if batch.ok[0] else None
     return _reduce_torch(x, unit_dim, sat)
 
 
-def _reduce_fused(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
-    """The torch route's figures in one pass of C (``_fused.c``): a third of its time, no dispatch."""
-    assert _fused is not None
+def _for_kernel(x: torch.Tensor) -> bool:
+    return (
+        _fused is not None
+        and x.device.type == "cpu"
+        and x.dtype is torch.float32
+        and x.layout is torch.strided
+    )
+
+
+def _kernel_shape(x: torch.Tensor, unit_dim: int) -> tuple[int, int, int]:
+    """``x`` as the kernel sees it: [outer, units, inner], units on the middle axis."""
     unit = unit_dim % x.ndim
     shape = x.shape
-    units = shape[unit]
-    outer = math.prod(shape[:unit])
-    inner = math.prod(shape[unit + 1 :])
-    # Float64 out: the kernel's sums are float64 already, and the Finalizer works in float64.
-    # NumPy arrays wrapped by from_numpy: a third of the Python time of torch.empty + numpy().
-    per_unit = np.empty((4, units))
-    scalars = np.empty(3)
+    return math.prod(shape[:unit]), shape[unit], math.prod(shape[unit + 1 :])
+
+
+def _kernel_array(x: torch.Tensor) -> np.ndarray:
     # numpy() is a zero-copy view that hands the kernel a buffer it checks (format, size, layout).
     # resolve_neg: numpy() refuses a lazily negated view (free when there is none).
-    if not _fused.reduce_f32(
-        x.resolve_neg().contiguous().numpy(), outer, units, inner, sat, per_unit, scalars
-    ):
-        return None
-    ref, dsum, dsq, umax = torch.from_numpy(per_unit).unbind(0)
-    vmin, nonzero, saturated = torch.from_numpy(scalars).unbind(0)
-    return Reduced(
-        ref, dsum, dsq, None, umax, vmin, nonzero, None, None if sat == SAT_NONE else saturated, x.numel()
-    )
+    return x.resolve_neg().contiguous().numpy()
+
+
+def reduce_outputs(outputs: Sequence[tuple[torch.Tensor, int, int]]) -> list[Record | None]:
+    """:func:`reduce_output` for many outputs (tensor, unit dim, saturation kind) at once.
+
+    Why: on the offload thread, one call of the kernel per output cost as much Python around it
+    (buffers, result tensors, a record) as C inside, ~20 us an output, and that Python holds the
+    GIL the training thread wants. Here every CPU float32 output goes through one kernel call,
+    the GIL released for all of them, into one :class:`Batch` that the :class:`Finalizer` reads as
+    it is; an output the kernel cannot take, or found non-finite, goes the one-output way.
+    """
+    found: list[Record | None] = [None] * len(outputs)
+    arrays: list[np.ndarray] = []
+    shapes: list[int] = []
+    places: list[tuple[int, torch.Tensor, int, int]] = []
+    for i, (t, unit_dim, sat) in enumerate(outputs):
+        prepared = _prepare(t, unit_dim)
+        if prepared is None:
+            continue
+        x, unit_dim = prepared
+        if _for_kernel(x):
+            arrays.append(_kernel_array(x))
+            shapes += (*_kernel_shape(x, unit_dim), sat)
+            places.append((i, x, unit_dim, sat))
+        else:
+            found[i] = reduce_output(x, unit_dim, sat)
+    if arrays:
+        batch = Batch.reduce(arrays, shapes)
+        for k, (i, x, unit_dim, sat) in enumerate(places):
+            if batch.ok[k]:
+                found[i] = Batched(batch, k)
+            else:  # a NaN/Inf or a float32 overflow: the exact route, for this output alone
+                found[i] = _reduce_masked(x, reduction_dims(x.ndim, unit_dim), sat, x.numel())
+    return found
+
+
+class Batch:
+    """CPU outputs reduced by one call of the kernel, laid out as the :class:`Finalizer` reads them.
+
+    ``moments`` is [4, U] over the U units of all P outputs in order (each unit's reference, sum of
+    deviations from it and of their squares, max: :class:`Reduced`'s ``ref``, ``dsum``, ``dsq``,
+    ``umax``); ``scalars`` is [3, P] (min, non-zero and saturated counts); ``ok[k]`` False where
+    output k was non-finite or overflowed (its columns are then not to be read).
+    """
+
+    def __init__(self, shapes: list[int]) -> None:
+        self.shapes = shapes  # outer, units, inner, sat of each output
+        self.units = shapes[1::4]
+        self.sats = shapes[3::4]
+        self.numel = [o * u * i for o, u, i in zip(shapes[0::4], self.units, shapes[2::4], strict=True)]
+        self.starts = [0]
+        for u in self.units[:-1]:
+            self.starts.append(self.starts[-1] + u)
+        self.size = len(self.units)
+        self.moments = np.empty((4, sum(self.units)))
+        self.scalars = np.empty((3, self.size))
+        self.ok = np.empty(self.size, dtype=np.bool_)
+
+    @classmethod
+    def reduce(cls, arrays: list[np.ndarray], shapes: list[int]) -> Batch:
+        assert _fused is not None
+        batch = cls(shapes)
+        _fused.reduce_batch(
+            arrays, np.asarray(shapes, dtype=np.int64), batch.moments, batch.scalars, batch.ok
+        )
+        return batch
+
+
+class Batched(NamedTuple):
+    """Output ``at`` of a :class:`Batch`: a record with no tensors of its own (a tuple: made
+    a hundred times a sample, at a fifth of a dataclass's cost)."""
+
+    batch: Batch
+    at: int
+
+    @property
+    def units(self) -> int:
+        return self.batch.units[self.at]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def reduced(self) -> Reduced:
+        """As a :class:`Reduced` of views into the batch (for a sample that mixes routes)."""
+        b, k = self.batch, self.at
+        first = b.starts[k]
+        ref, dsum, dsq, umax = torch.from_numpy(b.moments[:, first : first + b.units[k]]).unbind(0)
+        vmin, nonzero, saturated = torch.from_numpy(b.scalars[:, k]).unbind(0)
+        return Reduced(
+            ref,
+            dsum,
+            dsq,
+            None,
+            umax,
+            vmin,
+            nonzero,
+            None,
+            None if b.sats[k] == SAT_NONE else saturated,
+            b.numel[k],
+        )
+
+
+#: What a layer's reduction is: its own tensors, or its place in a batch.
+Record = Reduced | Batched
 
 
 def _reduce_torch(x: torch.Tensor, unit_dim: int, sat: int) -> Reduced | None:
@@ -259,6 +377,7 @@ class _Segments:
 
     def __init__(self, units: list[int], device: torch.device) -> None:
         self.n = len(units)
+        self.device = device
         self.cpu = device.type == "cpu"
         starts = [0]
         for u in units[:-1]:
@@ -286,16 +405,40 @@ class _Segments:
         return torch.index_select(per_layer, 0, self.seg)
 
 
+@dataclass
+class _Columns:
+    """A sample's reductions, concatenated over its present layers (float64, on its device)."""
+
+    umean: torch.Tensor  # [U] unit means
+    uvar: torch.Tensor  # [U] unit (population) variances
+    umax: torch.Tensor  # [U] unit maxima over finite elements
+    vmin: torch.Tensor  # [P] minima over finite elements
+    nonzero: torch.Tensor  # [P] non-zero counts
+    nonfinite: torch.Tensor | None  # [P] NaN/Inf counts; None: none anywhere
+    numel: torch.Tensor  # [P] elements
+    sat_at: list[int]  # positions (in the present layers) of the tanh/sigmoid layers
+    saturated: torch.Tensor | None  # [len(sat_at)] their saturated counts
+
+
+def _shifted_moments(
+    ref: torch.Tensor, dsum: torch.Tensor, dsq: torch.Tensor, per_unit: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit means and variances from moments about a reference (see :class:`Reduced`)."""
+    shift = dsum / per_unit
+    return ref + shift, (dsq / per_unit - shift * shift).clamp(min=0)
+
+
 #: A sample's layout: the slots of the layers present, their unit counts, the figures' device.
 _LayoutKey = tuple[tuple[int, ...], tuple[int, ...], torch.device]
 
 
 class Finalizer:
-    """Turns one step's :class:`Reduced` records into the figures matrix, batched across layers.
+    """Turns one step's records into the figures matrix, batched across layers.
 
     The op count is fixed whatever the number of layers: each per-unit field is concatenated once
-    (one ``cat`` over all layers, then one cast to float64), every per-layer figure is a segment
-    reduction over the concatenation (:class:`_Segments`), and every 0-d count one ``stack``.
+    (one ``cat`` over all layers, then one cast to float64; nothing at all when the sample is one
+    :class:`Batch`), every per-layer figure is a segment reduction over the concatenation
+    (:class:`_Segments`), and every 0-d count one ``stack``.
     """
 
     def __init__(self, n_layers: int) -> None:
@@ -333,14 +476,14 @@ class Finalizer:
 
     def figures(
         self,
-        records: list[Reduced | None],
+        records: Sequence[Record | None],
         grads: GradNorms | None,
         device: torch.device,
     ) -> torch.Tensor:
         """The ``n_layers x n_stats`` float32 matrix on ``device``; NaN where a figure is absent."""
         return self.with_grads(self.activations(records, device), grads)
 
-    def activations(self, records: list[Reduced | None], device: torch.device) -> torch.Tensor:
+    def activations(self, records: Sequence[Record | None], device: torch.device) -> torch.Tensor:
         """The activation figures alone, as a float64 matrix for :meth:`with_grads`.
 
         A step's activation figures are known once its forward is reduced, its gradient norms only
@@ -361,11 +504,71 @@ class Finalizer:
         return activations.to(torch.float32)
 
     def _activation_figures(
-        self, out: torch.Tensor, present: list[int], recs: list[Reduced], device: torch.device
+        self, out: torch.Tensor, present: list[int], recs: list[Record], device: torch.device
     ) -> None:
         f64 = torch.float64
         units = [r.units for r in recs]
         seg, rows = self._layout(present, units, device)
+        c = self._batch_columns(recs, seg) or self._columns(
+            [r.reduced() if isinstance(r, Batched) else r for r in recs], seg, device
+        )
+        umean, uvar, umax, numel = c.umean, c.uvar, c.umax, c.numel
+        mean = seg.mean(umean)
+        # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
+        layer_var = seg.mean(uvar)  # mean within-unit variance; the shift's floor uses it too
+        spread = umean - seg.expand(mean)
+        var = layer_var + seg.mean(spread * spread)
+        mx = seg.max(umax)
+        # A dead unit is never positive over the batch; umax is over finite elements, as the rule wants.
+        cols = {
+            "mean": mean,
+            "std": var.clamp(min=0).sqrt(),
+            # No finite element at all: min/max are absent, not +-inf.
+            "min": torch.where(torch.isfinite(c.vmin), c.vmin, torch.nan),
+            "max": torch.where(torch.isfinite(mx), mx, torch.nan),
+            "dead_frac": seg.mean((umax <= 0).to(f64)),
+            "zero_frac": 1.0 - c.nonzero / numel,
+        }
+        if c.nonfinite is None:
+            out[rows, STAT_INDEX["nonfinite"]] = 0.0
+        else:
+            cols["nonfinite"] = c.nonfinite
+
+        # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
+        key: _LayoutKey = (tuple(present), tuple(units), device)
+        previous = self._previous(key)
+        if previous is not None:
+            m1, v1, layer_var1 = previous
+            floor = seg.expand(SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)
+            v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
+            kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean) * (m1 - umean)) / v2e - 1.0)
+            cols["shift"] = seg.mean(kl)
+        self._prev, self._prev_key = (umean, uvar, layer_var), key
+        for name, col in cols.items():
+            out[rows, STAT_INDEX[name]] = col
+        if c.sat_at and c.saturated is not None:
+            at = self._index([present[k] for k in c.sat_at], device, torch.int64)
+            out[at, STAT_INDEX["sat_frac"]] = c.saturated / numel[self._index(c.sat_at, device, torch.int64)]
+
+    def _batch_columns(self, recs: list[Record], seg: _Segments) -> _Columns | None:
+        """The columns of a sample that is exactly one :class:`Batch`: views of it, nothing copied."""
+        first = recs[0]
+        if not isinstance(first, Batched) or first.batch.size != len(recs):
+            return None
+        b = first.batch
+        if not all(isinstance(r, Batched) and r.batch is b and r.at == k for k, r in enumerate(recs)):
+            return None
+        ref, dsum, dsq, umax = torch.from_numpy(b.moments).unbind(0)
+        vmin, nonzero, saturated = torch.from_numpy(b.scalars).unbind(0)
+        numel = self._index([float(n) for n in b.numel], seg.device, torch.float64)
+        umean, uvar = _shifted_moments(ref, dsum, dsq, seg.expand(numel / seg.counts))
+        sat_at = [k for k, sat in enumerate(b.sats) if sat != SAT_NONE]
+        sat = saturated[self._index(sat_at, seg.device, torch.int64)] if sat_at else None
+        return _Columns(umean, uvar, umax, vmin, nonzero, None, numel, sat_at, sat)
+
+    def _columns(self, recs: list[Reduced], seg: _Segments, device: torch.device) -> _Columns:
+        """Any sample's columns: each per-unit field concatenated once, each 0-d figure stacked once."""
+        f64 = torch.float64
 
         def cat(vectors: list[torch.Tensor]) -> torch.Tensor:
             try:
@@ -383,55 +586,29 @@ class Finalizer:
         # Elements per unit, per unit (the batch size may change between steps).
         per_unit = seg.expand(numel / seg.counts)
         ref = cat([r.ref for r in recs])
-        if all(r.dsum is not None and r.dsq is not None for r in recs):  # the CPU route, every layer
-            shift = cat([r.dsum for r in recs if r.dsum is not None]) / per_unit
-            umean = ref + shift
-            uvar = (cat([r.dsq for r in recs if r.dsq is not None]) / per_unit - shift * shift).clamp(min=0)
+        dsums = [r.dsum for r in recs if r.dsum is not None]
+        dsqs = [r.dsq for r in recs if r.dsq is not None]
+        if len(dsums) == len(recs) and len(dsqs) == len(recs):  # the CPU route, every layer
+            umean, uvar = _shifted_moments(ref, cat(dsums), cat(dsqs), per_unit)
         else:  # GPU records, or CPU records of which some took the exact route
             umean = ref + cat([self._unit_shift(r) for r in recs]) / per_unit
             uvar = cat([self._unit_var(r) for r in recs])
-        mean = seg.mean(umean)
-        # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
-        layer_var = seg.mean(uvar)  # mean within-unit variance; the shift's floor uses it too
-        spread = umean - seg.expand(mean)
-        var = layer_var + seg.mean(spread * spread)
-        mn = stack([r.vmin for r in recs])
-        umax = cat([r.umax for r in recs])
-        mx = seg.max(umax)
-        # A dead unit is never positive over the batch; umax is over finite elements, as the rule wants.
-        cols = {
-            "mean": mean,
-            "std": var.clamp(min=0).sqrt(),
-            # No finite element at all: min/max are absent, not +-inf.
-            "min": torch.where(torch.isfinite(mn), mn, torch.nan),
-            "max": torch.where(torch.isfinite(mx), mx, torch.nan),
-            "dead_frac": seg.mean((umax <= 0).to(f64)),
-            "zero_frac": 1.0 - stack([r.nonzero for r in recs]) / numel,
-        }
         nonfinite = [r.nonfinite for r in recs]
-        if all(n is None for n in nonfinite):
-            out[rows, STAT_INDEX["nonfinite"]] = 0.0
-        else:
-            zero = torch.zeros((), device=device)
-            cols["nonfinite"] = stack([zero if n is None else n for n in nonfinite])
-
-        # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
-        key: _LayoutKey = (tuple(present), tuple(units), device)
-        previous = self._previous(key)
-        if previous is not None:
-            m1, v1, layer_var1 = previous
-            floor = seg.expand(SHIFT_VAR_FLOOR * torch.maximum(layer_var, layer_var1) + _VAR_EPS)
-            v1e, v2e = torch.maximum(v1, floor), torch.maximum(uvar, floor)
-            kl = 0.5 * (torch.log(v2e / v1e) + (v1e + (m1 - umean) * (m1 - umean)) / v2e - 1.0)
-            cols["shift"] = seg.mean(kl)
-        self._prev, self._prev_key = (umean, uvar, layer_var), key
-        for name, col in cols.items():
-            out[rows, STAT_INDEX[name]] = col
-        sat_rows = [(i, r.sat / r.numel) for i, r in zip(present, recs, strict=True) if r.sat is not None]
-        if sat_rows:
-            out[self._index([i for i, _ in sat_rows], device, torch.int64), STAT_INDEX["sat_frac"]] = stack(
-                [s for _, s in sat_rows]
-            )
+        zero = torch.zeros((), device=device)
+        sat_at = [k for k, r in enumerate(recs) if r.sat is not None]
+        return _Columns(
+            umean,
+            uvar,
+            cat([r.umax for r in recs]),
+            stack([r.vmin for r in recs]),
+            stack([r.nonzero for r in recs]),
+            None
+            if all(n is None for n in nonfinite)
+            else stack([zero if n is None else n for n in nonfinite]),
+            numel,
+            sat_at,
+            stack([s for r in recs if (s := r.sat) is not None]) if sat_at else None,
+        )
 
     def _previous(self, key: _LayoutKey) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The last sample's moments laid out as this sample's layers, NaN for those it lacked.
