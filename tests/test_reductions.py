@@ -198,43 +198,79 @@ def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
         _fused.reduce_batch(
             [one, one], shapes((1, 2**57, 1, SAT_NONE), (1, 2**57, 1, SAT_NONE)), four, two, np.zeros(2, bool)
         )
+    # And the finish over a batch: every buffer's size is checked against the shapes.
+    cols, units, layer_var = np.zeros((1, 8)), np.zeros((2, 3)), np.zeros(1)
+    assert _fused.finish_batch(moments, scalars, fits, None, cols, units, layer_var) is None
+    prev = (np.zeros(3), np.ones(3), np.ones(1))
+    assert _fused.finish_batch(moments, scalars, fits, prev, cols, units, layer_var) is None
+    bad = [
+        (moments, scalars, shapes((4, 4, 1, SAT_NONE)), None, cols, units, layer_var),  # more units
+        (moments, scalars, fits, None, np.zeros((1, 7)), units, layer_var),  # cols too short
+        (moments, scalars, fits, None, cols, np.zeros(5), layer_var),  # units_out too short
+        (moments, scalars, fits, (np.zeros(2), np.ones(3), np.ones(1)), cols, units, layer_var),
+        (moments, np.zeros(0), fits, None, cols, units, layer_var),  # no outputs
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            _fused.finish_batch(*args)
+    with pytest.raises(TypeError):
+        _fused.finish_batch(
+            moments, scalars, fits, [np.zeros(3)], cols, units, layer_var
+        )  # prev not a 3-tuple
+    with pytest.raises(BufferError):
+        _fused.finish_batch(moments, scalars, fits, None, bytes(64), units, layer_var)  # cols read-only
 
 
-def test_many_outputs_of_every_kind_in_one_call() -> None:
-    """One kernel call over outputs of both layouts, one unit, tanh and sigmoid, a NaN (the exact
-    route, inside the batch), a float64 output (not the kernel's) and an empty one: each layer's
-    figures, and its shift on the second sample, are its own, wherever it sits in the batch."""
+@pytest.mark.parametrize("mixed", [False, True])
+def test_many_outputs_of_every_kind_in_one_call(mixed: bool) -> None:
+    """One kernel call over outputs of both layouts, one unit, tanh and sigmoid; ``mixed`` adds a
+    NaN (the exact route, inside the batch), a float64 output (not the kernel's) and an empty one,
+    which send the sample down the general finish, not the batch's. Each layer's figures, and its
+    shift over three samples, are its own wherever it sits; a layer empty in the middle sample has
+    no shift then nor in the sample after (consecutive samples only), and the others keep theirs."""
     torch.manual_seed(3)
 
-    def sample() -> list[tuple[torch.Tensor, int, int, str, bool]]:
+    def sample(step: int) -> list[tuple[torch.Tensor, int, int, str, bool]]:
         nan = torch.randn(8, 6)
         nan[2, 3] = float("nan")
-        return [
+        runs = torch.randn(4, 8, 9, 9).relu() if step != 1 else torch.empty(0, 8, 9, 9)
+        outputs = [
             (torch.randn(32, 17) * 2 + 1, -1, SAT_NONE, "x", False),
-            (torch.randn(4, 8, 9, 9).relu(), 1, SAT_NONE, "x", True),  # long runs: the runs layout
+            (runs, 1, SAT_NONE, "x", True),  # long runs: the runs layout; empty in the middle sample
             (torch.randn(64, 1) - 3, -1, SAT_NONE, "x", False),  # one unit
             ((torch.randn(16, 5) * 3).tanh(), -1, SAT_TANH, "tanh", False),
-            (nan, -1, SAT_NONE, "x", False),
-            (torch.randn(8, 6, dtype=torch.float64) * 5, -1, SAT_NONE, "x", False),
-            (torch.empty(0, 6), -1, SAT_NONE, "x", False),  # absent from the sample
             ((torch.randn(8, 3, 5) * 4).sigmoid(), 1, SAT_SIGMOID, "sigmoid", True),  # short runs: rows
         ]
+        if mixed:
+            outputs += [
+                (nan, -1, SAT_NONE, "x", False),
+                (torch.randn(8, 6, dtype=torch.float64) * 5, -1, SAT_NONE, "x", False),
+                (torch.empty(0, 6), -1, SAT_NONE, "x", False),  # absent from every sample
+            ]
+        return outputs
 
-    fin = Finalizer(8)
-    prev: list[tuple[np.ndarray, np.ndarray] | None] = [None] * 8
-    for _ in range(2):
-        outputs = sample()
+    layers = 8 if mixed else 5
+    fin = Finalizer(layers)
+    prev: list[tuple[np.ndarray, np.ndarray] | None] = [None] * layers
+    for step in range(3):
+        outputs = sample(step)
         got = _finish([(t, unit_dim, sat) for t, unit_dim, sat, _, _ in outputs], fin)
         for k, (t, _, _, kind, conv) in enumerate(outputs):
             if t.numel() == 0:
                 assert np.isnan(got[k]).all()
+                prev[k] = None
                 continue
             y = t.double().numpy()
-            want = figures(y, kind, conv, prev[k] if k != 4 else None)
+            want = figures(y, kind, conv, prev[k] if k != 5 else None)
             for j, stat in enumerate(STATS):
-                if stat == "grad_norm" or (k == 4 and stat in ("dead_frac", "shift")):
+                if stat == "grad_norm" or (k == 5 and stat in ("dead_frac", "shift")):
                     continue  # the NaN layer: see test_nonfinite_values_take_the_masked_route
                 value = None if np.isnan(got[k, j]) else float(got[k, j])
-                assert close(value, want[stat]), f"output {k}, {stat}: got {value}, want {want[stat]}"
+                assert close(value, want[stat]), (
+                    f"step {step}, output {k}, {stat}: got {value}, want {want[stat]}"
+                )
             mu, var, _ = per_unit(y, conv)
             prev[k] = (mu, var)
+        if step == 2:
+            assert np.isnan(got[1, STATS.index("shift")])  # absent last sample: no shift
+            assert np.isfinite(got[0, STATS.index("shift")])  # the others kept theirs

@@ -353,8 +353,142 @@ done:
     return result;
 }
 
+/* The figures of each output of a batch, from its moments (reduce_batch's), as figures.Finalizer
+ * computes them with torch ops for any other sample (see _activation_figures there for the why of
+ * each formula). Why here too: for a batch those were ~55 small ops and ~10 MB of temporaries a
+ * sample on the offload thread, longer than the reductions' Python; here they are one pass.
+ * Columns of `cols` [P, FINISH_COLS]: */
+enum { F_MEAN, F_STD, F_MIN, F_MAX, F_DEAD, F_ZERO, F_SAT, F_SHIFT, FINISH_COLS };
+#define SHIFT_VAR_FLOOR 0.01 /* as figures.SHIFT_VAR_FLOOR */
+#define VAR_EPS 1e-12        /* as figures._VAR_EPS */
+
+static void finish_one(const double *mom, Py_ssize_t ld, const double *sc, Py_ssize_t ls, const long long *sh,
+                       const double *prev_mean, const double *prev_var, double prev_layer_var, double *cols,
+                       double *umean, double *uvar, double *layer_var) {
+    const Py_ssize_t units = (Py_ssize_t)sh[1];
+    const double numel = (double)sh[0] * (double)sh[1] * (double)sh[2], n = numel / (double)units;
+    const double *ref = mom, *dsum = mom + ld, *dsq = mom + 2 * ld, *umax = mom + 3 * ld;
+    double total = 0.0, within = 0.0, mx = -INFINITY, dead = 0.0;
+    for (Py_ssize_t u = 0; u < units; u++) {
+        const double shift = dsum[u] / n, v = dsq[u] / n - shift * shift;
+        umean[u] = ref[u] + shift;
+        uvar[u] = v > 0.0 ? v : 0.0;
+        total += umean[u];
+        within += uvar[u];
+        mx = umax[u] > mx ? umax[u] : mx;
+        dead += umax[u] <= 0.0;
+    }
+    const double mean = total / (double)units, lvar = within / (double)units;
+    double spread = 0.0;
+    for (Py_ssize_t u = 0; u < units; u++) spread += (umean[u] - mean) * (umean[u] - mean);
+    const double var = lvar + spread / (double)units;
+    *layer_var = lvar;
+    cols[F_MEAN] = mean;
+    cols[F_STD] = sqrt(var > 0.0 ? var : 0.0);
+    cols[F_MIN] = isfinite(sc[0]) ? sc[0] : NAN;
+    cols[F_MAX] = isfinite(mx) ? mx : NAN;
+    cols[F_DEAD] = dead / (double)units;
+    cols[F_ZERO] = 1.0 - sc[ls] / numel;
+    cols[F_SAT] = sh[3] == SAT_NONE ? NAN : sc[2 * ls] / numel;
+    cols[F_SHIFT] = NAN;
+    if (prev_mean == NULL || isnan(prev_layer_var)) return; /* no previous sample of this layer */
+    const double larger = prev_layer_var > lvar ? prev_layer_var : lvar;
+    const double floor_ = SHIFT_VAR_FLOOR * larger + VAR_EPS;
+    double kl = 0.0;
+    for (Py_ssize_t u = 0; u < units; u++) {
+        /* `<` keeps a NaN (a unit the last sample could not measure) as torch.maximum does. */
+        const double v1 = prev_var[u] < floor_ ? floor_ : prev_var[u], v2 = uvar[u] < floor_ ? floor_ : uvar[u];
+        const double dm = prev_mean[u] - umean[u];
+        kl += 0.5 * (log(v2 / v1) + (v1 + dm * dm) / v2 - 1.0);
+    }
+    cols[F_SHIFT] = kl / (double)units;
+}
+
+PyDoc_STRVAR(finish_doc,
+             "finish_batch(moments, scalars, shapes, prev, cols, units_out, layer_var) -> None\n\n"
+             "The figures of a batch reduce_batch reduced (every output finite), one row of cols\n"
+             "(float64 [P, 8]) an output: mean, std, min, max, dead_frac, zero_frac, sat_frac (NaN\n"
+             "for none), shift (NaN without a previous sample). units_out (float64 [2, U]) gets each\n"
+             "unit's mean and variance, layer_var (float64 [P]) each output's mean unit variance, for\n"
+             "the next sample's shift. prev: None, or the last sample's (unit means [U], unit\n"
+             "variances [U], mean unit variances [P]) in this batch's layout, NaN where absent.");
+
+static PyObject *finish_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "finish_batch takes 7 arguments");
+        return NULL;
+    }
+    enum { MOM, SC, SH, CO, UO, LVO, PM, PV, PLV, NVIEWS };
+    Py_buffer v[NVIEWS];
+    int held[NVIEWS] = {0};
+    PyObject *result = NULL;
+    Py_ssize_t n = 0, total_units = 0;
+    /* P, the outputs, from the scalars ([3, P]); every other size is checked against it. */
+    if (PyObject_GetBuffer(args[1], &v[SC], PyBUF_C_CONTIGUOUS) < 0) goto done;
+    n = v[SC].len / 24;
+    PyBuffer_Release(&v[SC]);
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "finish_batch: scalars must be float64 [3, P], P >= 1");
+        goto done;
+    }
+    if (get_buffer(args[2], &v[SH], 0, "lq", 8, 4 * n, "shapes") < 0) goto done;
+    held[SH] = 1;
+    const long long *sh = v[SH].buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (sh[4 * i] < 1 || sh[4 * i + 1] < 1 || sh[4 * i + 2] < 1 || sh[4 * i + 1] > PY_SSIZE_T_MAX / 32 - total_units) {
+            PyErr_SetString(PyExc_ValueError, "finish_batch: sizes must be positive and addressable");
+            goto done;
+        }
+        total_units += (Py_ssize_t)sh[4 * i + 1];
+    }
+    struct {
+        int at, arg, writable;
+        Py_ssize_t count;
+        const char *what;
+    } want[] = {{MOM, 0, 0, 4 * total_units, "moments"}, {SC, 1, 0, 3 * n, "scalars"},
+                {CO, 4, 1, FINISH_COLS * n, "cols"},   {UO, 5, 1, 2 * total_units, "units_out"},
+                {LVO, 6, 1, n, "layer_var"}};
+    for (size_t w = 0; w < sizeof(want) / sizeof(want[0]); w++) {
+        if (get_buffer(args[want[w].arg], &v[want[w].at], want[w].writable, "d", 8, want[w].count, want[w].what) < 0)
+            goto done;
+        held[want[w].at] = 1;
+    }
+    const double *pm = NULL, *pv = NULL, *plv = NULL;
+    if (args[3] != Py_None) {
+        if (!PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 3) {
+            PyErr_SetString(PyExc_TypeError, "finish_batch: prev must be None or a 3-tuple");
+            goto done;
+        }
+        const Py_ssize_t counts[3] = {total_units, total_units, n};
+        for (int k = 0; k < 3; k++) {
+            if (get_buffer(PyTuple_GET_ITEM(args[3], k), &v[PM + k], 0, "d", 8, counts[k], "prev") < 0) goto done;
+            held[PM + k] = 1;
+        }
+        pm = v[PM].buf;
+        pv = v[PV].buf;
+        plv = v[PLV].buf;
+    }
+    const double *mom = v[MOM].buf, *sc = v[SC].buf;
+    double *cols = v[CO].buf, *uo = v[UO].buf, *lvo = v[LVO].buf;
+    Py_BEGIN_ALLOW_THREADS;
+    Py_ssize_t first = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        finish_one(mom + first, total_units, sc + i, n, sh + 4 * i, pm ? pm + first : NULL, pv ? pv + first : NULL,
+                   plv ? plv[i] : NAN, cols + FINISH_COLS * i, uo + first, uo + total_units + first, lvo + i);
+        first += (Py_ssize_t)sh[4 * i + 1];
+    }
+    Py_END_ALLOW_THREADS;
+    result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < NVIEWS; k++)
+        if (held[k]) PyBuffer_Release(&v[k]);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"reduce_batch", (PyCFunction)(void (*)(void))reduce_batch, METH_FASTCALL, reduce_doc},
+    {"finish_batch", (PyCFunction)(void (*)(void))finish_batch, METH_FASTCALL, finish_doc},
     {NULL, NULL, 0, NULL},
 };
 

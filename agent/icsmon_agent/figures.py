@@ -217,6 +217,7 @@ class Batch:
 
     def __init__(self, shapes: list[int]) -> None:
         self.shapes = shapes  # outer, units, inner, sat of each output
+        self.shape_array = np.asarray(shapes, dtype=np.int64)
         self.units = shapes[1::4]
         self.sats = shapes[3::4]
         self.numel = [o * u * i for o, u, i in zip(shapes[0::4], self.units, shapes[2::4], strict=True)]
@@ -420,12 +421,20 @@ class _Columns:
     saturated: torch.Tensor | None  # [len(sat_at)] their saturated counts
 
 
-def _shifted_moments(
-    ref: torch.Tensor, dsum: torch.Tensor, dsq: torch.Tensor, per_unit: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit means and variances from moments about a reference (see :class:`Reduced`)."""
-    shift = dsum / per_unit
-    return ref + shift, (dsq / per_unit - shift * shift).clamp(min=0)
+#: The figures ``_fused.finish_batch`` writes, in its column order, and their columns in the matrix.
+_FINISH_STATS = ("mean", "std", "min", "max", "dead_frac", "zero_frac", "sat_frac", "shift")
+_FINISH_COLUMNS = [STAT_INDEX[name] for name in _FINISH_STATS]
+
+
+def _whole_batch(recs: list[Record]) -> Batch | None:
+    """The batch a sample's records are, in order and all of it; None if they are anything else."""
+    first = recs[0]
+    if _fused is None or not isinstance(first, Batched) or first.batch.size != len(recs):
+        return None
+    b = first.batch
+    if all(isinstance(r, Batched) and r.batch is b and r.at == k for k, r in enumerate(recs)):
+        return b
+    return None
 
 
 #: A sample's layout: the slots of the layers present, their unit counts, the figures' device.
@@ -509,9 +518,11 @@ class Finalizer:
         f64 = torch.float64
         units = [r.units for r in recs]
         seg, rows = self._layout(present, units, device)
-        c = self._batch_columns(recs, seg) or self._columns(
-            [r.reduced() if isinstance(r, Batched) else r for r in recs], seg, device
-        )
+        batch = _whole_batch(recs)
+        if batch is not None:
+            self._batch_figures(out, rows, (tuple(present), tuple(units), device), batch)
+            return
+        c = self._columns([r.reduced() if isinstance(r, Batched) else r for r in recs], seg, device)
         umean, uvar, umax, numel = c.umean, c.uvar, c.umax, c.numel
         mean = seg.mean(umean)
         # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
@@ -550,21 +561,22 @@ class Finalizer:
             at = self._index([present[k] for k in c.sat_at], device, torch.int64)
             out[at, STAT_INDEX["sat_frac"]] = c.saturated / numel[self._index(c.sat_at, device, torch.int64)]
 
-    def _batch_columns(self, recs: list[Record], seg: _Segments) -> _Columns | None:
-        """The columns of a sample that is exactly one :class:`Batch`: views of it, nothing copied."""
-        first = recs[0]
-        if not isinstance(first, Batched) or first.batch.size != len(recs):
-            return None
-        b = first.batch
-        if not all(isinstance(r, Batched) and r.batch is b and r.at == k for k, r in enumerate(recs)):
-            return None
-        ref, dsum, dsq, umax = torch.from_numpy(b.moments).unbind(0)
-        vmin, nonzero, saturated = torch.from_numpy(b.scalars).unbind(0)
-        numel = self._index([float(n) for n in b.numel], seg.device, torch.float64)
-        umean, uvar = _shifted_moments(ref, dsum, dsq, seg.expand(numel / seg.counts))
-        sat_at = [k for k, sat in enumerate(b.sats) if sat != SAT_NONE]
-        sat = saturated[self._index(sat_at, seg.device, torch.int64)] if sat_at else None
-        return _Columns(umean, uvar, umax, vmin, nonzero, None, numel, sat_at, sat)
+    def _batch_figures(self, out: torch.Tensor, rows: torch.Tensor, key: _LayoutKey, batch: Batch) -> None:
+        """A sample that is one :class:`Batch`: the same figures in one pass of C (``finish_batch``)."""
+        assert _fused is not None
+        previous = self._previous(key)
+        cols = np.empty((batch.size, len(_FINISH_STATS)))
+        units = np.empty((2, batch.moments.shape[1]))
+        layer_var = np.empty(batch.size)
+        prev = None
+        if previous is not None:
+            m1, v1, layer_var1 = previous
+            prev = (m1.contiguous().numpy(), v1.contiguous().numpy(), layer_var1.contiguous().numpy())
+        _fused.finish_batch(batch.moments, batch.scalars, batch.shape_array, prev, cols, units, layer_var)
+        umean, uvar = torch.from_numpy(units).unbind(0)
+        self._prev, self._prev_key = (umean, uvar, torch.from_numpy(layer_var)), key
+        out[rows.unsqueeze(1), self._index(_FINISH_COLUMNS, out.device, torch.int64)] = torch.from_numpy(cols)
+        out[rows, STAT_INDEX["nonfinite"]] = 0.0  # a batch's outputs are finite: non-finite ones left it
 
     def _columns(self, recs: list[Reduced], seg: _Segments, device: torch.device) -> _Columns:
         """Any sample's columns: each per-unit field concatenated once, each 0-d figure stacked once."""
@@ -589,7 +601,9 @@ class Finalizer:
         dsums = [r.dsum for r in recs if r.dsum is not None]
         dsqs = [r.dsq for r in recs if r.dsq is not None]
         if len(dsums) == len(recs) and len(dsqs) == len(recs):  # the CPU route, every layer
-            umean, uvar = _shifted_moments(ref, cat(dsums), cat(dsqs), per_unit)
+            shift = cat(dsums) / per_unit
+            umean = ref + shift
+            uvar = (cat(dsqs) / per_unit - shift * shift).clamp(min=0)
         else:  # GPU records, or CPU records of which some took the exact route
             umean = ref + cat([self._unit_shift(r) for r in recs]) / per_unit
             uvar = cat([self._unit_var(r) for r in recs])
