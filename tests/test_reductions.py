@@ -198,6 +198,15 @@ def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
         _fused.reduce_batch(
             [one, one], shapes((1, 2**57, 1, SAT_NONE), (1, 2**57, 1, SAT_NONE)), four, two, np.zeros(2, bool)
         )
+    # Shapes that share memory with an output buffer are read once, before the kernel writes
+    # (found by review: output 0's max overwrote output 1's unit count, and the kernel then wrote
+    # past the moments).
+    u = 8
+    shared = np.zeros(4 * u)
+    aliased = shared.view(np.int64)[3 * u - 5 : 3 * u + 3]
+    aliased[:] = [1, 3, 1, SAT_NONE, 1, 5, 1, SAT_NONE]
+    outputs = [np.ones(3, dtype=np.float32), np.ones(5, dtype=np.float32)]
+    _fused.reduce_batch(outputs, aliased, shared.reshape(4, u), np.empty((3, 2)), np.empty(2, dtype=np.bool_))
     # And the finish over a batch: every buffer's size is checked against the shapes.
     cols, units, layer_var = np.zeros((1, 8)), np.zeros((2, 3)), np.zeros(1)
     assert _fused.finish_batch(moments, scalars, fits, None, cols, units, layer_var) is None

@@ -247,6 +247,44 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
+/* The [n, 4] int64 shapes (outer, units, inner, sat), copied out of the caller's buffer and checked.
+ * Why a copy: the kernel writes into other buffers the caller passed, and another thread may run
+ * while the GIL is released; a shapes buffer that shared memory with either could change after
+ * the check, and a unit count read again then could send a write past the moments. Bounded so
+ * that every index and byte count fits in a Py_ssize_t. Returns NULL with an exception set. */
+static long long *take_shapes(PyObject *obj, Py_ssize_t n, Py_ssize_t *total_units, const char *fn) {
+    Py_buffer view;
+    if (n < 1 || n > PY_SSIZE_T_MAX / 64) {
+        PyErr_Format(PyExc_ValueError, "%s: at least one output", fn);
+        return NULL;
+    }
+    if (get_buffer(obj, &view, 0, "lq", 8, 4 * n, "shapes") < 0) return NULL;
+    long long *shapes = PyMem_Malloc(sizeof(long long) * 4 * (size_t)n);
+    if (shapes == NULL) {
+        PyBuffer_Release(&view);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(shapes, view.buf, sizeof(long long) * 4 * (size_t)n);
+    PyBuffer_Release(&view);
+    *total_units = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const long long outer = shapes[4 * i], units = shapes[4 * i + 1], inner = shapes[4 * i + 2];
+        const long long sat = shapes[4 * i + 3];
+        if (outer < 1 || units < 1 || inner < 1 || sat < SAT_NONE || sat > SAT_SIGMOID ||
+            units > PY_SSIZE_T_MAX / 32 - *total_units || outer > PY_SSIZE_T_MAX / 4 / units / inner) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: output %zd: outer, units and inner must be positive and their product "
+                         "addressable; sat 0-2",
+                         fn, i);
+            PyMem_Free(shapes);
+            return NULL;
+        }
+        *total_units += (Py_ssize_t)units;
+    }
+    return shapes;
+}
+
 /* One output, by the layout that suits its shape (see SHORT_RUN). */
 static int reduce_one(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ssize_t inner, int sat, Dest d) {
     if (units == 1 && inner == 1) /* one column: as one run, the lanes have something to do */
@@ -277,36 +315,18 @@ static PyObject *reduce_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "reduce_batch takes 5 arguments");
         return NULL;
     }
-    PyObject *xs = PySequence_Fast(args[0], "reduce_batch: xs must be a sequence");
+    /* A tuple of our own: the caller's list cannot change length while buffers are taken. */
+    PyObject *xs = PySequence_Tuple(args[0]);
     if (xs == NULL) return NULL;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(xs);
+    const Py_ssize_t n = PyTuple_GET_SIZE(xs);
     PyObject *result = NULL;
-    Py_buffer shv, mv, sv, okv;
-    int have_shapes = 0, have_moments = 0, have_scalars = 0, have_ok = 0;
+    Py_buffer mv, sv, okv;
+    int have_moments = 0, have_scalars = 0, have_ok = 0;
     Py_ssize_t got = 0; /* views[0..got) are held */
     Py_buffer *views = NULL;
-    if (n < 1 || n > PY_SSIZE_T_MAX / 4 / (Py_ssize_t)sizeof(Py_buffer)) {
-        PyErr_SetString(PyExc_ValueError, "reduce_batch: xs must hold at least one output");
-        goto done;
-    }
-    if (get_buffer(args[1], &shv, 0, "lq", 8, 4 * n, "shapes") < 0) goto done;
-    have_shapes = 1;
-    const long long *shapes = shv.buf;
-    /* Bounded so that every index and byte count below fits in a Py_ssize_t. */
     Py_ssize_t total_units = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const long long outer = shapes[4 * i], units = shapes[4 * i + 1], inner = shapes[4 * i + 2];
-        const long long sat = shapes[4 * i + 3];
-        if (outer < 1 || units < 1 || inner < 1 || sat < SAT_NONE || sat > SAT_SIGMOID ||
-            units > PY_SSIZE_T_MAX / 32 - total_units || outer > PY_SSIZE_T_MAX / 4 / units / inner) {
-            PyErr_Format(PyExc_ValueError,
-                         "reduce_batch: output %zd: outer, units and inner must be positive and their "
-                         "product addressable; sat 0-2",
-                         i);
-            goto done;
-        }
-        total_units += (Py_ssize_t)units;
-    }
+    long long *shapes = take_shapes(args[1], n, &total_units, "reduce_batch");
+    if (shapes == NULL) goto done;
     if (get_buffer(args[2], &mv, 1, "d", 8, 4 * total_units, "moments") < 0) goto done;
     have_moments = 1;
     if (get_buffer(args[3], &sv, 1, "d", 8, 3 * n, "scalars") < 0) goto done;
@@ -320,7 +340,7 @@ static PyObject *reduce_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     for (; got < n; got++) {
         const long long *sh = shapes + 4 * got;
-        if (get_buffer(PySequence_Fast_GET_ITEM(xs, got), &views[got], 0, "f", 4,
+        if (get_buffer(PyTuple_GET_ITEM(xs, got), &views[got], 0, "f", 4,
                        (Py_ssize_t)(sh[0] * sh[1] * sh[2]), "x") < 0)
             goto done;
     }
@@ -345,10 +365,10 @@ static PyObject *reduce_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
 done:
     release_all(views, got);
     PyMem_Free(views);
+    PyMem_Free(shapes);
     if (have_ok) PyBuffer_Release(&okv);
     if (have_scalars) PyBuffer_Release(&sv);
     if (have_moments) PyBuffer_Release(&mv);
-    if (have_shapes) PyBuffer_Release(&shv);
     Py_DECREF(xs);
     return result;
 }
@@ -419,29 +439,18 @@ static PyObject *finish_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "finish_batch takes 7 arguments");
         return NULL;
     }
-    enum { MOM, SC, SH, CO, UO, LVO, PM, PV, PLV, NVIEWS };
+    enum { MOM, SC, CO, UO, LVO, PM, PV, PLV, NVIEWS };
     Py_buffer v[NVIEWS];
     int held[NVIEWS] = {0};
     PyObject *result = NULL;
     Py_ssize_t n = 0, total_units = 0;
+    long long *sh = NULL;
     /* P, the outputs, from the scalars ([3, P]); every other size is checked against it. */
     if (PyObject_GetBuffer(args[1], &v[SC], PyBUF_C_CONTIGUOUS) < 0) goto done;
     n = v[SC].len / 24;
     PyBuffer_Release(&v[SC]);
-    if (n < 1) {
-        PyErr_SetString(PyExc_ValueError, "finish_batch: scalars must be float64 [3, P], P >= 1");
-        goto done;
-    }
-    if (get_buffer(args[2], &v[SH], 0, "lq", 8, 4 * n, "shapes") < 0) goto done;
-    held[SH] = 1;
-    const long long *sh = v[SH].buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (sh[4 * i] < 1 || sh[4 * i + 1] < 1 || sh[4 * i + 2] < 1 || sh[4 * i + 1] > PY_SSIZE_T_MAX / 32 - total_units) {
-            PyErr_SetString(PyExc_ValueError, "finish_batch: sizes must be positive and addressable");
-            goto done;
-        }
-        total_units += (Py_ssize_t)sh[4 * i + 1];
-    }
+    sh = take_shapes(args[2], n, &total_units, "finish_batch");
+    if (sh == NULL) goto done;
     struct {
         int at, arg, writable;
         Py_ssize_t count;
@@ -483,6 +492,7 @@ static PyObject *finish_batch(PyObject *self, PyObject *const *args, Py_ssize_t 
 done:
     for (int k = 0; k < NVIEWS; k++)
         if (held[k]) PyBuffer_Release(&v[k]);
+    PyMem_Free(sh);
     return result;
 }
 

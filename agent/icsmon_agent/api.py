@@ -502,19 +502,25 @@ class Monitor:
                 )
             except Exception:
                 # One output no route can take (a sparse or distributed tensor) costs that layer
-                # alone: the rest go one by one, and only the failures count as faults.
-                reduced = [self._reduce_alone(h, layer) for h, layer in zip(jobs, layers, strict=True)]
+                # alone: the rest go one by one. One fault a sample, however many layers failed.
+                failures: list[Exception] = []
+                reduced = [
+                    self._reduce_alone(h, layer, failures) for h, layer in zip(jobs, layers, strict=True)
+                ]
+                if failures:
+                    self._offload_fault(failures[0])
         for h, layer, record in zip(jobs, layers, reduced, strict=True):
             if h.tensor._version == h.version:
                 records[h.slot] = record
             else:
                 layer.copy = True
 
-    def _reduce_alone(self, h: _Held, layer: _Layer) -> Record | None:
+    @staticmethod
+    def _reduce_alone(h: _Held, layer: _Layer, failures: list[Exception]) -> Record | None:
         try:
             return reduce_output(h.tensor, layer.unit_dim, layer.sat)
         except Exception as exc:
-            self._offload_fault(exc)
+            failures.append(exc)
             return None
 
     def _finish_table(self) -> None:

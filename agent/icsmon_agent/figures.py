@@ -126,7 +126,7 @@ def _prepare(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor, int] | None:
         # No elements, no figures: a batch of none, an expert that was routed no tokens. The layer
         # is absent from this sample, as if unsampled (reducing it would raise, and torch warn).
         return None
-    x = t.detach()
+    x = t.detach() if t.requires_grad else t  # held outputs come detached: spare the call
     if x.dtype is not torch.float32 and x.dtype is not torch.float64:
         x = x.float()  # half/bfloat16 reductions lose too much; the copy is one kernel
     if x.ndim <= 1:
@@ -180,6 +180,8 @@ def reduce_outputs(outputs: Sequence[tuple[torch.Tensor, int, int]]) -> list[Rec
     GIL the training thread wants. Here every CPU float32 output goes through one kernel call,
     the GIL released for all of them, into one :class:`Batch` that the :class:`Finalizer` reads as
     it is; an output the kernel cannot take, or found non-finite, goes the one-output way.
+    The float32 copies of half-precision or non-contiguous outputs live until the call returns:
+    for those, up to the outputs' own size again, on top of what the offload thread holds.
     """
     found: list[Record | None] = [None] * len(outputs)
     arrays: list[np.ndarray] = []
