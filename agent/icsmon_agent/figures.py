@@ -4,7 +4,8 @@ Work is split in two so the per-hook cost stays a handful of kernel launches:
 
 * :func:`reduce_output` reduces one output to per-unit vectors (moments, finite max) plus 0-d
   figures (finite min, non-zero, non-finite and saturated counts): inside the forward hook on
-  GPU, on the agent's offload thread on CPU. Nothing leaves the device; divisions and
+  GPU, on the agent's offload thread on CPU (there :func:`reduce_outputs` takes a forward's
+  outputs together, into one :class:`Batch`). Nothing leaves the device; divisions and
   comparisons wait for the batched step below.
 * :class:`Finalizer` runs once per sampled step and turns every layer's vectors into the
   ``n_layers x n_stats`` matrix with a fixed number of batched ops (segment reductions over the
@@ -447,9 +448,10 @@ class Finalizer:
     """Turns one step's records into the figures matrix, batched across layers.
 
     The op count is fixed whatever the number of layers: each per-unit field is concatenated once
-    (one ``cat`` over all layers, then one cast to float64; nothing at all when the sample is one
-    :class:`Batch`), every per-layer figure is a segment reduction over the concatenation
-    (:class:`_Segments`), and every 0-d count one ``stack``.
+    (one ``cat`` over all layers, then one cast to float64), every per-layer figure is a segment
+    reduction over the concatenation (:class:`_Segments`), and every 0-d count one ``stack``. A
+    sample that is exactly one :class:`Batch` (the CPU offload's usual case) skips all of that:
+    ``_fused.finish_batch`` computes the same figures from the batch in one pass of C.
     """
 
     def __init__(self, n_layers: int) -> None:
