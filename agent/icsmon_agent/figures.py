@@ -219,8 +219,7 @@ class Batch:
     """
 
     def __init__(self, shapes: list[int]) -> None:
-        self.shapes = shapes  # outer, units, inner, sat of each output
-        self.shape_array = np.asarray(shapes, dtype=np.int64)
+        self.shape_array = np.asarray(shapes, dtype=np.int64)  # outer, units, inner, sat of each
         self.units = shapes[1::4]
         self.sats = shapes[3::4]
         self.numel = [o * u * i for o, u, i in zip(shapes[0::4], self.units, shapes[2::4], strict=True)]
@@ -236,9 +235,7 @@ class Batch:
     def reduce(cls, arrays: list[np.ndarray], shapes: list[int]) -> Batch:
         assert _fused is not None
         batch = cls(shapes)
-        _fused.reduce_batch(
-            arrays, np.asarray(shapes, dtype=np.int64), batch.moments, batch.scalars, batch.ok
-        )
+        _fused.reduce_batch(arrays, batch.shape_array, batch.moments, batch.scalars, batch.ok)
         return batch
 
 
@@ -381,7 +378,6 @@ class _Segments:
 
     def __init__(self, units: list[int], device: torch.device) -> None:
         self.n = len(units)
-        self.device = device
         self.cpu = device.type == "cpu"
         starts = [0]
         for u in units[:-1]:
