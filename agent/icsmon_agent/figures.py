@@ -452,7 +452,7 @@ class Finalizer:
 
     def __init__(self, n_layers: int) -> None:
         self.n_layers = n_layers
-        self._layout_key: tuple[object, ...] | None = None
+        self._layout_key: _LayoutKey | None = None
         self._segments: _Segments | None = None
         self._rows: torch.Tensor | None = None  # [P] indices of the layers present
         # per-unit mean and var, and per-layer mean unit var, of the last sample, and its layout
@@ -473,13 +473,11 @@ class Finalizer:
             found = self._indices[key] = _host_to(values, device, dtype)
         return found
 
-    def _layout(
-        self, present: list[int], units: list[int], device: torch.device
-    ) -> tuple[_Segments, torch.Tensor]:
-        key = (tuple(present), tuple(units), device)
+    def _layout(self, key: _LayoutKey) -> tuple[_Segments, torch.Tensor]:
         if key != self._layout_key or self._segments is None or self._rows is None:
-            self._segments = _Segments(units, device)
-            self._rows = _host_to(present, device, torch.int64)
+            present, units, device = key
+            self._segments = _Segments(list(units), device)
+            self._rows = _host_to(list(present), device, torch.int64)
             self._layout_key = key
         return self._segments, self._rows
 
@@ -516,11 +514,11 @@ class Finalizer:
         self, out: torch.Tensor, present: list[int], recs: list[Record], device: torch.device
     ) -> None:
         f64 = torch.float64
-        units = [r.units for r in recs]
-        seg, rows = self._layout(present, units, device)
+        key: _LayoutKey = (tuple(present), tuple(r.units for r in recs), device)
+        seg, rows = self._layout(key)
         batch = _whole_batch(recs)
         if batch is not None:
-            self._batch_figures(out, rows, (tuple(present), tuple(units), device), batch)
+            self._batch_figures(out, rows, key, batch)
             return
         c = self._columns([r.reduced() if isinstance(r, Batched) else r for r in recs], seg, device)
         umean, uvar, umax, numel = c.umean, c.uvar, c.umax, c.numel
@@ -546,7 +544,6 @@ class Finalizer:
             cols["nonfinite"] = c.nonfinite
 
         # Internal covariate shift: mean over units of KL(N(mu_prev, var_prev) || N(mu_now, var_now)).
-        key: _LayoutKey = (tuple(present), tuple(units), device)
         previous = self._previous(key)
         if previous is not None:
             m1, v1, layer_var1 = previous
