@@ -13,6 +13,14 @@ training thread's own CPU time over bare's ("train thread"): what the agent cost
 hooks and the stalls that contention adds, without the time the scheduler gave to others. Targets
 are printed beside the ratios they apply to.
 
+Each agent variant also runs paused rounds (``Monitor.pause()``: no sampling, no layer hooks) on
+its own copy, interleaved with the rest, and "vs paused" is its total over those: the agent's cost
+with the copy's own speed divided out. Why: on a small shared machine two copies of one model
+train at speeds a few percent apart (where their memory landed), which is more than the 1% the
+default cadence is allowed; "paused vs bare" prints that spread for each copy. A paused step still
+runs the agent's two per-step calls (microseconds), so "vs paused" leaves those out and the wall
+ratio keeps them in.
+
 "viewer" variants have a real ``icsmon tail --json`` subscribed to their own agent, in its own
 process; "no viewer" variants publish to nobody (the agent then samples IDLE_FACTOR times less).
 The anchor column (``tensorboard``: ``SummaryWriter.add_histogram`` of every layer's output every
@@ -161,6 +169,8 @@ class Variant:
     # Wall seconds of each step's phases, measured rounds only (see PHASES); CPU runs only, where
     # no device queue hides the time.
     phases: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
+    # Agent variants: wall seconds per step of the rounds run paused on the same copy.
+    paused: list[float] = field(default_factory=list)
     step: int = 0
 
 
@@ -304,17 +314,29 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
         )
     x, y = spec.batch(device)
     with variants(spec, device, every, args.viewer, tensorboard, args.only_every) as vs:
+        # An agent variant's paused rounds are slots of their own in the rotation.
+        slots = [(v, False) for v in vs] + [(v, True) for v in vs if v.mon is not None]
         for r in range(args.warmup + args.rounds):
-            order = vs[r % len(vs) :] + vs[: r % len(vs)]  # rotate: no variant always follows another
-            for v in order:
+            order = slots[r % len(slots) :] + slots[: r % len(slots)]  # rotate: none always follows another
+            for v, paused in order:
+                if v.mon is not None:
+                    v.mon.pause() if paused else v.mon.resume()
                 _sync(device)
                 t0, c0, tc0 = time.perf_counter(), time.process_time(), time.thread_time()
-                train(v, spec, x, y, steps, phases=r >= args.warmup and device.type == "cpu")
+                measured = r >= args.warmup
+                train(v, spec, x, y, steps, phases=measured and not paused and device.type == "cpu")
                 _sync(device)
-                if r >= args.warmup:
-                    v.times.append((time.perf_counter() - t0) / steps)
-                    v.cpu.append((time.process_time() - c0) / steps)
-                    v.thread_cpu.append((time.thread_time() - tc0) / steps)
+                if not measured:
+                    continue
+                if paused:
+                    v.paused.append((time.perf_counter() - t0) / steps)
+                    continue
+                v.times.append((time.perf_counter() - t0) / steps)
+                v.cpu.append((time.process_time() - c0) / steps)
+                v.thread_cpu.append((time.thread_time() - tc0) / steps)
+            for v in vs:  # a variant left paused would skip its sampled steps in the next round
+                if v.mon is not None:
+                    v.mon.resume()
         # The training thread's CPU time says what the agent costs it only where that thread does
         # all of the work: not with intra-op threads (their time is not its), not on a GPU (it
         # would count the synchronising spin).
@@ -327,7 +349,7 @@ def report(vs: list[Variant], every: int | None, thread_column: bool) -> None:
     bare, bare_cpu, bare_thread = vs[0].times, vs[0].cpu, vs[0].thread_cpu
     print(
         f"{'variant':<22}{'ms/step':>9}{'wall ratio':>12}{'(median)':>10}{'CPU ratio':>11}"
-        f"{'train thread':>14}   target"
+        f"{'train thread':>14}{'vs paused':>11}   target (wall; vs paused)"
     )
     for v in vs:
         ratio_total = sum(v.times) / sum(bare)
@@ -339,14 +361,24 @@ def report(vs: list[Variant], every: int | None, thread_column: bool) -> None:
             target = TARGETS["default+viewer"]
         elif v.name == "every=1+viewer":
             target = TARGETS["every+viewer"]
+        ratio_own = sum(v.times) / sum(v.paused) if v.paused else None
+        own = f"{ratio_own:.3f}x" if ratio_own is not None else "-"
         mark = ""
         if target is not None:
             mark = f"<= {target:.2f}" + (" ok" if ratio_total <= target else " MISS")
+            if ratio_own is not None:
+                mark += "; " + ("ok" if ratio_own <= target else "MISS")
         print(
             f"{v.name:<22}{statistics.median(v.times) * 1e3:>9.2f}{ratio_total:>11.3f}x"
-            f"{ratio_med:>9.3f}x{ratio_cpu:>10.3f}x{ratio_thread:>14}   {mark}"
+            f"{ratio_med:>9.3f}x{ratio_cpu:>10.3f}x{ratio_thread:>14}{own:>11}   {mark}"
         )
     mons = [v for v in vs if v.mon is not None]
+    copies = [f"{v.name} {sum(v.paused) / sum(bare):.3f}x" for v in mons if v.paused]
+    if copies:
+        # Paused, a copy runs the same steps as bare: any difference is the copy's own speed.
+        print(
+            "paused vs bare (each copy's own speed, the noise floor of the wall ratio): " + ", ".join(copies)
+        )
     if mons:
         errors = sum(v.mon.errors for v in mons if v.mon is not None)
         print(f"agent faults: {errors}; unwatched agents sample every {IDLE_FACTOR} x their period")

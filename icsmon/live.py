@@ -195,7 +195,7 @@ class Feed:
         return list(engine.history) if engine is not None else []
 
     def state(self, run: RunState | None, now: float | None = None) -> str:
-        """waiting / live / stale / ended / lost."""
+        """waiting / live / paused / stale / ended / lost."""
         if run is None:
             return "waiting"
         if run.ended:

@@ -156,11 +156,14 @@ class RunState:
         return float(ds / dt) if dt > 0 else None
 
     def state(self, now: float | None = None, stale_after: float = STALE_AFTER_S) -> str:
-        """``waiting`` (nothing yet), ``live``, ``stale`` (quiet a while) or ``ended`` (closed)."""
+        """``waiting`` (nothing yet), ``live``, ``paused`` (the job said so: ``Monitor.pause()``),
+        ``stale`` (quiet a while) or ``ended`` (closed)."""
         if self.ended:
             return "ended"
         if self.count == 0:
             return "waiting"
+        if self.last_event == "paused":
+            return "paused"
         now = time.monotonic() if now is None else now
         return "stale" if now - self.last_recv > stale_after else "live"
 

@@ -6,6 +6,7 @@ import contextlib
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from helpers import icsmon, start_script, wait_for_jobs
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.layers import clean_name
-from icsmon_agent.protocol import Sample, Schema
+from icsmon_agent.protocol import Event, Sample, Schema
 
 
 def step_once(model: nn.Module, mon: icsmon_agent.Monitor, shape: tuple[int, ...] = (2, 4)) -> None:
@@ -251,3 +252,46 @@ def test_malformed_rank_in_the_environment_does_not_stop_training(
     mon = icsmon_agent.watch(model, runtime_dir=runtime_dir)
     assert mon.rank == 0
     mon.close()
+
+
+def test_pause_stops_sampling_and_unhooks_until_resume(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = icsmon_agent.watch(model, every=1, runtime_dir=runtime_dir, endpoint="tcp")
+    store = Store()
+    got: list[int] = []
+    events: list[str] = []
+
+    def take(wait: float) -> None:
+        for m in sub.poll(wait):
+            if store.add(m):
+                if isinstance(m, Sample):
+                    got.append(m.step)
+                elif isinstance(m, Event):
+                    events.append(m.event)
+
+    def drain_until(pred: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not pred() and time.monotonic() < deadline:
+            take(0.05)
+
+    with Subscriber(mon.endpoint or "") as sub:
+        drain_until(lambda: mon.watching)
+        for _ in range(3):
+            step_once(model, mon)
+        drain_until(lambda: got[-1:] == [2])
+        mon.pause()
+        assert mon.paused
+        for _ in range(3):
+            step_once(model, mon)
+            assert not model[0]._forward_hooks  # paused steps run PyTorch's fast path
+        drain_until(lambda: "paused" in events)
+        run = store.newest()
+        assert run is not None and run.state() == "paused"
+        mon.resume()
+        for _ in range(2):
+            step_once(model, mon)
+        drain_until(lambda: got[-1:] == [7])
+        assert run.state() == "live"
+        mon.close()
+    assert got == [0, 1, 2, 6, 7]  # steps 3-5 were paused
+    assert [e for e in events if e in ("paused", "resumed")] == ["paused", "resumed"]

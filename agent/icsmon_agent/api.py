@@ -54,9 +54,9 @@ from .publisher import Publisher, Work, default_endpoint
 #: next sample, but never less than ``MIN_INTERVAL_S``. Why not a fixed N: a sampled step's cost
 #: is roughly fixed per layer while step times span 1 ms to 10 s, so any fixed N is either too
 #: dear for fast jobs or too sparse for slow ones. Measured (benchmarks/overhead.py, seed 50-layer
-#: MLP, batch 128, one CPU thread): a sampled step's work, in both threads, is ~13 ms, a third of a
+#: MLP, batch 128, one CPU thread): a sampled step's work, in both threads, is ~7 ms, a fifth of a
 #: bare step (hooks on 101 outputs, a one-pass reduction of each, the batched finish, gradient
-#: norms), so the adaptive default samples about every 60th step there and every step of a job
+#: norms), so the adaptive default samples about every 35th step there and every step of a job
 #: whose steps take a second.
 #: Half a percent measured: the other half is for what the timing cannot see (the hooks' calls on
 #: unsampled steps, the publisher thread's encoding, cache effects), so the total stays near 1%.
@@ -189,6 +189,7 @@ class Monitor:
         self.errors = 0
         self._pid = os.getpid()
         self._closed = False
+        self._paused = False  # pause(): no sampling until resume()
         self._step = 0
         self._armed = True  # the first forward builds the layer table
         self._spent = 0.0  # seconds of our own work on the current sampled step
@@ -313,6 +314,32 @@ class Monitor:
             self._boundary(values, defer=False)
         except Exception as exc:
             self._fault("step", exc)
+
+    def pause(self) -> None:
+        """Stop sampling from the next forward on, until :meth:`resume`; viewers are told.
+
+        The layer hooks come off at the step's end, so a paused step costs what an unsampled one
+        does (the model's pre-forward hook and the step boundary, microseconds). A step already
+        being sampled is finished and sent. ``benchmarks/overhead.py`` pauses a watched model to
+        time it bare on the same copy.
+        """
+        if self._closed or self._paused:
+            return
+        self._paused = True
+        if self._publisher is not None:
+            self._publisher.submit(self._event("paused"))
+
+    def resume(self) -> None:
+        """Sample again after :meth:`pause` (the adaptive cadence at once, at its interval after)."""
+        if self._closed or not self._paused:
+            return
+        self._paused = False
+        if self._publisher is not None:
+            self._publisher.submit(self._event("resumed"))
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def close(self) -> None:
         """Detach every hook, send the last sample and a closing event, remove the discovery file."""
@@ -575,7 +602,7 @@ class Monitor:
     def _should_sample(self, step: int) -> bool:
         if self._building:
             return True
-        if self._publisher is None:
+        if self._publisher is None or self._paused:
             return False
         if self._offload is not None and self._offload.pending > MAX_QUEUED_JOBS:
             if self._skipped_step != step:

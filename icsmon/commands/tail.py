@@ -154,7 +154,7 @@ def tail_endpoint(
             for msg in batch:
                 run = store.get(msg.run, msg.rank)
                 before = run.count if run is not None else 0
-                store.add(msg)
+                new = store.add(msg)
                 state = store.get(msg.run, msg.rank)
                 assert state is not None
                 if isinstance(msg, Sample) and state.count > before and state.schema is not None:
@@ -163,6 +163,9 @@ def tail_endpoint(
                         printer.alert(change)
                     if count is not None and printer.samples >= count:
                         return 0
+                if isinstance(msg, Event) and msg.event in ("paused", "resumed") and new:
+                    # On stderr, like every note: --json output stays one sample a line.
+                    note(f"the job {msg.event} sampling (run {msg.run}, step {msg.detail.get('step', '?')})")
                 if isinstance(msg, Event) and msg.event == "closing" and state.ended:
                     ended.add((msg.run, msg.rank))
                     if len(ended) < len(endpoints):

@@ -13,6 +13,7 @@ from icsmon.tui import view
 STATE_STYLE = {
     "waiting": "bold yellow",
     "live": "bold green",
+    "paused": "bold yellow",
     "stale": "bold yellow",
     "ended": "bold blue",
     "lost": "bold white on red",
