@@ -14,7 +14,7 @@ hooks and the stalls that contention adds, without the time the scheduler gave t
 are printed beside the ratios they apply to.
 
 Each agent variant also runs paused rounds (``Monitor.pause()``: no sampling, no layer hooks) on
-its own copy, interleaved with the rest, and "vs paused" is its total over those: the agent's cost
+its own copy, each next to one of its rounds, and "vs paused" is its total over those: the agent's cost
 with the copy's own speed divided out. Why: on a small shared machine two copies of one model
 train at speeds a few percent apart (where their memory landed), which is more than the 1% the
 default cadence is allowed; "paused vs bare" prints that spread for each copy. A paused step still
@@ -314,29 +314,30 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
         )
     x, y = spec.batch(device)
     with variants(spec, device, every, args.viewer, tensorboard, args.only_every) as vs:
-        # An agent variant's paused rounds are slots of their own in the rotation.
-        slots = [(v, False) for v in vs] + [(v, True) for v in vs if v.mon is not None]
         for r in range(args.warmup + args.rounds):
-            order = slots[r % len(slots) :] + slots[: r % len(slots)]  # rotate: none always follows another
-            for v, paused in order:
+            order = vs[r % len(vs) :] + vs[: r % len(vs)]  # rotate: no variant always follows another
+            for k, v in enumerate(order):
+                # An agent variant's round is a pair, its paused round next to it (the pair's order
+                # alternating), so the two see the same moment of the box and "vs paused" is tight.
+                pair = [False] if v.mon is None else [False, True] if (r + k) % 2 else [True, False]
+                for paused in pair:
+                    if v.mon is not None:
+                        v.mon.pause() if paused else v.mon.resume()
+                    _sync(device)
+                    t0, c0, tc0 = time.perf_counter(), time.process_time(), time.thread_time()
+                    measured = r >= args.warmup
+                    train(v, spec, x, y, steps, phases=measured and not paused and device.type == "cpu")
+                    _sync(device)
+                    if not measured:
+                        continue
+                    if paused:
+                        v.paused.append((time.perf_counter() - t0) / steps)
+                        continue
+                    v.times.append((time.perf_counter() - t0) / steps)
+                    v.cpu.append((time.process_time() - c0) / steps)
+                    v.thread_cpu.append((time.thread_time() - tc0) / steps)
                 if v.mon is not None:
-                    v.mon.pause() if paused else v.mon.resume()
-                _sync(device)
-                t0, c0, tc0 = time.perf_counter(), time.process_time(), time.thread_time()
-                measured = r >= args.warmup
-                train(v, spec, x, y, steps, phases=measured and not paused and device.type == "cpu")
-                _sync(device)
-                if not measured:
-                    continue
-                if paused:
-                    v.paused.append((time.perf_counter() - t0) / steps)
-                    continue
-                v.times.append((time.perf_counter() - t0) / steps)
-                v.cpu.append((time.process_time() - c0) / steps)
-                v.thread_cpu.append((time.thread_time() - tc0) / steps)
-            for v in vs:  # a variant left paused would skip its sampled steps in the next round
-                if v.mon is not None:
-                    v.mon.resume()
+                    v.mon.resume()  # left paused, it would skip its sampled steps at the end
         # The training thread's CPU time says what the agent costs it only where that thread does
         # all of the work: not with intra-op threads (their time is not its), not on a GPU (it
         # would count the synchronising spin).
