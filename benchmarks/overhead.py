@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a fixed cadence to test (default: the agent's adaptive default)",
     )
-    p.add_argument("--steps", type=int, default=300, help="steps per round")
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--steps", type=int, default=40, help="steps per round")
+    p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--viewer", choices=["yes", "no", "both"], default="both")
     p.add_argument(

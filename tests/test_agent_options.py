@@ -295,3 +295,26 @@ def test_pause_stops_sampling_and_unhooks_until_resume(runtime_dir: Path) -> Non
         mon.close()
     assert got == [0, 1, 2, 6, 7]  # steps 3-5 were paused
     assert [e for e in events if e in ("paused", "resumed")] == ["paused", "resumed"]
+
+
+def test_the_adaptive_cadence_clock_stands_still_while_paused(runtime_dir: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")  # adaptive: >= 50 ms apart
+    store = Store()
+    got: list[int] = []
+    with Subscriber(mon.endpoint or "") as sub:
+        deadline = time.monotonic() + 10
+        while not mon.watching and time.monotonic() < deadline:
+            sub.poll(0.05)
+        step_once(model, mon)  # step 0: the first forward, always sampled
+        mon.pause()
+        time.sleep(0.3)  # six times the floor interval, paused
+        mon.resume()
+        step_once(model, mon)  # step 1: ~1 ms of unpaused time since step 0's sample
+        time.sleep(0.1)
+        step_once(model, mon)  # step 2: past the interval
+        mon.close()
+        end = time.monotonic() + 5
+        while time.monotonic() < end and 2 not in got:
+            got += [m.step for m in sub.poll(0.1) if store.add(m) and isinstance(m, Sample)]
+    assert got == [0, 2]

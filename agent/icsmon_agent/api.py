@@ -190,6 +190,7 @@ class Monitor:
         self._pid = os.getpid()
         self._closed = False
         self._paused = False  # pause(): no sampling until resume()
+        self._paused_at = 0.0  # monotonic time of the last pause(): the cadence's clock stops there
         self._step = 0
         self._armed = True  # the first forward builds the layer table
         self._spent = 0.0  # seconds of our own work on the current sampled step
@@ -326,14 +327,22 @@ class Monitor:
         if self._closed or self._paused:
             return
         self._paused = True
+        self._paused_at = time.monotonic()
         if self._publisher is not None:
             self._publisher.submit(self._event("paused"))
 
     def resume(self) -> None:
-        """Sample again after :meth:`pause` (the adaptive cadence at once, at its interval after)."""
+        """Sample again after :meth:`pause`.
+
+        The adaptive cadence's clock stood still while paused: the next sample comes when as much
+        unpaused time has passed since the last one as the cadence wants. Why: a pause is no time
+        the agent ran in, and a sample at every resume would make a job that pauses often (or a
+        benchmark's short rounds) sample more often than the budget allows.
+        """
         if self._closed or not self._paused:
             return
         self._paused = False
+        self._last_sample += time.monotonic() - self._paused_at
         if self._publisher is not None:
             self._publisher.submit(self._event("resumed"))
 
