@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,12 @@ def run_training(
     manual: bool,
     *,
     set_to_none: bool = True,
+    watched: Callable[[icsmon_agent.Monitor], None] | None = None,
 ) -> tuple[list[Sample], Capture]:
     torch.manual_seed(1)
     mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    if watched is not None:
+        watched(mon)
     cap = Capture(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     store = Store()
@@ -400,3 +404,38 @@ def test_an_empty_output_is_absent_from_its_sample_not_a_fault(runtime_dir: Path
             prev = per_unit(cap.outputs[s.step - 1][0][1], False)
             want = figures(cap.outputs[s.step][0][1], "x", False, prev[:2])["shift"]
             assert close(float(s.figures[0, shift]), want), (s.step, s.figures[0, shift], want)
+
+
+def test_a_relu_is_read_from_the_output_before_it_only_when_that_is_its_input(runtime_dir: Path) -> None:
+    """Linear -> ReLU: the ReLU's figures come from the Linear's held output (its own output is
+    never handed over, no bytes of its own held); an in-place ReLU, or a ReLU of anything but the
+    output held just before it, is held as its own output. The figures are the truth either way."""
+
+    class Beside(nn.Module):  # a ReLU of the block's input, called after a Linear of it
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(8, 8), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.act(x) + h
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(inplace=True), Beside(), nn.Linear(8, 2)
+    )
+    held: list[dict[str, bool]] = []
+    monitors: list[icsmon_agent.Monitor] = []
+
+    def peek(module: nn.Module, args: Any) -> None:  # before the head: what this forward holds
+        if monitors and monitors[0]._held:
+            mon = monitors[0]
+            held.append({mon.layer_names[h.slot]: h.source is not None for h in mon._held})
+
+    model[5].register_forward_pre_hook(peek)
+    samples, cap = run_training(
+        model, lambda: (torch.randn(16, 8), torch.randn(16, 2)), 4, runtime_dir, True, watched=monitors.append
+    )
+    assert held and held[-1] == {"0": False, "1": True, "2": False, "3": False, "4.fc": False, "4.act": False}
+    n = len(cap.outputs[0])
+    assert check_against_truth(samples, cap, ["x"] * n, [False] * n) == 4 * n * len(STATS)

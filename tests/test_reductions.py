@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from icsmon_agent import figures as figures_module
-from icsmon_agent.figures import SAT_NONE, SAT_SIGMOID, SAT_TANH, Finalizer, Record, reduce_output
+from icsmon_agent.figures import SAT_NONE, SAT_SIGMOID, SAT_TANH, Finalizer, Output, Record, reduce_output
 from icsmon_agent.protocol import STATS
 from truth import close, figures, per_unit
 
@@ -30,8 +30,8 @@ def cpu_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     return str(request.param)
 
 
-def _one_by_one(outputs: list[tuple[torch.Tensor, int, int]]) -> list[Record | None]:
-    return [reduce_output(t, unit_dim, sat) for t, unit_dim, sat in outputs]
+def _one_by_one(outputs: list[Output]) -> list[Record | None]:
+    return [reduce_output(t.relu() if relu else t, unit_dim, sat) for t, unit_dim, sat, relu in outputs]
 
 
 def test_the_kernel_is_built_here() -> None:
@@ -40,9 +40,13 @@ def test_the_kernel_is_built_here() -> None:
     import icsmon_agent._fused  # noqa: F401
 
 
-def _finish(outputs: list[tuple[torch.Tensor, int, int]], fin: Finalizer | None = None) -> np.ndarray:
+def _finish(
+    outputs: list[tuple[torch.Tensor, int, int]], fin: Finalizer | None = None, relu: list[bool] | None = None
+) -> np.ndarray:
+    """The figures of ``outputs``; ``relu[k]``: output k is the ReLU of the tensor given."""
     fin = fin or Finalizer(len(outputs))
-    recs = figures_module.reduce_outputs(outputs)
+    flags = relu or [False] * len(outputs)
+    recs = figures_module.reduce_outputs([(t, u, s, r) for (t, u, s), r in zip(outputs, flags, strict=True)])
     return fin.figures(list(recs), None, torch.device("cpu")).double().numpy()
 
 
@@ -167,7 +171,10 @@ def test_the_kernel_rejects_buffers_that_do_not_fit(cpu_route: str) -> None:
         ([x], fits, moments, scalars, np.zeros(1, dtype=np.uint8)),  # ok not bool
         ([x.astype(np.float64)], fits, moments, scalars, ok),  # wrong dtype
         ([np.zeros((3, 4), dtype=np.float32).T], fits, moments, scalars, ok),  # not C-contiguous
-        ([x], shapes((4, 3, 1, 7)), moments, scalars, ok),  # no such saturation kind
+        ([x], shapes((4, 3, 1, 7)), moments, scalars, ok),  # no such saturation kind (3), ReLU'd
+        ([x], shapes((4, 3, 1, 3)), moments, scalars, ok),  # no such saturation kind
+        ([x], shapes((4, 3, 1, 8)), moments, scalars, ok),  # no such flag
+        ([x], shapes((4, 3, 1, -4)), moments, scalars, ok),  # negative
         ([bytes(48)], fits, moments, scalars, ok),  # bytes, not float32
         ([x], fits.astype(np.int32), moments, scalars, ok),  # shapes not int64
         ([x, x], fits, moments, scalars, ok),  # more outputs than shapes
@@ -283,3 +290,41 @@ def test_many_outputs_of_every_kind_in_one_call(mixed: bool) -> None:
         if step == 2:
             assert np.isnan(got[1, STATS.index("shift")])  # absent last sample: no shift
             assert np.isfinite(got[0, STATS.index("shift")])  # the others kept theirs
+
+
+def _with(x: torch.Tensor, at: tuple[int, ...], value: float) -> torch.Tensor:
+    x[at] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    ("make", "unit_dim"),
+    [
+        (lambda: torch.randn(64, 48), -1),  # Linear-like: the rows layout
+        (lambda: torch.randn(4, 8, 9, 9) + 0.3, 1),  # conv-like long runs: the runs layout
+        (lambda: torch.randn(8, 3, 5), 1),  # short runs: rows
+        (lambda: torch.randn(300, 1) - 0.2, -1),  # one unit: one long run
+        (lambda: -torch.rand(16, 8) - 0.1, -1),  # all negative: the ReLU is dead and all zeros
+        (lambda: torch.randn(64, 48) * 3e19, -1),  # squares overflow float32: the exact route
+        (lambda: _with(torch.randn(16, 8), (3, 2), float("nan")), -1),  # NaN stays NaN under ReLU
+        (lambda: _with(torch.randn(16, 8), (5, 1), float("-inf")), -1),  # -inf: the ReLU's is finite
+        (lambda: _with(torch.randn(4, 8, 9, 9), (1, 2, 3, 4), float("inf")), 1),
+        (lambda: torch.randn(16, 8).half(), -1),  # not the kernel's dtype: converted, then the same
+    ],
+)
+def test_a_relu_reduced_from_its_input_has_the_relu_outputs_figures(
+    make: Callable[[], torch.Tensor], unit_dim: int
+) -> None:
+    """A ReLU's figures taken from its input (the offload thread reads one tensor for a Linear
+    and the ReLU after it) are those of the ReLU's output, on every route, NaN and Inf included;
+    the input's own figures, from the same buffer in the same call, are untouched."""
+    torch.manual_seed(0)
+    x = make()
+    conv = unit_dim == 1
+    got = _finish([(x, unit_dim, SAT_NONE), (x, unit_dim, SAT_NONE)], relu=[False, True])
+    # dead_frac of a unit holding NaN/Inf: see test_nonfinite_values_take_the_masked_route.
+    skip = ("dead_frac",) if not torch.isfinite(x).all() else ()
+    _check(got[0], x.float(), "x", conv, skip)
+    _check(got[1], x.float().relu(), "x", conv, skip)
+    if torch.isnan(x).any():  # the ReLU of a NaN is a NaN: counted, not hidden
+        assert got[1][STATS.index("nonfinite")] == got[0][STATS.index("nonfinite")] > 0

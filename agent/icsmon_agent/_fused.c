@@ -36,14 +36,23 @@
 #define COLUMN_CHUNK 4096  /* columns reduce_rows keeps lanes for at once */
 
 enum { SAT_NONE = 0, SAT_TANH = 1, SAT_SIGMOID = 2 }; /* as figures.SAT_* */
+/* A shapes row's last field is the saturation kind, plus RELU where the output to reduce is
+ * max(x, 0) of the buffer given: a ReLU's output, read from its input (the layer before it),
+ * which the offload thread then reads once for both layers (figures.RELU_OF_INPUT). */
+#define RELU 4
+#define SAT_MASK 3
+
+/* The element the figures are of: x, or the ReLU of x. `x < 0 ? 0 : x` keeps a NaN a NaN, as
+ * torch.relu does, so a NaN still poisons the sums and sends the output to the exact route. */
+static inline float act(float x, int relu) { return relu && x < 0.0f ? 0.0f : x; }
 
 /* One row of elements into per-lane partial sums. `restrict`: the lanes never alias the input,
  * which lets the compiler vectorise the loop without run-time overlap checks. */
 static inline void accumulate(const float *restrict v, const float *restrict ref, float *restrict sum,
                               float *restrict sq, float *restrict hi, float *restrict lo,
-                              float *restrict nz, Py_ssize_t n) {
+                              float *restrict nz, Py_ssize_t n, int relu) {
     for (Py_ssize_t k = 0; k < n; k++) {
-        float x = v[k], d = x - ref[k];
+        float x = act(v[k], relu), d = x - ref[k];
         sum[k] += d;
         sq[k] += d * d;
         hi[k] = x > hi[k] ? x : hi[k];
@@ -52,11 +61,15 @@ static inline void accumulate(const float *restrict v, const float *restrict ref
     }
 }
 
-static inline void count_saturated(const float *restrict v, float *restrict st, int sat, Py_ssize_t n) {
+static inline void count_saturated(const float *restrict v, float *restrict st, int sat, Py_ssize_t n,
+                                   int relu) {
     if (sat == SAT_TANH)
-        for (Py_ssize_t k = 0; k < n; k++) st[k] += fabsf(v[k]) > 0.99f ? 1.0f : 0.0f;
+        for (Py_ssize_t k = 0; k < n; k++) st[k] += fabsf(act(v[k], relu)) > 0.99f ? 1.0f : 0.0f;
     else if (sat == SAT_SIGMOID)
-        for (Py_ssize_t k = 0; k < n; k++) st[k] += (v[k] < 0.01f) | (v[k] > 0.99f) ? 1.0f : 0.0f;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            const float x = act(v[k], relu);
+            st[k] += (x < 0.01f) | (x > 0.99f) ? 1.0f : 0.0f;
+        }
 }
 
 /* Lanes of float32 partials: the per-unit (rows) or per-lane (runs) accumulators. */
@@ -89,10 +102,11 @@ static void lanes_clear(Lanes *l, Py_ssize_t n) {
 /* out is 4 rows of `ld` (a batch's units in all): at this output's first unit, each unit's
  * reference (its first element), the sums of deviations from it and of their squares, and its
  * max. Both layouts start and end their units the same way. */
-static void start_units(const float *x, Py_ssize_t units, Py_ssize_t inner, double *out, Py_ssize_t ld) {
+static void start_units(const float *x, Py_ssize_t units, Py_ssize_t inner, double *out, Py_ssize_t ld,
+                        int relu) {
     double *ref = out, *dsum = out + ld, *dsq = out + 2 * ld, *umax = out + 3 * ld;
     for (Py_ssize_t u = 0; u < units; u++) {
-        ref[u] = umax[u] = x[u * inner];
+        ref[u] = umax[u] = act(x[u * inner], relu);
         dsum[u] = dsq[u] = 0.0;
     }
 }
@@ -124,14 +138,14 @@ typedef struct {
  * Columns go COLUMN_CHUNK at a time: the lanes stay in cache, and their memory is bounded
  * whatever the width of the output. */
 static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssize_t inner, int sat,
-                       Dest d) {
+                       int relu, Dest d) {
     double *ref = d.out, *dsum = d.out + d.ld, *dsq = d.out + 2 * d.ld, *umax = d.out + 3 * d.ld;
     const Py_ssize_t cols = units * inner;
     const Py_ssize_t width = cols < COLUMN_CHUNK ? cols : COLUMN_CHUNK;
     Lanes l;
     if (lanes_new(&l, width) < 0) return -1;
-    start_units(x, units, inner, d.out, d.ld);
-    float vmin = x[0];
+    start_units(x, units, inner, d.out, d.ld, relu);
+    float vmin = act(x[0], relu);
     double nonzero = 0.0, saturated = 0.0;
     for (Py_ssize_t c0 = 0; c0 < cols; c0 += width) {
         const Py_ssize_t n = cols - c0 < width ? cols - c0 : width;
@@ -139,7 +153,7 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
          * cost more than the reduction of a 128-row Linear output). */
         for (Py_ssize_t k = 0, u = c0 / inner, j = c0 % inner; k < n; k++) {
             l.ref[k] = (float)ref[u];
-            l.hi[k] = l.lo[k] = x[c0 + k];
+            l.hi[k] = l.lo[k] = act(x[c0 + k], relu);
             if (++j == inner) {
                 j = 0;
                 u++;
@@ -149,8 +163,8 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
             Py_ssize_t stop = start + BLOCK_ROWS < rows ? start + BLOCK_ROWS : rows;
             lanes_clear(&l, n);
             for (Py_ssize_t i = start; i < stop; i++) {
-                accumulate(x + i * cols + c0, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, n);
-                count_saturated(x + i * cols + c0, l.st, sat, n);
+                accumulate(x + i * cols + c0, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, n, relu);
+                count_saturated(x + i * cols + c0, l.st, sat, n, relu);
             }
             /* Fold the columns into their units. With one column a unit (the common Linear case)
              * the loop is plain, and vectorised. */
@@ -191,29 +205,29 @@ static int reduce_rows(const float *x, Py_ssize_t rows, Py_ssize_t units, Py_ssi
  * taken LANES at a time into independent accumulators (a reduction the compiler vectorises
  * without reassociating float arithmetic). */
 static int reduce_runs(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ssize_t inner, int sat,
-                       Dest d) {
+                       int relu, Dest d) {
     double *ref = d.out, *dsum = d.out + d.ld, *dsq = d.out + 2 * d.ld, *umax = d.out + 3 * d.ld;
     Lanes l;
     if (lanes_new(&l, LANES) < 0) return -1;
-    float vmin = x[0];
+    float vmin = act(x[0], relu);
     double nonzero = 0.0, saturated = 0.0;
-    start_units(x, units, inner, d.out, d.ld);
+    start_units(x, units, inner, d.out, d.ld, relu);
     for (Py_ssize_t n = 0; n < outer; n++) {
         for (Py_ssize_t u = 0; u < units; u++) {
             const float *run = x + (n * units + u) * inner;
             for (int k = 0; k < LANES; k++) {
                 l.ref[k] = (float)ref[u];
-                l.hi[k] = l.lo[k] = run[0];
+                l.hi[k] = l.lo[k] = act(run[0], relu);
             }
             for (Py_ssize_t start = 0; start < inner; start += RUN_BLOCK) {
                 Py_ssize_t stop = start + RUN_BLOCK < inner ? start + RUN_BLOCK : inner, i = start;
                 lanes_clear(&l, LANES);
                 for (; i + LANES <= stop; i += LANES) {
-                    accumulate(run + i, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, LANES);
-                    count_saturated(run + i, l.st, sat, LANES);
+                    accumulate(run + i, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, LANES, relu);
+                    count_saturated(run + i, l.st, sat, LANES, relu);
                 }
-                accumulate(run + i, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, stop - i); /* the tail */
-                count_saturated(run + i, l.st, sat, stop - i);
+                accumulate(run + i, l.ref, l.sum, l.sq, l.hi, l.lo, l.nz, stop - i, relu); /* the tail */
+                count_saturated(run + i, l.st, sat, stop - i, relu);
                 for (int k = 0; k < LANES; k++) {
                     dsum[u] += l.sum[k];
                     dsq[u] += l.sq[k];
@@ -247,7 +261,7 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *
     return 0;
 }
 
-/* The [n, 4] int64 shapes (outer, units, inner, sat), copied out of the caller's buffer and checked.
+/* The [n, 4] int64 shapes (outer, units, inner, kind: sat + RELU), copied out of the caller's buffer and checked.
  * Why a copy: the kernel writes into other buffers the caller passed, and another thread may run
  * while the GIL is released; a shapes buffer that shared memory with either could change after
  * the check, and a unit count read again then could send a write past the moments. Bounded so
@@ -270,12 +284,13 @@ static long long *take_shapes(PyObject *obj, Py_ssize_t n, Py_ssize_t *total_uni
     *total_units = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         const long long outer = shapes[4 * i], units = shapes[4 * i + 1], inner = shapes[4 * i + 2];
-        const long long sat = shapes[4 * i + 3];
-        if (outer < 1 || units < 1 || inner < 1 || sat < SAT_NONE || sat > SAT_SIGMOID ||
+        const long long kind = shapes[4 * i + 3];
+        if (outer < 1 || units < 1 || inner < 1 || kind < 0 || (kind & ~(long long)(RELU | SAT_MASK)) ||
+            (kind & SAT_MASK) > SAT_SIGMOID ||
             units > PY_SSIZE_T_MAX / 32 - *total_units || outer > PY_SSIZE_T_MAX / 4 / units / inner) {
             PyErr_Format(PyExc_ValueError,
                          "%s: output %zd: outer, units and inner must be positive and their product "
-                         "addressable; sat 0-2",
+                         "addressable; kind 0-2, +4 for a ReLU of the buffer",
                          fn, i);
             PyMem_Free(shapes);
             return NULL;
@@ -286,11 +301,13 @@ static long long *take_shapes(PyObject *obj, Py_ssize_t n, Py_ssize_t *total_uni
 }
 
 /* One output, by the layout that suits its shape (see SHORT_RUN). */
-static int reduce_one(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ssize_t inner, int sat, Dest d) {
+static int reduce_one(const float *x, Py_ssize_t outer, Py_ssize_t units, Py_ssize_t inner, int kind, Dest d) {
+    const int sat = kind & SAT_MASK, relu = (kind & RELU) != 0;
     if (units == 1 && inner == 1) /* one column: as one run, the lanes have something to do */
-        return reduce_runs(x, 1, 1, outer, sat, d);
-    if (inner >= SHORT_RUN && inner / RUNS_OVER_ROWS >= outer) return reduce_runs(x, outer, units, inner, sat, d);
-    return reduce_rows(x, outer, units, inner, sat, d);
+        return reduce_runs(x, 1, 1, outer, sat, relu, d);
+    if (inner >= SHORT_RUN && inner / RUNS_OVER_ROWS >= outer)
+        return reduce_runs(x, outer, units, inner, sat, relu, d);
+    return reduce_rows(x, outer, units, inner, sat, relu, d);
 }
 
 static void release_all(Py_buffer *views, Py_ssize_t n) {
@@ -302,7 +319,8 @@ PyDoc_STRVAR(reduce_doc,
              "Reduces P float32 outputs in one call, the GIL released for all of them.\n"
              "xs: P C-contiguous float32 buffers. shapes: int64 [P, 4], each output's outer, units\n"
              "and inner sizes (units on the middle axis; outer*units*inner elements) and its\n"
-             "saturation kind (0 none, 1 tanh, 2 sigmoid). moments: float64 [4, U], U the units of all\n"
+             "saturation kind (0 none, 1 tanh, 2 sigmoid), plus 4 to reduce max(x, 0) of the\n"
+             "buffer instead of x (a ReLU's output from its input). moments: float64 [4, U], U the units of all\n"
              "P outputs in order, written with each unit's reference (its first element), the sums of\n"
              "deviations from it and of their squares, and its max. scalars: float64 [3, P], written\n"
              "with each output's min, non-zero count and saturated count. ok: bool [P], False where an\n"
@@ -409,7 +427,7 @@ static void finish_one(const double *mom, Py_ssize_t ld, const double *sc, Py_ss
     cols[F_MAX] = isfinite(mx) ? mx : NAN;
     cols[F_DEAD] = dead / (double)units;
     cols[F_ZERO] = 1.0 - sc[ls] / numel;
-    cols[F_SAT] = sh[3] == SAT_NONE ? NAN : sc[2 * ls] / numel;
+    cols[F_SAT] = (sh[3] & SAT_MASK) == SAT_NONE ? NAN : sc[2 * ls] / numel;
     cols[F_SHIFT] = NAN;
     if (prev_mean == NULL || isnan(prev_layer_var)) return; /* no previous sample of this layer */
     const double larger = prev_layer_var > lvar ? prev_layer_var : lvar;

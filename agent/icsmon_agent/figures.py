@@ -36,6 +36,9 @@ except ImportError:  # pragma: no cover - exercised where the extension could no
     _fused = None  # type: ignore[assignment]
 
 SAT_NONE, SAT_TANH, SAT_SIGMOID = 0, 1, 2
+#: Added to a kernel shape's saturation kind: the output to reduce is ``relu`` of the tensor given
+#: (a ReLU's output, read from its input: see :func:`reduce_outputs`). As ``RELU`` in _fused.c.
+RELU_OF_INPUT = 4
 # Unit variances in the shift's KL are floored at this fraction of the layer's mean unit variance
 # (the larger of the two moments'). Why: a unit that dies (variance 0) or revives makes the KL
 # of a point mass, infinite in theory and ~1e10 with a tiny absolute epsilon, so one flipping
@@ -173,39 +176,52 @@ def _kernel_array(x: torch.Tensor) -> np.ndarray:
     return x.resolve_neg().contiguous().numpy()
 
 
-def reduce_outputs(outputs: Sequence[tuple[torch.Tensor, int, int]]) -> list[Record | None]:
-    """:func:`reduce_output` for many outputs (tensor, unit dim, saturation kind) at once.
+#: One output for :func:`reduce_outputs`: tensor, unit dim, saturation kind, and whether the
+#: output is ``relu`` of the tensor (a ReLU's output given as its input) rather than the tensor.
+Output = tuple[torch.Tensor, int, int, bool]
+
+
+def reduce_outputs(outputs: Sequence[Output]) -> list[Record | None]:
+    """:func:`reduce_output` for many outputs (tensor, unit dim, saturation kind, ReLU-of) at once.
 
     Why: on the offload thread, one call of the kernel per output cost as much Python around it
     (buffers, result tensors, a record) as C inside, ~20 us an output, and that Python holds the
     GIL the training thread wants. Here every CPU float32 output goes through one kernel call,
     the GIL released for all of them, into one :class:`Batch` that the :class:`Finalizer` reads as
     it is; an output the kernel cannot take, or found non-finite, goes the one-output way.
+    A ReLU's output may come as its input (the layer before it, which is in the batch already):
+    the kernel then reduces ``max(x, 0)`` on the fly from the same buffer, so the offload thread
+    reads one tensor for both layers and the ReLU's output is never handed over at all.
     The float32 copies of half-precision or non-contiguous outputs live until the call returns:
     for those, up to the outputs' own size again, on top of what the offload thread holds.
     """
     found: list[Record | None] = [None] * len(outputs)
     arrays: list[np.ndarray] = []
     shapes: list[int] = []
-    places: list[tuple[int, torch.Tensor, int, int]] = []
-    for i, (t, unit_dim, sat) in enumerate(outputs):
+    places: list[tuple[int, torch.Tensor, int, int, bool]] = []
+    last: tuple[torch.Tensor, np.ndarray] | None = None  # the last tensor given, and its array
+    for i, (t, unit_dim, sat, relu) in enumerate(outputs):
         prepared = _prepare(t, unit_dim)
         if prepared is None:
             continue
         x, unit_dim = prepared
         if _for_kernel(x):
-            arrays.append(_kernel_array(x))
-            shapes += (*_kernel_shape(x, unit_dim), sat)
-            places.append((i, x, unit_dim, sat))
+            # A ReLU given its input follows that input's layer: the same tensor, one array.
+            array = last[1] if last is not None and last[0] is t else _kernel_array(x)
+            last = (t, array)
+            arrays.append(array)
+            shapes += (*_kernel_shape(x, unit_dim), sat + RELU_OF_INPUT if relu else sat)
+            places.append((i, x, unit_dim, sat, relu))
         else:
-            found[i] = reduce_output(x, unit_dim, sat)
+            found[i] = reduce_output(torch.relu(x) if relu else x, unit_dim, sat)
     if arrays:
         batch = Batch.reduce(arrays, shapes)
-        for k, (i, x, unit_dim, sat) in enumerate(places):
+        for k, (i, x, unit_dim, sat, relu) in enumerate(places):
             if batch.ok[k]:
                 found[i] = Batched(batch, k)
             else:  # a NaN/Inf or a float32 overflow: the exact route, for this output alone
-                found[i] = _reduce_masked(x, reduction_dims(x.ndim, unit_dim), sat, x.numel())
+                y = torch.relu(x) if relu else x
+                found[i] = _reduce_masked(y, reduction_dims(y.ndim, unit_dim), sat, y.numel())
     return found
 
 
@@ -219,9 +235,9 @@ class Batch:
     """
 
     def __init__(self, shapes: list[int]) -> None:
-        self.shape_array = np.asarray(shapes, dtype=np.int64)  # outer, units, inner, sat of each
+        self.shape_array = np.asarray(shapes, dtype=np.int64)  # outer, units, inner, kind of each
         self.units = shapes[1::4]
-        self.sats = shapes[3::4]
+        self.sats = [kind & ~RELU_OF_INPUT for kind in shapes[3::4]]
         self.numel = [o * u * i for o, u, i in zip(shapes[0::4], self.units, shapes[2::4], strict=True)]
         self.starts = [0]
         for u in self.units[:-1]:
