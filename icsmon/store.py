@@ -39,6 +39,7 @@ class RunState:
     agent_dropped: int = 0  # what the agent reports it dropped before sending
     ended: bool = False
     last_event: str = ""
+    paused_step: int | None = None  # the step a "paused" event named (Monitor.pause)
     last_recv: float = 0.0  # monotonic time of the last message
     last_sample_wall: float = 0.0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
@@ -199,11 +200,20 @@ class Store:
             if not state.first_sample_seq:
                 state.first_sample_seq = msg.seq
             state.last_seq = msg.seq
+            if (
+                state.last_event == "paused"
+                and state.paused_step is not None
+                and msg.step > state.paused_step
+            ):
+                state.last_event = ""  # sampling again: its "resumed" event was lost on the way
             return state.add_sample(msg)
         if isinstance(msg, Event):
             if state.first_sample_seq:
                 state.last_seq = msg.seq
             state.last_event = msg.event
+            if msg.event == "paused":
+                step = msg.detail.get("step")
+                state.paused_step = step if isinstance(step, int) else None
             if msg.event == "closing":
                 state.ended = True
             elif msg.event == "started":

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -18,8 +19,9 @@ import icsmon_agent
 from helpers import icsmon, start_script, wait_for_jobs
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
+from icsmon_agent import api as agent_api
 from icsmon_agent.layers import clean_name
-from icsmon_agent.protocol import Event, Sample, Schema
+from icsmon_agent.protocol import STATS, Event, LayerInfo, Sample, Schema, schema_id_for
 
 
 def step_once(model: nn.Module, mon: icsmon_agent.Monitor, shape: tuple[int, ...] = (2, 4)) -> None:
@@ -287,6 +289,16 @@ def test_pause_stops_sampling_and_unhooks_until_resume(runtime_dir: Path) -> Non
         drain_until(lambda: "paused" in events)
         run = store.newest()
         assert run is not None and run.state() == "paused"
+        # A viewer that joins during the pause is told of it by the history it is sent.
+        late_store = Store()
+        with Subscriber(mon.endpoint or "") as late:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (
+                (late_run := late_store.newest()) is not None and late_run.state() == "paused"
+            ):
+                for m in late.poll(0.05):
+                    late_store.add(m)
+        assert late_run is not None and late_run.state() == "paused"
         mon.resume()
         for _ in range(2):
             step_once(model, mon)
@@ -297,9 +309,13 @@ def test_pause_stops_sampling_and_unhooks_until_resume(runtime_dir: Path) -> Non
     assert [e for e in events if e in ("paused", "resumed")] == ["paused", "resumed"]
 
 
-def test_the_adaptive_cadence_clock_stands_still_while_paused(runtime_dir: Path) -> None:
+def test_the_adaptive_cadence_clock_stands_still_while_paused(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Samples at least 0.5 s apart: a slow machine's first step stays well inside one interval.
+    monkeypatch.setattr(agent_api, "MIN_INTERVAL_S", 0.5)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")  # adaptive: >= 50 ms apart
+    mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")
     store = Store()
     got: list[int] = []
     with Subscriber(mon.endpoint or "") as sub:
@@ -308,13 +324,33 @@ def test_the_adaptive_cadence_clock_stands_still_while_paused(runtime_dir: Path)
             sub.poll(0.05)
         step_once(model, mon)  # step 0: the first forward, always sampled
         mon.pause()
-        time.sleep(0.3)  # six times the floor interval, paused
+        time.sleep(1.5)  # three intervals, paused
         mon.resume()
-        step_once(model, mon)  # step 1: ~1 ms of unpaused time since step 0's sample
-        time.sleep(0.1)
+        step_once(model, mon)  # step 1: milliseconds of unpaused time since step 0's sample
+        time.sleep(0.6)
         step_once(model, mon)  # step 2: past the interval
         mon.close()
         end = time.monotonic() + 5
         while time.monotonic() < end and 2 not in got:
             got += [m.step for m in sub.poll(0.1) if store.add(m) and isinstance(m, Sample)]
     assert got == [0, 2]
+
+
+def test_a_sample_after_the_paused_step_means_sampling_again_even_if_resumed_was_lost() -> None:
+    """The "resumed" event can be lost (a full queue, a reconnect): a later step's sample says it."""
+    layers = (LayerInfo(name="fc", type="Linear", shape=(2, 4), kind="linear"),)
+    schema = Schema(run="r", rank=0, seq=1, t=0.0, layers=layers, schema_id=schema_id_for(layers))
+    store = Store()
+    store.add(schema)
+
+    def sample(seq: int, step: int) -> Sample:
+        figures = np.zeros((1, len(STATS)), dtype=np.float32)
+        return Sample(run="r", rank=0, seq=seq, t=0.0, step=step, schema_id=schema.schema_id, figures=figures)
+
+    store.add(sample(2, 4))
+    store.add(Event("r", 0, 3, 0.0, "paused", {"step": 5}))
+    store.add(sample(4, 5))  # the sample under way when the job paused: still paused
+    run = store.get("r", 0)
+    assert run is not None and run.state() == "paused"
+    store.add(sample(6, 9))  # seq 5, the "resumed" event, never arrived
+    assert run.state() == "live"

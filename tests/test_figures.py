@@ -425,17 +425,21 @@ def test_a_relu_is_read_from_the_output_before_it_only_when_that_is_its_input(ru
         nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(inplace=True), Beside(), nn.Linear(8, 2)
     )
     held: list[dict[str, bool]] = []
+    bytes_held: list[tuple[int, int]] = []  # what the agent counts, what its own outputs take
     monitors: list[icsmon_agent.Monitor] = []
 
     def peek(module: nn.Module, args: Any) -> None:  # before the head: what this forward holds
         if monitors and monitors[0]._held:
             mon = monitors[0]
             held.append({mon.layer_names[h.slot]: h.source is not None for h in mon._held})
+            own = sum(h.tensor.nbytes for h in mon._held if h.source is None)
+            bytes_held.append((mon._held_bytes, own))
 
     model[5].register_forward_pre_hook(peek)
     samples, cap = run_training(
         model, lambda: (torch.randn(16, 8), torch.randn(16, 2)), 4, runtime_dir, True, watched=monitors.append
     )
     assert held and held[-1] == {"0": False, "1": True, "2": False, "3": False, "4.fc": False, "4.act": False}
+    assert bytes_held[-1][0] == bytes_held[-1][1] == 5 * 16 * 8 * 4  # five outputs of 16 x 8: not "1"
     n = len(cap.outputs[0])
     assert check_against_truth(samples, cap, ["x"] * n, [False] * n) == 4 * n * len(STATS)

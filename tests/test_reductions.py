@@ -302,6 +302,8 @@ def _with(x: torch.Tensor, at: tuple[int, ...], value: float) -> torch.Tensor:
     [
         (lambda: torch.randn(64, 48), -1),  # Linear-like: the rows layout
         (lambda: torch.randn(4, 8, 9, 9) + 0.3, 1),  # conv-like long runs: the runs layout
+        (lambda: torch.randn(4, 8, 9, 9) - 1.0, 1),  # runs whose first elements are mostly negative
+        (lambda: _with(torch.randn(64, 48), (0, 0), -2.0), -1),  # rows: a negative first element
         (lambda: torch.randn(8, 3, 5), 1),  # short runs: rows
         (lambda: torch.randn(300, 1) - 0.2, -1),  # one unit: one long run
         (lambda: -torch.rand(16, 8) - 0.1, -1),  # all negative: the ReLU is dead and all zeros

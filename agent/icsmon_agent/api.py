@@ -324,15 +324,19 @@ class Monitor:
 
         The layer hooks come off at the step's end, so a paused step costs what an unsampled one
         does (the model's pre-forward hook and the step boundary, microseconds). A step already
-        being sampled is finished and sent. ``benchmarks/overhead.py`` pauses a watched model to
-        time it bare on the same copy.
+        being sampled is finished and sent, and the first forward after ``watch()`` builds the
+        layer table (and is sent) whatever the state. ``benchmarks/overhead.py`` pauses a watched
+        model to time it bare on the same copy.
         """
         if self._closed or self._paused:
             return
-        self._paused = True
-        self._paused_at = time.monotonic()
-        if self._publisher is not None:
-            self._publisher.submit(self._event("paused"))
+        try:
+            self._paused = True
+            self._paused_at = time.monotonic()
+            if self._publisher is not None:
+                self._publisher.submit(self._event("paused"))
+        except Exception as exc:
+            self._fault("pause", exc)
 
     def resume(self) -> None:
         """Sample again after :meth:`pause`.
@@ -344,10 +348,16 @@ class Monitor:
         """
         if self._closed or not self._paused:
             return
-        self._paused = False
-        self._last_sample += time.monotonic() - self._paused_at
-        if self._publisher is not None:
-            self._publisher.submit(self._event("resumed"))
+        try:
+            self._paused = False
+            # A sample taken while paused (the layer table's, or one under way at the pause) is
+            # the clock's start instead: the pause only counts from whichever came later.
+            now = time.monotonic()
+            self._last_sample += now - max(self._paused_at, self._last_sample)
+            if self._publisher is not None:
+                self._publisher.submit(self._event("resumed"))
+        except Exception as exc:
+            self._fault("resume", exc)
 
     @property
     def paused(self) -> bool:
@@ -435,18 +445,17 @@ class Monitor:
             layer = self._layers[slot]
             self._hits += 1
             self._step_hits += 1
-            if self._offload is not None and tensor.is_cpu and self._may_hold(tensor):
-                source = self._relu_of_held(module, args)
-                if source is not None:
-                    # Its figures come from its input, which the offload thread reads anyway: the
-                    # ReLU's own output is never read, and costs no pass of its own.
-                    self._held.append(_Held(slot, source.tensor, source.version, False, source))
-                else:
-                    # Hand it to the offload thread at the end of the forward (see offload.py); an
-                    # output that is changed in place later in the forward is copied first.
-                    held = tensor.detach().clone() if layer.copy else tensor.detach()
-                    self._held.append(_Held(slot, held, held._version, False))
-                    self._held_bytes += held.nbytes
+            source = self._relu_of_held(module, args) if self._offload is not None else None
+            if source is not None:
+                # Its figures come from its input, which the offload thread reads anyway: the
+                # ReLU's own output is never read, and holds no bytes of its own.
+                self._held.append(_Held(slot, source.tensor, source.version, False, source))
+            elif self._offload is not None and tensor.is_cpu and self._may_hold(tensor):
+                # Hand it to the offload thread at the end of the forward (see offload.py); an
+                # output that is changed in place later in the forward is copied first.
+                held = tensor.detach().clone() if layer.copy else tensor.detach()
+                self._held.append(_Held(slot, held, held._version, False))
+                self._held_bytes += held.nbytes
             else:
                 self._records[slot] = reduce_output(tensor, layer.unit_dim, layer.sat)
                 if self._building and tensor.is_cpu and not tensor.is_inference():
@@ -464,19 +473,34 @@ class Monitor:
         never held for it (measured on the seed MLP: the bytes held halved, the offload thread's
         time 5.1 -> 4.5 ms a sample; the step's wall time within noise, see README).
         The proof asked is strict, so only the plain case takes it: a non-inplace ``nn.ReLU``
-        whose one argument is the very memory (same pointer, shape, strides, dtype, version) of
-        the output held just before it. Anything else (an in-place ReLU, a residual in between,
-        a functional relu) is held as its own output, as before.
+        whose first forward hook is ours (one before it, or a global one, could have replaced the
+        output we are given, which is what we would have measured), whose one
+        argument is the very memory (same pointer, shape, strides, dtype, version, no lazy
+        negation) of the output held just before it. Anything else (an in-place ReLU, a residual
+        in between, a functional relu) is held as its own output, as before.
         """
-        if type(module) is not nn.ReLU or module.inplace or not self._held or len(args) != 1:
+        if (
+            type(module) is not nn.ReLU
+            or module.inplace
+            or not self._held
+            or len(args) != 1
+            or nn.modules.module._global_forward_hooks
+            or next(iter(module._forward_hooks.values()), None) != self._on_output
+        ):
             return None
         source = self._held[-1]
         x = args[0]
-        if source.reduced or source.source is not None or not isinstance(x, torch.Tensor):
+        if (
+            source.reduced
+            or source.source is not None
+            or not isinstance(x, torch.Tensor)
+            or x.layout is not torch.strided  # data_ptr() raises on sparse tensors
+        ):
             return None
         held = source.tensor
         if (
-            x.data_ptr() != held.data_ptr()
+            x.is_neg() != held.is_neg()
+            or x.data_ptr() != held.data_ptr()
             or x.dtype != held.dtype
             or x.shape != held.shape
             or x.stride() != held.stride()

@@ -199,21 +199,26 @@ def reduce_outputs(outputs: Sequence[Output]) -> list[Record | None]:
     arrays: list[np.ndarray] = []
     shapes: list[int] = []
     places: list[tuple[int, torch.Tensor, int, int, bool]] = []
-    last: tuple[torch.Tensor, np.ndarray] | None = None  # the last tensor given, and its array
+    # The last tensor given, its prepared float32 form and its array: a ReLU given its input
+    # follows that input's layer, and takes the same ones (no second conversion of a half one).
+    last: tuple[torch.Tensor, torch.Tensor, np.ndarray] | None = None
     for i, (t, unit_dim, sat, relu) in enumerate(outputs):
-        prepared = _prepare(t, unit_dim)
-        if prepared is None:
-            continue
-        x, unit_dim = prepared
-        if _for_kernel(x):
-            # A ReLU given its input follows that input's layer: the same tensor, one array.
-            array = last[1] if last is not None and last[0] is t else _kernel_array(x)
-            last = (t, array)
-            arrays.append(array)
-            shapes += (*_kernel_shape(x, unit_dim), sat + RELU_OF_INPUT if relu else sat)
-            places.append((i, x, unit_dim, sat, relu))
+        if last is not None and last[0] is t:  # in the batch already: prepared as it was then
+            x, array = last[1], last[2]
+            unit_dim = -1 if t.ndim <= 1 else unit_dim
         else:
-            found[i] = reduce_output(torch.relu(x) if relu else x, unit_dim, sat)
+            prepared = _prepare(t, unit_dim)
+            if prepared is None:
+                continue
+            x, unit_dim = prepared
+            if not _for_kernel(x):
+                found[i] = reduce_output(torch.relu(x) if relu else x, unit_dim, sat)
+                continue
+            array = _kernel_array(x)
+        last = (t, x, array)
+        arrays.append(array)
+        shapes += (*_kernel_shape(x, unit_dim), sat + RELU_OF_INPUT if relu else sat)
+        places.append((i, x, unit_dim, sat, relu))
     if arrays:
         batch = Batch.reduce(arrays, shapes)
         for k, (i, x, unit_dim, sat, relu) in enumerate(places):

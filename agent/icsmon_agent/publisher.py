@@ -36,6 +36,8 @@ POLL_MS = 20
 READY_POLL_S = 0.0005  # a sampled step's copy lands within a step; polling costs the GIL ~nothing
 READY_TIMEOUT_S = 30.0  # a wedged device: give up on that sample, never on the thread
 IPC_PATH_MAX = 100  # sockaddr_un holds 107 bytes; keep a margin
+#: Events that say what state the job is in (Monitor.pause/resume): re-sent with the history.
+STATE_EVENTS = ("paused", "resumed")
 
 
 @dataclass
@@ -208,7 +210,12 @@ class Publisher:
                 if isinstance(item, Event):
                     # Stamp events from the same counter as samples: a viewer drops any seq it has
                     # already seen, so an event numbered by another counter would be taken for a repeat.
-                    self._send(protocol.encode_event(replace(item, seq=self.next_seq())))
+                    frames = protocol.encode_event(replace(item, seq=self.next_seq()))
+                    if item.event in STATE_EVENTS:
+                        # Kept with the samples, in order: a viewer that joins during a pause is
+                        # told of it by the history it is sent, as one watching all along was.
+                        self._history.append(frames)
+                    self._send(frames)
                     continue
                 frames = self._encode(item)
             except Exception as exc:
