@@ -14,8 +14,8 @@ hooks and the stalls that contention adds, without the time the scheduler gave t
 are printed beside the ratios they apply to.
 
 Each agent variant also runs paused rounds (``Monitor.pause()``: no sampling, no layer hooks) on
-its own copy, each next to one of its rounds, and "vs paused" is its total over those: the agent's cost
-with the copy's own speed divided out. Why: on a small shared machine two copies of one model
+its own copy, each next to one of its rounds, and "vs paused" is its total over those: the
+agent's cost with the copy's own speed divided out. Why: on a small shared machine two copies of one model
 train at speeds a few percent apart (where their memory landed), which is more than the 1% the
 default cadence is allowed; "paused vs bare" prints that spread for each copy. A paused step still
 runs the agent's two per-step calls (microseconds), so "vs paused" leaves those out and the wall
@@ -342,8 +342,6 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
                     v.times.append((t1 - t0) / steps)
                     v.cpu.append((c1 - c0) / steps)
                     v.thread_cpu.append((tc1 - tc0) / steps)
-                if v.mon is not None:
-                    v.mon.resume()  # left paused, it would skip its sampled steps at the end
         # The training thread's CPU time says what the agent costs it only where that thread does
         # all of the work: not with intra-op threads (their time is not its), not on a GPU (it
         # would count the synchronising spin).

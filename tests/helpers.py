@@ -44,5 +44,14 @@ def wait_for_jobs(env: dict[str, str], n: int = 1, timeout: float = 60) -> list[
     raise AssertionError(f"{n} job(s) did not appear within {timeout}s; saw {jobs}")
 
 
+def wait_watching(mon: Any, sub: Any, timeout: float = 10) -> bool:
+    """Poll ``sub`` (an icsmon Subscriber) until the agent ``mon`` sees its subscription; True if
+    it did. What arrives meanwhile (the schema) is read and dropped."""
+    deadline = time.monotonic() + timeout
+    while not mon.watching and time.monotonic() < deadline:
+        sub.poll(0.05)
+    return bool(mon.watching)
+
+
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -16,7 +16,7 @@ import zmq
 from torch import nn
 
 import icsmon_agent
-from helpers import icsmon, start_script, wait_for_jobs
+from helpers import icsmon, start_script, wait_for_jobs, wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent import api as agent_api
@@ -209,9 +209,7 @@ def sampled_steps(model: nn.Module, steps: int, runtime_dir: Path) -> list[int]:
     store = Store()
     got: list[int] = []
     with Subscriber(mon.endpoint or "") as sub:
-        deadline = time.monotonic() + 10
-        while not mon.watching and time.monotonic() < deadline:
-            sub.poll(0.05)
+        wait_watching(mon, sub)
         for _ in range(steps):
             step_once(model, mon)
             got += [m.step for m in sub.poll(0) if store.add(m) and isinstance(m, Sample)]
@@ -319,9 +317,7 @@ def test_the_adaptive_cadence_clock_stands_still_while_paused(
     store = Store()
     got: list[int] = []
     with Subscriber(mon.endpoint or "") as sub:
-        deadline = time.monotonic() + 10
-        while not mon.watching and time.monotonic() < deadline:
-            sub.poll(0.05)
+        wait_watching(mon, sub)
         step_once(model, mon)  # step 0: the first forward, always sampled
         mon.pause()
         time.sleep(1.5)  # three intervals, paused

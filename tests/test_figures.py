@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import icsmon_agent
+from helpers import wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import STATS, Sample
@@ -112,10 +113,7 @@ def run_training(
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     store = Store()
     with Subscriber(mon.endpoint or "") as sub:
-        deadline = time.monotonic() + 10
-        while not mon.watching and time.monotonic() < deadline:
-            sub.poll(0.05)
-        assert mon.watching, "the agent never saw the subscription"
+        assert wait_watching(mon, sub), "the agent never saw the subscription"
         for _ in range(steps):
             x, y = make_batch()
             out = model(x)
@@ -273,9 +271,7 @@ def test_sampling_every_n_steps(runtime_dir: Path) -> None:
     mon = icsmon_agent.watch(model, every=3, endpoint="tcp", runtime_dir=runtime_dir)
     store = Store()
     with Subscriber(mon.endpoint or "") as sub:
-        deadline = time.monotonic() + 10
-        while not mon.watching and time.monotonic() < deadline:
-            sub.poll(0.05)
+        wait_watching(mon, sub)
         for _ in range(10):
             model(torch.randn(2, 4)).sum().backward()
             mon.step()
@@ -353,9 +349,7 @@ def test_scalar_and_vector_outputs_are_one_unit_each(runtime_dir: Path) -> None:
     cap = Capture(model)
     store = Store()
     with Subscriber(mon.endpoint or "") as sub:
-        deadline = time.monotonic() + 10
-        while not mon.watching and time.monotonic() < deadline:
-            sub.poll(0.05)
+        wait_watching(mon, sub)
         for _ in range(3):
             model(torch.randn(5, 4)).backward()
             cap.end_step()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import icsmon_agent
+from helpers import wait_watching
 from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import STATS, Sample
 
@@ -68,10 +69,7 @@ def test_no_host_sync_every_step(name: str, dtype: torch.dtype, runtime_dir: Pat
     try:
         # Step 0 builds the layer table (host work by design); then wait for the subscription.
         _train_step(model, opt, x, target, mon, dtype)
-        deadline = time.monotonic() + 10
-        while not mon.watching and time.monotonic() < deadline:
-            sub.poll(0.05)
-        assert mon.watching
+        assert wait_watching(mon, sub)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

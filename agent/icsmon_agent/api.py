@@ -474,10 +474,10 @@ class Monitor:
         time 5.1 -> 4.5 ms a sample; the step's wall time within noise, see README).
         The proof asked is strict, so only the plain case takes it: a non-inplace ``nn.ReLU``
         whose first forward hook is ours (one before it, or a global one, could have replaced the
-        output we are given, which is what we would have measured), whose one
-        argument is the very memory (same pointer, shape, strides, dtype, version, no lazy
-        negation) of the output held just before it. Anything else (an in-place ReLU, a residual
-        in between, a functional relu) is held as its own output, as before.
+        output we are given, which is what we would have measured), whose one argument is the
+        very memory (same pointer, shape, strides, dtype, version, no lazy negation) of the output
+        held just before it. Anything else (an in-place ReLU, a residual in between, a functional
+        relu) is held as its own output, as before.
         """
         if (
             type(module) is not nn.ReLU
