@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import icsmon_agent
-from icsmon_agent.api import IDLE_FACTOR
+from icsmon_agent.cadence import IDLE_FACTOR
 
 TARGET_GROWTH_MIB = 1.0  # over the agent's run after warm-up: bounded means no slope
 

@@ -54,7 +54,7 @@ from torch import nn
 # Imported after torch so a missing package shows as an ImportError here, not deep in a variant.
 import icsmon_agent
 from icsmon_agent import figures
-from icsmon_agent.api import IDLE_FACTOR
+from icsmon_agent.cadence import IDLE_FACTOR
 
 TARGETS = {"default+viewer": 1.01, "every+viewer": 1.10}
 ROUND_GAP_S = 0.05

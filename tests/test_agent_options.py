@@ -14,12 +14,13 @@ import pytest
 import torch
 import zmq
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks as global_forward_hooks
 
 import icsmon_agent
 from helpers import icsmon, start_script, wait_for_jobs, wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
-from icsmon_agent import api as agent_api
+from icsmon_agent import cadence as agent_cadence
 from icsmon_agent.layers import clean_name
 from icsmon_agent.protocol import STATS, Event, LayerInfo, Sample, Schema, schema_id_for
 
@@ -283,7 +284,7 @@ def test_pause_stops_sampling_and_unhooks_until_resume(runtime_dir: Path) -> Non
         assert mon.paused
         for _ in range(3):
             step_once(model, mon)
-            assert not model[0]._forward_hooks  # paused steps run PyTorch's fast path
+            assert not global_forward_hooks  # paused steps run PyTorch's fast path
         drain_until(lambda: "paused" in events)
         run = store.newest()
         assert run is not None and run.state() == "paused"
@@ -311,7 +312,7 @@ def test_the_adaptive_cadence_clock_stands_still_while_paused(
     runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Samples at least 0.5 s apart: a slow machine's first step stays well inside one interval.
-    monkeypatch.setattr(agent_api, "MIN_INTERVAL_S", 0.5)
+    monkeypatch.setattr(agent_cadence, "MIN_INTERVAL_S", 0.5)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")
     store = Store()
@@ -324,12 +325,14 @@ def test_the_adaptive_cadence_clock_stands_still_while_paused(
         mon.resume()
         step_once(model, mon)  # step 1: milliseconds of unpaused time since step 0's sample
         time.sleep(0.6)
-        step_once(model, mon)  # step 2: past the interval
+        # Step 2 was decided at step 1's end, still inside the interval; step 3 at step 2's end.
+        step_once(model, mon)
+        step_once(model, mon)
         mon.close()
         end = time.monotonic() + 5
-        while time.monotonic() < end and 2 not in got:
+        while time.monotonic() < end and 3 not in got:
             got += [m.step for m in sub.poll(0.1) if store.add(m) and isinstance(m, Sample)]
-    assert got == [0, 2]
+    assert got == [0, 3]
 
 
 def test_a_sample_after_the_paused_step_means_sampling_again_even_if_resumed_was_lost() -> None:

@@ -60,9 +60,9 @@ for step in range(int(sys.argv[2])):
     opt.zero_grad(); loss.backward(); opt.step()
     dump[step]["grads"] = grads_of(model)
     dump[step]["loss"] = loss.item()
-    mon.step(loss=loss, lr=1e-3)
     while step == 0 and not mon.watching and time.time() < deadline:
         time.sleep(0.05)   # wait for the viewer so every later step is seen live
+    mon.step(loss=loss, lr=1e-3)   # the next step's sampling is decided here
 for s in dump:
     dump[s].pop("mods")
 pickle.dump(dump, open(sys.argv[1], "wb"))
@@ -85,10 +85,11 @@ deadline = time.time() + 60
 for step in range(int(sys.argv[2])):
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
     loss = nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad(); loss.backward(); opt.step()
-    dump[step]["grads"] = grads_of(model)
+    opt.zero_grad(); loss.backward()
     while step == 0 and not mon.watching and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)   # the next step's sampling is decided at opt.step()
+    opt.step()
+    dump[step]["grads"] = grads_of(model)
 for s in dump:
     dump[s]["conv"] = [o.ndim == 4 for o in dump[s]["out"]]
     dump[s]["kinds"] = ["tanh" if isinstance(m, nn.Tanh) else "x" for m in dump[s].pop("mods")]
@@ -222,7 +223,7 @@ def test_agent_imports_neither_textual_nor_rich_nor_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    code = "import sys, torch, icsmon_agent.api; print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'rich'}))"
+    code = "import sys, torch, icsmon_agent.monitor; print(sorted({m.split('.')[0] for m in sys.modules} & {'textual', 'rich'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -423,11 +423,11 @@ def test_a_relu_is_read_from_the_output_before_it_only_when_that_is_its_input(ru
     monitors: list[icsmon_agent.Monitor] = []
 
     def peek(module: nn.Module, args: Any) -> None:  # before the head: what this forward holds
-        if monitors and monitors[0]._held:
+        if monitors and monitors[0]._capture._held:
             mon = monitors[0]
-            held.append({mon.layer_names[h.slot]: h.source is not None for h in mon._held})
-            own = sum(h.tensor.nbytes for h in mon._held if h.source is None)
-            bytes_held.append((mon._held_bytes, own))
+            held.append({mon.layer_names[h.slot]: h.source is not None for h in mon._capture._held})
+            own = sum(h.tensor.nbytes for h in mon._capture._held if h.source is None)
+            bytes_held.append((mon._capture._held_bytes, own))
 
     model[5].register_forward_pre_hook(peek)
     samples, cap = run_training(

@@ -14,18 +14,18 @@ __version__ = "0.1.0"
 __all__ = ["Monitor", "__version__", "watch"]
 
 if TYPE_CHECKING:
-    from .api import Monitor, watch
+    from .monitor import Monitor, watch
 else:
 
     def watch(model: Any, **kwargs: Any) -> Any:
-        """Watch every layer of ``model``; see :func:`icsmon_agent.api.watch`."""
-        from .api import watch as _watch
+        """Watch every layer of ``model``; see :func:`icsmon_agent.monitor.watch`."""
+        from .monitor import watch as _watch
 
         return _watch(model, **kwargs)
 
     def __getattr__(name: str) -> Any:
         if name == "Monitor":
-            from .api import Monitor
+            from .monitor import Monitor
 
             return Monitor
         raise AttributeError(f"module 'icsmon_agent' has no attribute {name!r}")

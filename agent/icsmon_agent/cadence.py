@@ -1,0 +1,66 @@
+"""When to sample: every N steps, or adaptively so the agent's own work stays within a budget.
+
+The default (``every=None``) is adaptive: the agent times its own work on each sampled step (hooks,
+the batched finish, the hand-off, and the offload thread's busy time) and waits ``cost / BUDGET``
+seconds before the next sample, but never less than ``MIN_INTERVAL_S``. Why not a fixed N: a sampled
+step's cost is roughly fixed per layer while step times span 1 ms to 10 s, so any fixed N is either
+too dear for fast jobs or too sparse for slow ones (figures: ``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+
+#: Half a percent measured: the other half is for what the timing cannot see (the hooks' calls on
+#: unsampled steps, the publisher thread's encoding, cache effects), so the total stays near 1%.
+BUDGET = 0.005
+#: At most 20 samples a second: what a viewer can draw, and what the wire is sized for.
+MIN_INTERVAL_S = 0.05
+#: With nobody subscribed, sample this many times less often: enough history for a late viewer.
+IDLE_FACTOR = 10
+#: The cadence follows the low median of this many samples' costs (the first ones go at the floor).
+COST_WINDOW = 5
+
+
+class Cadence:
+    """Decides, at each step boundary, whether the next step is sampled."""
+
+    def __init__(self, every: int | None) -> None:
+        self.every = every
+        self.cost = 0.0  # typical seconds of our own work per sampled step
+        self._costs: deque[float] = deque(maxlen=COST_WINDOW)
+        self._last_sample = 0.0  # monotonic time the last sampled step began
+        self._paused_at = 0.0
+
+    def due(self, step: int, watching: bool) -> bool:
+        if self.every is not None:
+            period = self.every if watching else self.every * IDLE_FACTOR
+            return step % period == 0
+        interval = max(MIN_INTERVAL_S, self.cost / BUDGET) * (1 if watching else IDLE_FACTOR)
+        return time.monotonic() - self._last_sample >= interval
+
+    def sampled(self, began: float, spent: float | None) -> None:
+        """A sample was taken of a step that began at ``began`` (monotonic) and cost ``spent``
+        seconds of our own work (None: a one-time set-up sample, not counted).
+
+        The low median of the last few, so one slow sample (a page fault, a busy core, a first call
+        into some op) does not stall the cadence; until the window is full the floor applies.
+        Measured from when the step began, so a step slow inside its forward is followed by a sample.
+        """
+        if spent is not None:
+            self._costs.append(spent)
+            if len(self._costs) == COST_WINDOW:
+                self.cost = statistics.median_low(self._costs)
+        self._last_sample = began
+
+    def pause(self) -> None:
+        self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        """The clock stood still while paused: a pause is no time the agent ran in, and a sample at
+        every resume would make a job that pauses often sample above the budget. A sample taken
+        while paused restarts the clock instead, so the pause counts from whichever came later."""
+        now = time.monotonic()
+        self._last_sample += now - max(self._paused_at, self._last_sample)

@@ -1,0 +1,208 @@
+"""A sampled step's journey after its forward: gradient norms, the finish, the hand-off.
+
+The flow, in one place (see also ``docs/design.md``):
+
+1. The layer hooks (:mod:`.capture`) reduce each output on its device (GPU) or hold it for the
+   offload thread (CPU), which reduces a forward's outputs in one call and then finishes their
+   activation figures early (:class:`Early`), beside the backward.
+2. When the backward finishes (or at the step boundary if no backward was seen), the gradients are
+   taken (:meth:`Sampler.take_grads`): their norms now, or, when the job is known to replace its
+   gradients rather than change them in place, a reference the offload thread reads later.
+3. At the step boundary :meth:`Sampler.take` makes a :class:`Pending` sample; :meth:`Sampler.flush`
+   finishes it (the offload thread for CPU models) and hands it to the publisher thread: one
+   non-blocking copy to pinned memory on a side stream for CUDA, whose event the publisher waits on.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import HOLD_LIMIT, Capture
+from .figures import Finalizer, GradNorms, Record, grad_norms
+from .publisher import Publisher, Work
+
+
+def records_device(records: list[Record | None]) -> torch.device:
+    """Where a sample's figures are finished: the device of its first layer's reductions."""
+    return next((r.device for r in records if r is not None), torch.device("cpu"))
+
+
+@dataclass
+class Early:
+    """A sample's activation figures, finished on the offload thread right after its reductions.
+
+    Why early: finished at the step's end instead, that work ran beside the next forward, the
+    training thread's most Python-heavy phase, and both slowed each other over the GIL. Beside the
+    backward, which holds the GIL least, it costs the training thread almost nothing.
+    """
+
+    records: list[Record | None]
+    figures: torch.Tensor | None = None  # float64, from Finalizer.activations; None until done
+
+
+@dataclass
+class Grads:
+    """A sample's gradients: their norms, or references (and versions) for the offload thread."""
+
+    norms: GradNorms | None = None
+    held: tuple[list[tuple[int, torch.Tensor]], list[int]] | None = None
+
+
+@dataclass
+class Pending:
+    step: int
+    t_measured: float
+    scalars: dict[str, Any]
+    records: list[Record | None]  # filled in by the offload thread until its finishing job runs
+    grads: Grads = field(default_factory=Grads)
+    figures: torch.Tensor | None = None  # None: finished on the offload thread
+    early: Early | None = None
+
+
+class Sampler:
+    """Takes, finishes and hands off the samples of one layer table."""
+
+    def __init__(
+        self,
+        capture: Capture,
+        publisher: Publisher,
+        warn: Callable[[str, str], None],
+    ) -> None:
+        self._capture = capture
+        self._publisher = publisher
+        self._warn = warn
+        self.finalizer = Finalizer(len(capture.layers))
+        self._params: list[tuple[int, nn.Parameter]] = [
+            (i, p)
+            for i, layer in enumerate(capture.layers)
+            if layer.call == 0
+            for p in layer.module.parameters()
+        ]
+        # Whether the offload thread may read the gradients after the step ("hold"), or their
+        # norms are taken at once ("inline"); "learn" until a later sample has shown that the job
+        # replaces its gradients (zero_grad(set_to_none=True)) rather than changing them in place
+        # (clipping, accumulation, zeroing), which would change them under the reader.
+        self.grad_mode = "learn"
+        self._grad_probe: list[tuple[nn.Parameter, torch.Tensor, int]] | None = None
+        self._side_stream: Any = None
+
+    def take_grads(self) -> Grads:
+        """This step's gradients, now: at the end of the backward, before the user's clipping."""
+        offload = self._capture.offload
+        grads = [(i, p.grad) for i, p in self._params if p.grad is not None]
+        if offload is not None and self.grad_mode == "learn":
+            self._learn_grad_mode()
+        nbytes = sum(g.nbytes for _, g in grads)
+        if (
+            offload is not None
+            and self.grad_mode == "hold"
+            and offload.outstanding + nbytes <= HOLD_LIMIT
+            and not any(g.is_inference() for _, g in grads)
+        ):
+            return Grads(held=(grads, [g._version for _, g in grads]))
+        return Grads(norms=grad_norms(grads, records_device(self._capture.records)))
+
+    def _learn_grad_mode(self) -> None:
+        """Probe at one sample, judge at the next: were the probed gradients replaced, untouched?"""
+        probe, self._grad_probe = self._grad_probe, None
+        if probe is None:
+            self._grad_probe = [
+                (p, p.grad, p.grad._version)
+                for _, p in self._params
+                if p.grad is not None and not p.grad.is_inference()
+            ] or None
+            return
+        replaced = all(p.grad is not g and g._version == v for p, g, v in probe)
+        self.grad_mode = "hold" if replaced else "inline"
+
+    def take(self, step: int, scalars: dict[str, Any], early: Early | None, grads: Grads | None) -> Pending:
+        """The step's sample: figures now on a device (launches only), or later on the offload
+        thread (its reductions may still run)."""
+        records = self._capture.records
+        pending = Pending(step, time.time(), scalars, records, grads or self.take_grads(), early=early)
+        if self._capture.offload is None:
+            pending.figures = self.finalizer.figures(records, pending.grads.norms, records_device(records))
+        return pending
+
+    def flush(self, pending: Pending) -> None:
+        offload = self._capture.offload
+        if pending.figures is None and offload is not None:
+            offload.submit(functools.partial(self._finish_offloaded, pending))
+        else:
+            self._hand_off(pending)
+
+    def finish_early(self, early: Early) -> None:
+        """Queue a forward's activation figures on the offload thread, after its reductions."""
+        if self._capture.offload is not None:
+            self._capture.offload.submit(functools.partial(self._finish_activations, early))
+
+    def _finish_activations(self, early: Early) -> None:
+        with torch.no_grad():  # grad mode is per thread: this one's is on
+            early.figures = self.finalizer.activations(early.records, records_device(early.records))
+
+    def _finish_offloaded(self, pending: Pending) -> None:
+        """On the offload thread, after the step's reductions: the batched figures, then publish."""
+        with torch.no_grad():  # gradients made with create_graph require grad: build no graph here
+            grads = pending.grads
+            if grads.held:
+                held, versions = grads.held
+                norms = grad_norms(held, torch.device("cpu"))
+                if all(g._version == v for (_, g), v in zip(held, versions, strict=True)):
+                    grads.norms = norms
+                else:  # changed in place after all: take them at once from now on
+                    self.grad_mode = "inline"
+            records = pending.records
+            if not any(r is not None for r in records) and grads.norms is None:
+                return  # every layer of the step changed in place under us: nothing to show
+            early = pending.early.figures if pending.early is not None else None
+            if early is None:  # no forward end was seen, or its early job failed
+                early = self.finalizer.activations(records, records_device(records))
+            pending.figures = self.finalizer.with_grads(early, grads.norms)
+            self._hand_off(pending)
+
+    def _hand_off(self, pending: Pending) -> None:
+        figures = pending.figures
+        assert figures is not None
+        device = figures.device
+        names: list[str] = []
+        tensors: list[torch.Tensor] = []
+        host_scalars: dict[str, float | None] = {}
+        for key, value in pending.scalars.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() == 0 or value.is_complex():
+                    continue
+                names.append(key)
+                tensors.append(value.detach().reshape(-1)[:1].to(device=device, dtype=torch.float32))
+            else:
+                try:
+                    host_scalars[key] = float(value)
+                except (TypeError, ValueError, OverflowError):
+                    # One scalar we cannot take (10**400, a string) is left out, not the sample.
+                    self._warn(f"scalar:{key}", f"icsmon: scalar {key!r} is not a float; it is left out")
+        flat = torch.cat([figures.reshape(-1), *tensors])
+        ready = None
+        if device.type == "cuda":
+            # One non-blocking copy into pinned memory on a side stream; the publisher waits on the event.
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+            stream = self._side_stream
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                host.copy_(flat, non_blocking=True)
+                ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                ready.record(stream)
+            flat.record_stream(stream)
+        else:
+            host = flat if flat.device.type == "cpu" else flat.to("cpu")
+        n_layers, n_stats = figures.shape
+        self._publisher.submit(
+            Work(pending.step, pending.t_measured, host, ready, n_layers, n_stats, names, host_scalars)
+        )
