@@ -482,6 +482,8 @@ class Monitor:
         if capture.has_held:  # outputs of a forward whose end was not seen
             capture.drain_sink()
             capture.dispatch(None)
+        if capture.building and capture.layers:  # layers called outside the model's forward
+            self._finish_table()
         if capture.armed and self._sampler is not None and capture.step_hits:
             first = self._samples == 0
             started = time.perf_counter()

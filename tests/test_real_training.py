@@ -1,0 +1,334 @@
+"""Real training code with the two lines added: it must run exactly as it did without them.
+
+The strongest check: the losses of a watched run are bit-identical to the same run without the
+agent (same seed, separate processes), on small versions of public training scripts
+(``public_models.py``): nanoGPT's GPT with dropout, AdamW warm-up, clipping, accumulation and bf16
+autocast; torchvision's ResNet-18 with EMA, checkpoints and eval passes; the word-language-model
+LSTM with its hand-written SGD. Compiled runs are judged by ``TORCH_LOGS=recompiles,graph_breaks``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import pickle
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import icsmon_agent
+from helpers import wait_watching
+from icsmon.store import Store
+from icsmon.subscriber import Subscriber
+from icsmon_agent.protocol import STAT_INDEX, Sample
+from public_models import GPT, RNNModel, copy_task, resnet18
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "public_models.py"
+
+
+def job(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[dict[str, Any], str]:
+    """Run ``public_models.py`` in a fresh process; its JSON summary and its stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def losses(summary: dict[str, Any]) -> list[float]:
+    return [float.fromhex(v) for v in summary["losses"]]
+
+
+# ------------------------------------------------------------------ the model's own state
+
+
+def test_a_watched_model_pickles_copies_and_checkpoints_as_without_the_agent(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    """torch.save(model), deepcopy, AveragedModel and state_dict work while watched, paused and
+    closed; nothing of ours is in the pickle; a process that cannot import icsmon loads it."""
+    torch.manual_seed(0)
+    model = resnet18()
+    mon = icsmon_agent.watch(model, every=1, runtime_dir=runtime_dir)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9)
+    )
+    for state in ("watched", "paused", "closed"):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ema.update_parameters(model)
+        if state == "paused":
+            mon.pause()
+        if state == "closed":
+            mon.close()
+        blob = pickle.dumps(model)
+        assert b"icsmon" not in blob, state
+        twin = copy.deepcopy(model)
+        steps = mon.steps
+        twin(x).sum().backward()  # a copy's modules are other objects: never watched
+        assert mon.steps == steps
+        buf = io.BytesIO()
+        torch.save({"state": model.state_dict(), "opt": opt.state_dict()}, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        assert set(loaded["state"]) == set(model.state_dict())
+    assert mon.layer_names and mon.errors == 0
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loader = (
+        "import sys; sys.modules['icsmon_agent'] = None; sys.modules['icsmon'] = None\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import torch\n"
+        f"m = torch.load({str(path)!r}, weights_only=False)\n"
+        "print(type(m).__name__, sum(p.numel() for p in m.parameters()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ResNet", str(sum(p.numel() for p in model.parameters()))]
+
+
+# ------------------------------------------------------------------ bit-identical losses, eager
+
+EAGER_JOBS = {
+    "gpt: dropout, AdamW warm-up, clipping, accumulation x2, bf16 autocast, no_grad evals": [
+        "gpt", "--steps", "8", "--dropout", "0.1", "--accum", "2", "--amp", "--eval-every", "3",
+    ],
+    "resnet18: zero-init residual, in-place ReLU, EMA, checkpoint + deepcopy, eval passes": [
+        "resnet", "--steps", "6", "--ema", "--checkpoint", "--eval-every", "2",
+    ],
+    "lstm: word-language-model, manual SGD, clipping, no optimizer and no step()": [
+        "lstm", "--steps", "24", "--eval-every", "5", "--dropout", "0.2",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("args", list(EAGER_JOBS.values()), ids=list(EAGER_JOBS))
+def test_watched_runs_lose_exactly_what_bare_runs_lose(env: dict[str, str], args: list[str]) -> None:
+    bare, _ = job(env, *args)
+    watched, err = job(env, *args, "--watch", "--viewer")
+    assert losses(watched) == losses(bare)
+    steps = int(args[args.index("--steps") + 1])
+    assert watched["errors"] == 0 and watched["layers"]
+    assert watched["sampled_steps"] == list(range(steps)), "every step is sampled and sent"
+    assert "Traceback" not in err
+    if args[0] == "lstm":  # no optimizer, no step(): each training forward is a step, said once
+        assert err.count("each training forward counts as a step") == 1
+        assert watched["samples"] == steps
+    else:
+        assert "counts as a step" not in err
+    if args[0] == "resnet":
+        assert watched["checkpoint_mentions_icsmon"] is False
+        assert watched["checkpoint_bytes"] == bare["checkpoint_bytes"]
+
+
+# ------------------------------------------------------------------ torch.compile
+
+
+def compiled_job(env: dict[str, str], *args: str) -> tuple[dict[str, Any], int, int, str]:
+    """A compiled run: its summary, recompilations and graph breaks as TORCH_LOGS prints them."""
+    env = dict(env, TORCH_LOGS="recompiles,graph_breaks")
+    summary, err = job(env, *args, "--compile", timeout=400)
+    return summary, err.count("Recompiling function"), err.lower().count("graph break"), err
+
+
+@pytest.mark.parametrize(
+    ("model", "steps", "exact"),
+    [("gpt", "8", True), ("mlp", "6", True), ("resnet", "3", False)],
+    ids=["nanoGPT", "Sequential MLP", "ResNet-18"],
+)
+def test_compiled_models_stream_without_graph_breaks_or_recompiles(
+    env: dict[str, str], model: str, steps: str, exact: bool
+) -> None:
+    """Watched after compile and before it: at most 2 recompilations, no graph break, no frame of
+    ours compiled; losses bit-identical to the compiled bare run where the compiler's fusion allows
+    (a ResNet's sampled graph exposes BatchNorm outputs, and Inductor fuses its reductions another
+    way: equal to within float rounding there, and bit-identical between two watched runs)."""
+    args = [model, "--steps", steps, "--every", "2"]
+    bare, recompiles, breaks, _ = compiled_job(env, *args)
+    assert (recompiles, breaks) == (0, 0)
+    runs = [
+        compiled_job(env, *args, "--watch", "--viewer", *extra) for extra in ([], ["--watch-before-compile"])
+    ]
+    for summary, recompiles, breaks, err in runs:
+        assert recompiles <= 2 and breaks == 0, err[-3000:]
+        assert not re.search(r"Recompiling function \w+ in \S*icsmon_agent", err), (
+            "a frame of ours was compiled"
+        )
+        assert summary["compiled"] and summary["errors"] == 0 and summary["layers"]
+        assert summary["sampled_steps"] == list(range(0, int(steps), 2))
+        if exact:
+            assert losses(summary) == losses(bare)
+        else:
+            for got, want in zip(losses(summary), losses(bare), strict=True):
+                assert abs(got - want) <= 1e-6 * abs(want), (got, want)
+    assert losses(runs[0][0]) == losses(runs[1][0])
+
+
+# ------------------------------------------------------------------ what counts as training
+
+
+def train_and_collect(
+    model: nn.Module, runtime_dir: Path, steps: int, body: Any, **watch: Any
+) -> tuple[icsmon_agent.Monitor, list[Sample]]:
+    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir, **watch)
+    store, got = Store(), []
+    with Subscriber(mon.endpoint or "") as sub:
+        assert wait_watching(mon, sub)
+        for i in range(steps):
+            body(mon, i)
+            got += [m for m in sub.poll(0) if store.add(m) and isinstance(m, Sample)]
+        mon.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(got) < steps:
+            got += [m for m in sub.poll(0.05) if store.add(m) and isinstance(m, Sample)]
+    return mon, got
+
+
+def test_forwards_without_gradients_are_never_sampled(runtime_dir: Path) -> None:
+    """no_grad and inference_mode passes, with the model still in train mode, are not steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def body(mon: icsmon_agent.Monitor, i: int) -> None:
+        nn.functional.mse_loss(model(torch.randn(4, 8)), torch.zeros(4, 2)).backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            model(torch.full((4, 8), 1e4))  # an evaluation pass, model.training still True
+        with torch.inference_mode():
+            model(torch.full((4, 8), -1e4))
+
+    mon, samples = train_and_collect(model, runtime_dir, 6, body)
+    assert [s.step for s in samples] == list(range(6)) and mon.steps == 6
+    top = max(float(s.figures[i, STAT_INDEX["max"]]) for s in samples for i in range(3))
+    assert top < 100, "an evaluation batch was sampled"
+
+
+def test_accumulation_samples_the_first_micro_batch_and_gradients_before_clipping(runtime_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    firsts: list[float] = []
+    pre_clip: list[float] = []
+
+    stds: list[float] = []
+    model[0].register_forward_hook(
+        lambda m, a, out: stds.append(float(out.detach().double().std(unbiased=False)))
+    )
+
+    def body(mon: icsmon_agent.Monitor, i: int) -> None:
+        for micro in range(3):
+            x = torch.randn(4, 8) * (1 + micro)  # each micro-batch its own scale
+            model(x).pow(2).mean().backward()
+        firsts.append(stds[-3])
+        pre_clip.append(float(torch.linalg.vector_norm(model[0].weight.grad.double().flatten()).item()))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad()
+
+    # Only the first Linear is watched: its std and gradient norm are what is checked.
+    mon, samples = train_and_collect(model, runtime_dir, 5, body, include="0")
+    assert [s.step for s in samples] == list(range(5)) and mon.errors == 0
+    for s in samples:
+        std, grad = float(s.figures[0, STAT_INDEX["std"]]), float(s.figures[0, STAT_INDEX["grad_norm"]])
+        assert abs(std - firsts[s.step]) <= 1e-5 * firsts[s.step]
+        # The layer's norm covers weight and bias: at least the weight's, and far above the clip.
+        assert pre_clip[s.step] <= grad * (1 + 1e-5) and grad > 1e-2
+
+
+# ------------------------------------------------------------------ odd outputs and scalars
+
+
+class SparseLeaf(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to_sparse()
+
+
+class MetaLeaf(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, device="meta")
+
+
+class Odd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.sparse, self.meta, self.head = (
+            nn.Linear(8, 8),
+            SparseLeaf(),
+            MetaLeaf(),
+            nn.Linear(8, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        self.meta(h)
+        return self.head(self.sparse(h).to_dense())
+
+
+def test_odd_outputs_and_scalars_cost_themselves_alone(runtime_dir: Path) -> None:
+    """A sparse and a meta leaf are left out (never a fault, never a detach); a scalar that does
+    not fit a float is dropped alone, the sample and the loss still go."""
+    torch.manual_seed(0)
+    model = Odd()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def body(mon: icsmon_agent.Monitor, i: int) -> None:
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step(loss=loss, tokens=10**400, note="n/a")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon, samples = train_and_collect(model, runtime_dir, 60, body)
+    assert mon.errors == 0 and mon.layer_names == ["fc", "head"]
+    # Every step is sampled, but for those skipped while the offload thread caught up (tiny steps).
+    assert len(samples) + mon.skipped == 60 and len(samples) >= 30, (len(samples), mon.skipped)
+    assert all(s.loss is not None and "tokens" not in s.scalars for s in samples)
+    said = [str(w.message) for w in caught if "icsmon" in str(w.message)]
+    assert len([m for m in said if "tokens" in m]) == 1, said
+
+
+def test_an_lstm_hidden_tuple_and_tied_weights_are_read(runtime_dir: Path) -> None:
+    """The LSTM's (output, (h, c)) and a decoder tied to the encoder: the output is read, the
+    shared weight's gradient counted for both layers that own it."""
+    torch.manual_seed(0)
+    model = RNNModel("LSTM", 16, 8, 8, 1, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def body(mon: icsmon_agent.Monitor, i: int) -> None:
+        x = torch.randint(0, 16, (5, 2))
+        out, _ = model(x, model.init_hidden(2))
+        nn.functional.nll_loss(out, torch.randint(0, 16, (10,))).backward()
+        opt.step()
+        opt.zero_grad()
+
+    mon, samples = train_and_collect(model, runtime_dir, 3, body)
+    assert mon.layer_names == ["drop", "encoder", "rnn", "drop#1", "decoder"]
+    grads = samples[-1].figures[:, STAT_INDEX["grad_norm"]]
+    assert float(grads[1]) > 0 and float(grads[4]) > 0
+
+
+def test_no_hook_of_ours_is_left_on_the_model_or_after_close(runtime_dir: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT()
+    mon = icsmon_agent.watch(model, runtime_dir=runtime_dir)
+    x, y = copy_task(torch.Generator().manual_seed(0))
+    model(x, y)[1].backward()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    mon.close()
+    assert not torch.nn.modules.module._global_forward_hooks
