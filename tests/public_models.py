@@ -379,6 +379,8 @@ class Job:
             "samples": self.samples,
             "layers": self.layers,
             "errors": self.monitor.errors if self.monitor is not None else 0,
+            "skipped": self.monitor.skipped if self.monitor is not None else 0,
+            "dropped": self.monitor.dropped if self.monitor is not None else 0,
             "compiled": bool(self.monitor.compiled) if self.monitor is not None else False,
             **self.notes,
         }

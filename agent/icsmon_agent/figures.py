@@ -1,4 +1,4 @@
-"""The figures of DESIGN.md's table, computed on the tensor's device without a host sync.
+"""The figures of README.md's table, computed on the tensor's device without a host sync.
 
 Work is split in two so the per-hook cost stays a handful of kernel launches:
 

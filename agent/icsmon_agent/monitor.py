@@ -18,28 +18,23 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import itertools
 import os
-import secrets
-import socket
-import sys
 import time
 import warnings
 import weakref
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import discovery, protocol
 from .cadence import Cadence
 from .capture import Capture
-from .layers import Selector, candidate_modules, tensors_in
-from .publisher import Publisher, default_endpoint
-from .sample import Early, Grads, Pending, Sampler
+from .layers import Selector, candidate_modules
+from .outlet import Identity, Outlet
+from .sample import Early, Grads, Pending, Sampler, when_backward_ends
+from .steps import StepMarks
 
 MAX_FAULTS = 50
 #: With this many offload jobs still queued (the thread starved of CPU), a step goes unsampled.
@@ -47,43 +42,6 @@ MAX_FAULTS = 50
 MAX_QUEUED_JOBS = 24
 #: How long ``close()`` waits for the offload thread to finish the last samples.
 CLOSE_WAIT_S = 2.0
-
-#: Training forwards counted as steps, with no optimizer step or ``step()`` seen, before the agent
-#: says that it counts them so (an accumulating job's first optimizer step may still come).
-FORWARD_STEPS_AFTER = 16
-#: How the steps are marked: not yet known, ``optimizer.step()``, ``Monitor.step()``, each forward.
-StepSource = Literal["unknown", "optimizer", "user", "forward"]
-
-
-def _default_name() -> str:
-    arg0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
-    if arg0 in ("", "-", "-c", "-m"):
-        return "python"
-    return Path(arg0).stem or "python"
-
-
-def _env_int(name: str, default: int) -> int:
-    """An integer from the launcher's environment; a malformed one must not stop training."""
-    try:
-        return int(os.environ.get(name, "") or default)
-    except ValueError:
-        return default
-
-
-def _resolve_endpoint(endpoint: str | None, runtime: Path, key: str) -> str:
-    if endpoint is None or endpoint == "ipc":
-        return default_endpoint(runtime, key)
-    if endpoint == "tcp":
-        return "tcp://127.0.0.1:*"
-    if endpoint.startswith("tcp://") and not endpoint.startswith(
-        ("tcp://127.", "tcp://localhost", "tcp://[::1]")
-    ):
-        warnings.warn(
-            f"icsmon: publishing on {endpoint}, beyond loopback: anyone who can reach it can read the figures",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    return endpoint
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -108,46 +66,28 @@ class Monitor:
     ) -> None:
         model = _unwrap(model)
         self.model = model
-        self.name = name or _default_name()
+        self.who = Identity.from_environment(name)
         self.every = every
-        self.rank = _env_int("RANK", 0)
-        self.world_size = _env_int("WORLD_SIZE", 1)
-        self.run = os.environ.get("ICSMON_RUN") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
-        if not self.run or self.run == "none":
-            self.run = f"{self.name}-{secrets.token_hex(3)}"
-        self.started = time.time()
         self.errors = 0
         self.skipped = 0  # steps left unsampled because the offload thread was far behind
-        self.step_source: StepSource = "unknown"
-        self._pid = os.getpid()
         self._closed = False
         self._paused = False
         self._step = 0
         self._samples = 0
-        self._forwards = 0  # training forwards since the last step boundary
         self._eval_forward = False  # the forward under way is not training (no_grad, eval)
         self._spent = 0.0  # seconds of our own work on the current sampled step
         self._busy_seen: float | None = None  # the offload thread's busy seconds already counted
         self._forward_t0: float | None = None  # when this step's (first) forward began
-        self._closed_by_optimizer = False  # the optimizer hook closed the step and no forward followed
         self._cadence = Cadence(every)
         self._sampler: Sampler | None = None
         self._pending: Pending | None = None
         self._early: Early | None = None  # this step's activation figures, being finished early
         self._grads: Grads | None = None  # this step's gradients, taken when its backward ended
-        # Weak keys: an optimizer that is dropped and re-created must not inherit a verdict by id.
-        self._owned_optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._model_params = {id(p) for p in model.parameters()}
-        self._grad_probe_param = next((p for p in model.parameters() if p.requires_grad), None)
+        self._marks = StepMarks(model)
         self._warned: set[str] = set()
         self._optimizer_handle: Any = None
         self._skipped_step = -1
-        self._publisher: Publisher | None = None
-        self._discovery_path: Path | None = None
-        self.endpoint: str | None = None
-        self._seq = itertools.count(1)
+        self._outlet: Outlet | None = None
         self._atexit: Any = None
 
         modules = candidate_modules(model, include, exclude)
@@ -158,38 +98,16 @@ class Monitor:
                 f"icsmon: {type(model).__name__} has no layer to watch; training continues unmonitored",
             )
             return
-        key = f"{self.run}.r{self.rank}"
         try:
-            runtime = Path(runtime_dir) if runtime_dir is not None else discovery.runtime_dir()
-            discovery.ensure_private_dir(runtime)
-            self._publisher = Publisher(
-                _resolve_endpoint(endpoint, runtime, key),
-                run=self.run,
-                rank=self.rank,
-                on_error=self._on_publisher_error,
-            )
-            self.endpoint = self._publisher.endpoint
-            info = discovery.JobInfo(
-                pid=self._pid,
-                host=socket.gethostname(),
-                run=self.run,
-                name=self.name,
-                rank=self.rank,
-                world_size=self.world_size,
-                endpoint=self.endpoint,
-                started=self.started,
-                cmd=list(sys.argv),
-            )
-            self._discovery_path = discovery.write(info, runtime, stem=key)
+            self._outlet = Outlet(self.who, endpoint, runtime_dir, self._on_publisher_error)
         except Exception as exc:
             self._warn("setup", f"icsmon: cannot publish ({exc}); training continues unmonitored")
-            self._shutdown_publisher()
             return
 
         try:
             self._capture.set_hooks(True)  # the first training forward builds the layer table
             self._optimizer_handle = register_optimizer_step_post_hook(self._on_optimizer_step)
-            self._publisher.submit(self._event("started"))
+            self._outlet.event("started", self._step, self.errors)
             self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
             atexit.register(self._atexit)
         except Exception as exc:
@@ -204,21 +122,19 @@ class Monitor:
         Tensors are passed as they are (no ``.item()``: no host sync). Call it once a step, after
         ``optimizer.step()``; from the first call on it alone marks the steps.
         """
-        if self._closed or self._publisher is None:
+        if self._closed or self._outlet is None:
             return
         try:
             values = dict(scalars)
             if loss is not None:
                 values["loss"] = loss
-            if self.step_source != "user":
-                self.step_source = "user"  # from now on the user marks steps; the hooks stand down
-                if self._closed_by_optimizer:  # this step is already closed: do not count it twice
-                    if self._pending is not None:
-                        self._pending.scalars.update(values)
-                        self._flush_pending()
-                    self._capture.set_armed(self._should_sample())  # decided again: now is the end
-                    self._update_hooks()
-                    return
+            if self._marks.user_step():  # this step is already closed: do not count it twice
+                if self._pending is not None:
+                    self._pending.scalars.update(values)
+                    self._flush_pending()
+                self._capture.set_armed(self._should_sample())  # decided again: now is the end
+                self._update_hooks()
+                return
             self._boundary(values, defer=False)
         except Exception as exc:
             self.fault("step", exc)
@@ -236,8 +152,8 @@ class Monitor:
         try:
             self._paused = True
             self._cadence.pause()
-            if self._publisher is not None:
-                self._publisher.submit(self._event("paused"))
+            if self._outlet is not None:
+                self._outlet.event("paused", self._step, self.errors)
         except Exception as exc:
             self.fault("pause", exc)
 
@@ -251,8 +167,8 @@ class Monitor:
             if not self._capture.captured:  # the next step need not wait for a boundary to be sampled
                 self._capture.set_armed(self._should_sample())
                 self._update_hooks()
-            if self._publisher is not None:
-                self._publisher.submit(self._event("resumed"))
+            if self._outlet is not None:
+                self._outlet.event("resumed", self._step, self.errors)
         except Exception as exc:
             self.fault("resume", exc)
 
@@ -264,7 +180,7 @@ class Monitor:
         """Detach every hook, send the last sample and a closing event, remove the discovery file."""
         if self._closed:
             return
-        if self.step_source in ("unknown", "forward") and self._forwards and not self._paused:
+        if self._marks.by_forwards and self._marks.forwards and not self._paused:
             with contextlib.suppress(Exception):
                 self._boundary({}, defer=False)  # the last forward was a step: it is sent too
         self._closed = True
@@ -281,10 +197,10 @@ class Monitor:
             # The last samples are still being finished there; they go out before the closing event.
             with contextlib.suppress(Exception):
                 offload.close(CLOSE_WAIT_S)
-        if self._publisher is not None:
+        if self._outlet is not None:
             with contextlib.suppress(Exception):
-                self._publisher.submit(self._event("closing"))
-        self._shutdown_publisher()
+                self._outlet.event("closing", self._step, self.errors)
+            self._outlet.close()
         if self._atexit is not None:
             atexit.unregister(self._atexit)
 
@@ -299,6 +215,27 @@ class Monitor:
         raise TypeError("an icsmon Monitor lives in its process and is not pickled; pickle the model alone")
 
     @property
+    def run(self) -> str:
+        return self.who.run
+
+    @property
+    def name(self) -> str:
+        return self.who.name
+
+    @property
+    def rank(self) -> int:
+        return self.who.rank
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._outlet.endpoint if self._outlet is not None else None
+
+    @property
+    def dropped(self) -> int:
+        """Samples dropped on this side because the publisher thread fell behind (counted, sent)."""
+        return self._outlet.publisher.dropped if self._outlet is not None else 0
+
+    @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self._capture.layers]
 
@@ -308,7 +245,7 @@ class Monitor:
 
     @property
     def watching(self) -> bool:
-        return self._publisher is not None and self._publisher.watching
+        return self._outlet is not None and self._outlet.watching
 
     @property
     def compiled(self) -> bool:
@@ -323,20 +260,17 @@ class Monitor:
             self._eval_forward = True  # an evaluation pass: never sampled, never a step
             return
         self._eval_forward = False
-        self._closed_by_optimizer = False
-        if self._forwards and self.step_source in ("unknown", "forward") and self._new_step_by_forward():
-            # No step marked since the last training forward, and its gradients are gone: that
-            # forward was a step.
-            if self.step_source == "unknown" and self._step >= FORWARD_STEPS_AFTER:
-                self.step_source = "forward"
-                self._warn(
-                    "forward-steps",
-                    "icsmon: no optimizer.step() or mon.step() seen; each training forward counts as a step",
-                )
-                if self._publisher is not None:
-                    self._publisher.submit(self._event("forward_steps"))
+        ends, announce = self._marks.forward_begins(self._step)
+        if announce:
+            self._warn(
+                "forward-steps",
+                "icsmon: no optimizer.step() or mon.step() seen; each training forward counts as a step",
+            )
+            if self._outlet is not None:
+                self._outlet.event("forward_steps", self._step, self.errors)
+        if ends:
             self._boundary({}, defer=False)
-        self._forwards += 1
+        self._marks.counted()
         capture = self._capture
         capture.new_forward()
         if not capture.captured:
@@ -349,13 +283,6 @@ class Monitor:
             self._flush_pending()
             self._update_hooks()
 
-    def _new_step_by_forward(self) -> bool:
-        """With no step marked, whether this training forward begins a new step: yes unless the
-        gradients of the last backward are still there (a micro-batch of gradient accumulation,
-        before its first optimizer step), or after too many forwards in one step."""
-        probe = self._grad_probe_param
-        return probe is None or probe.grad is None or self._forwards >= FORWARD_STEPS_AFTER
-
     def forward_ended(self, output: Any) -> None:
         """The model's own forward returned ``output`` (eagerly, also under ``torch.compile``)."""
         if self._eval_forward:
@@ -367,7 +294,7 @@ class Monitor:
         if capture.building:
             if capture.layers:
                 self._finish_table()
-            elif capture.hits == 0 and capture.step_hits == 0 and self._forwards:
+            elif capture.hits == 0 and capture.step_hits == 0 and self._marks.forwards:
                 self._warn(
                     "nofloat", "icsmon: no watched layer returned a floating-point tensor; nothing to show"
                 )
@@ -375,7 +302,9 @@ class Monitor:
             self._early = Early(capture.records)
             self._sampler.finish_early(self._early)
         if sampled and self._sampler is not None:
-            self._watch_backward(output)
+            # The gradients are taken when this forward's backward ends: before the user's
+            # clipping, after every micro-batch of the step (the last before the optimizer wins).
+            when_backward_ends(output, self._backward_ended, self.fault)
         self._spent += time.perf_counter() - started
 
     def fault(self, where: str, exc: BaseException) -> None:
@@ -400,27 +329,6 @@ class Monitor:
 
     # ------------------------------------------------------------------ the backward's end
 
-    def _watch_backward(self, output: Any) -> None:
-        """Take the gradients when this forward's backward ends: before the user's clipping, and
-        after every micro-batch of the step (the last one before the optimizer wins)."""
-        tensor = next((t for t in tensors_in(output) if t.grad_fn is not None), None)
-        if tensor is not None and tensor.grad_fn is not None:
-            tensor.grad_fn.register_prehook(self._backward_began)
-
-    def _backward_began(self, grad_outputs: Any) -> None:
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ending)
-        except Exception as exc:
-            self.fault("backward", exc)
-
-    def _backward_ending(self) -> None:
-        # Queued once more, so it runs after callbacks queued during the backward (DDP's, which
-        # writes the averaged gradients).
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)
-        except Exception:
-            self._backward_ended()
-
     def _backward_ended(self) -> None:
         if self._closed or self._sampler is None or not self._capture.armed:
             return
@@ -434,17 +342,12 @@ class Monitor:
     # ------------------------------------------------------------------ step boundaries
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.step_source == "user" or self._closed:
+        if self._closed:
             return
         try:
-            owned = self._owned_optimizers.get(optimizer)
-            if owned is None:
-                owned = any(id(p) in self._model_params for g in optimizer.param_groups for p in g["params"])
-                self._owned_optimizers[optimizer] = owned
-            if owned:
-                self.step_source = "optimizer"
+            if self._marks.optimizer_step(optimizer):
                 self._boundary({}, defer=True)
-                self._closed_by_optimizer = True
+                self._marks.closed_by_optimizer = True
         except Exception as exc:
             self.fault("optimizer", exc)
 
@@ -452,7 +355,7 @@ class Monitor:
         capture = self._capture
         if capture.building:
             return True
-        if self._publisher is None or self._paused:
+        if self._outlet is None or self._paused:
             return False
         offload = capture.offload
         if offload is not None and offload.pending > MAX_QUEUED_JOBS:
@@ -460,19 +363,14 @@ class Monitor:
                 self._skipped_step = self._step
                 self.skipped += 1
             return False
-        return self._cadence.due(self._step, self._publisher.watching)
+        return self._cadence.due(self._step, self._outlet.watching)
 
     def _update_hooks(self) -> None:
         """The hooks are needed while sampling, to flush a held sample, or to find the steps."""
         capture = self._capture
         capture.set_hooks(
             not self._closed
-            and (
-                capture.building
-                or capture.armed
-                or self._pending is not None
-                or self.step_source in ("unknown", "forward")
-            )
+            and (capture.building or capture.armed or self._pending is not None or self._marks.by_forwards)
         )
 
     def _boundary(self, scalars: dict[str, Any], *, defer: bool) -> None:
@@ -505,7 +403,7 @@ class Monitor:
             self._spent = 0.0
         self._forward_t0 = None
         self._step += 1
-        self._forwards = 0
+        self._marks.boundary()
         self._early = None
         self._grads = None
         capture.new_step()
@@ -530,42 +428,13 @@ class Monitor:
 
     def _finish_table(self) -> None:
         capture = self._capture
-        if self._publisher is None:
+        if self._outlet is None:
             return
         capture.finish_table()
-        self._sampler = Sampler(capture, self._publisher, self._warn)
-        layers = capture.table()
-        schema = protocol.Schema(
-            run=self.run,
-            rank=self.rank,
-            seq=next(self._seq),
-            t=time.time(),
-            layers=layers,
-            name=self.name,
-            host=socket.gethostname(),
-            pid=self._pid,
-            world_size=self.world_size,
-            every=self.every or 0,  # 0: adaptive
-            started=self.started,
-            schema_id=protocol.schema_id_for(layers),
-        )
-        self._publisher.set_schema(schema)
+        self._sampler = Sampler(capture, self._outlet.publisher, self._warn)
+        self._outlet.schema(capture.table(), self.every)
 
     # ------------------------------------------------------------------ plumbing
-
-    def _event(self, name: str) -> protocol.Event:
-        detail: dict[str, Any] = {"step": self._step, "errors": self.errors}
-        if self._publisher is not None:
-            detail["dropped"] = self._publisher.dropped
-        return protocol.Event(self.run, self.rank, next(self._seq), time.time(), name, detail)
-
-    def _shutdown_publisher(self) -> None:
-        if self._publisher is not None:
-            with contextlib.suppress(Exception):
-                self._publisher.close()
-        if self._discovery_path is not None and os.getpid() == self._pid:
-            discovery.remove(self._discovery_path)
-            self._discovery_path = None
 
     def _warn(self, key: str, message: str) -> None:
         if key in self._warned:

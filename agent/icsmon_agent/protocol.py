@@ -32,7 +32,7 @@ TOPIC_SCHEMA = b"icsmon.v1.schema"
 TOPIC_SAMPLE = b"icsmon.v1.sample"
 TOPIC_EVENT = b"icsmon.v1.event"
 
-#: Figure columns of a sample, in order. Product API: see DESIGN.md "The statistics".
+#: Figure columns of a sample, in order. Product API: README.md "The figures".
 STATS: tuple[str, ...] = (
     "mean",
     "std",

@@ -26,7 +26,34 @@ from torch import nn
 
 from .capture import HOLD_LIMIT, Capture
 from .figures import Finalizer, GradNorms, Record, grad_norms
+from .layers import tensors_in
 from .publisher import Publisher, Work
+
+
+def when_backward_ends(
+    output: Any, callback: Callable[[], None], fault: Callable[[str, BaseException], None]
+) -> None:
+    """Call ``callback`` when the backward through ``output`` has finished, after the callbacks
+    queued during it (DDP's, which writes the averaged gradients). Nothing is kept on the model:
+    the hook lives on this forward's autograd graph and goes with it."""
+    tensor = next((t for t in tensors_in(output) if t.grad_fn is not None), None)
+    if tensor is None or tensor.grad_fn is None:
+        return
+    engine = torch.autograd.Variable._execution_engine
+
+    def requeue() -> None:
+        try:
+            engine.queue_callback(callback)
+        except Exception:
+            callback()
+
+    def began(grad_outputs: Any) -> None:
+        try:
+            engine.queue_callback(requeue)
+        except Exception as exc:
+            fault("backward", exc)
+
+    tensor.grad_fn.register_prehook(began)
 
 
 def records_device(records: list[Record | None]) -> torch.device:
