@@ -118,10 +118,13 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> None:
             deadline = time.monotonic() + 10
             while not v.mon.watching and time.monotonic() < deadline:
                 v.sub.poll(0.05)
-        v.compiled = torch.compile(model)
+        variants.append(v)
+    # Compiled only once every agent is watching: Dynamo shares a graph between copies of one model,
+    # and one traced before the hooks existed would never call them (the agent warns of that).
+    for v in variants:
+        v.compiled = torch.compile(v.model)
         train(v, loss_of, batch, args.warmup, sync)
         v.poll()
-        variants.append(v)
     for r in range(args.rounds):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:

@@ -40,6 +40,7 @@ class RunState:
     ended: bool = False
     last_event: str = ""
     paused_step: int | None = None  # the step a "paused" event named (Monitor.pause)
+    forward_steps: bool = False  # the job marks no step: the agent counts each training forward
     last_recv: float = 0.0  # monotonic time of the last message
     last_sample_wall: float = 0.0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
@@ -210,6 +211,9 @@ class Store:
         if isinstance(msg, Event):
             if state.first_sample_seq:
                 state.last_seq = msg.seq
+            if msg.event == "forward_steps":  # a note about the job, not a change of its state
+                state.forward_steps = True
+                return True
             state.last_event = msg.event
             if msg.event == "paused":
                 step = msg.detail.get("step")

@@ -343,3 +343,50 @@ def test_no_hook_of_ours_is_left_on_the_model_or_after_close(runtime_dir: Path) 
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     mon.close()
     assert not torch.nn.modules.module._global_forward_hooks
+
+
+def test_a_model_compiled_before_watch_is_named_not_silently_unwatched(runtime_dir: Path) -> None:
+    """A graph traced before the hooks existed never calls them: the agent says so, once, with
+    what to do, and training goes on."""
+    torch.manual_seed(0)
+    model = GPT(n_layer=1)
+    compiled = torch.compile(model)
+    x, y = copy_task(torch.Generator().manual_seed(0))
+    try:
+        compiled(x, y)[1].backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mon = icsmon_agent.watch(compiled, runtime_dir=runtime_dir)
+            for _ in range(3):
+                compiled(x, y)[1].backward()
+            mon.close()
+        said = [str(w.message) for w in caught if "compiled before watch()" in str(w.message)]
+        assert len(said) == 1 and "torch._dynamo.reset()" in said[0]
+        assert mon.errors == 0 and mon.layer_names == []
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_loop_that_marks_no_step_is_told_to_the_viewer(runtime_dir: Path) -> None:
+    """The word-language-model's hand-written update, two lines only: every forward is a step, the
+    viewer's store learns it (the app's header says "steps = forwards", tail says it on stderr)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    store = Store()
+    with Subscriber(mon.endpoint or "") as sub:
+        assert wait_watching(mon, sub)
+        for _ in range(20):
+            model.zero_grad()
+            model(torch.randn(2, 4)).pow(2).mean().backward()
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-0.01)
+            sub.poll(0)
+        mon.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not ((run := store.newest()) is not None and run.ended):
+            for m in sub.poll(0.05):
+                store.add(m)
+    assert run is not None and run.forward_steps and run.latest_step == 19

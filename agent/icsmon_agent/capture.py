@@ -129,6 +129,7 @@ class Capture:
         self._sink: list[tuple[int, Any]] = []
         self._handles: list[Any] = []
         self._outer: nn.Module | None = None  # the module whose forward is under way, if any
+        self.layer_calls = 0  # watched layers' training calls seen, ever
         self._noted: set[int] = set()
         # Bound once: dynamo guards the hooks' identity, a new bound method each time would recompile.
         self._pre_hook = self._on_input
@@ -233,6 +234,7 @@ class Capture:
             mid = id(module)
             call = self._calls.get(mid, 0)
             self._calls[mid] = call + 1
+            self.layer_calls += 1
             slot = self._slot.get((mid, call))
             tensor = first_float_tensor(output)
             if tensor is None:

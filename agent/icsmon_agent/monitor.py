@@ -294,6 +294,14 @@ class Monitor:
         if capture.building:
             if capture.layers:
                 self._finish_table()
+            elif capture.layer_calls == 0:
+                # The forward ran, none of its layers' hooks did: a graph compiled before watch().
+                self._warn(
+                    "compiled-before",
+                    "icsmon: the model's forward ran without calling any layer hook: it was compiled "
+                    "before watch(), and that graph has no hooks. Call icsmon_agent.watch() before the "
+                    "first compiled call, or torch._dynamo.reset() right after watch(); nothing is sampled",
+                )
             elif capture.hits == 0 and capture.step_hits == 0 and self._marks.forwards:
                 self._warn(
                     "nofloat", "icsmon: no watched layer returned a floating-point tensor; nothing to show"

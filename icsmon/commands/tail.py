@@ -163,6 +163,8 @@ def tail_endpoint(
                         printer.alert(change)
                     if count is not None and printer.samples >= count:
                         return 0
+                if isinstance(msg, Event) and msg.event == "forward_steps" and new:
+                    note(f"the job marks no step (run {msg.run}): each training forward counts as one")
                 if isinstance(msg, Event) and msg.event in ("paused", "resumed") and new:
                     # On stderr, like every note: --json output stays one sample a line.
                     note(f"the job {msg.event} sampling (run {msg.run}, step {msg.detail.get('step', '?')})")

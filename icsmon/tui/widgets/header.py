@@ -46,6 +46,8 @@ def header_text(
     text.append(f"  dropped {dropped}", style="bold red" if dropped else "dim")
     if feed.rejected:
         text.append(f"  rejected {feed.rejected}", style="bold red")
+    if run.forward_steps:
+        text.append("  steps = forwards", style="yellow")  # no optimizer step or mon.step() seen
     if paused:
         text.append("  PAUSED", style="bold reverse yellow")
     if extra:
