@@ -45,3 +45,17 @@ def test_viewer_quick(env: dict[str, str], viewer: str) -> None:
     out = _run("viewer.py", env, "--viewer", viewer)
     assert "p99 ms" in out
     assert "tail --json" in out if viewer == "tail" else "app (headless)" in out
+
+
+def test_compiled_quick(env: dict[str, str]) -> None:
+    """Each watched compiled copy streams samples and Dynamo counts no graph break for it."""
+    out = _run("compiled.py", env)
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith(("bare", "default", "every"))
+    }
+    assert set(rows) == {"bare", "default+viewer", "every=1+viewer"}
+    for name in ("default+viewer", "every=1+viewer"):
+        recompiles, breaks, samples = (int(v) for v in rows[name][3:6])
+        assert recompiles <= 2 and breaks == 0 and samples > 0, out

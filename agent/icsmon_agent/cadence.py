@@ -33,6 +33,7 @@ class Cadence:
         self._costs: deque[float] = deque(maxlen=COST_WINDOW)
         self._last_sample = 0.0  # monotonic time the last sampled step began
         self._paused_at = 0.0
+        self._busy_seen: float | None = None  # the offload thread's busy seconds already counted
 
     def due(self, step: int, watching: bool) -> bool:
         if self.every is not None:
@@ -41,15 +42,22 @@ class Cadence:
         interval = max(MIN_INTERVAL_S, self.cost / BUDGET) * (1 if watching else IDLE_FACTOR)
         return time.monotonic() - self._last_sample >= interval
 
-    def sampled(self, began: float, spent: float | None) -> None:
+    def sampled(self, began: float, spent: float, offload_busy: float | None, first: bool) -> None:
         """A sample was taken of a step that began at ``began`` (monotonic) and cost ``spent``
-        seconds of our own work (None: a one-time set-up sample, not counted).
+        seconds of the training thread's work, plus what the offload thread did since the last
+        sample (its running ``offload_busy`` seconds: the CPU is the job's). The first sample pays
+        for the table and the thread's start: set-up, not counted.
 
         The low median of the last few, so one slow sample (a page fault, a busy core, a first call
         into some op) does not stall the cadence; until the window is full the floor applies.
         Measured from when the step began, so a step slow inside its forward is followed by a sample.
         """
-        if spent is not None:
+        if offload_busy is not None:
+            if self._busy_seen is not None:
+                spent += offload_busy - self._busy_seen
+            if not first:
+                self._busy_seen = offload_busy
+        if not first:
             self._costs.append(spent)
             if len(self._costs) == COST_WINDOW:
                 self.cost = statistics.median_low(self._costs)

@@ -5,11 +5,9 @@ Rule one of an embedded agent: it never hurts the host. Every entry point from t
 after too many faults the monitor detaches itself. Nothing here waits on the network: figures go to
 the publisher thread through a bounded queue.
 
-Step boundaries, in the order they are trusted: ``Monitor.step()`` once the user calls it;
-otherwise PyTorch's global optimizer step hook (only for optimizers that hold this model's
-parameters), so the two lines alone work; with neither (a hand-written update), each training
-forward is a step, and the agent says so once. In the optimizer mode the sample is held until the
-next forward (or ``step()``/``close()``), so a ``step(loss=...)`` right after ``optimizer.step()``
+Where a step ends: :mod:`.steps`. Which calls are read: :mod:`.capture`. A sample's way from the
+forward's end to the wire: :mod:`.sample`. In the optimizer mode a sample is held until the next
+forward (or ``step()``/``close()``), so a ``step(loss=...)`` right after ``optimizer.step()``
 attaches its loss to the same sample.
 """
 
@@ -76,7 +74,6 @@ class Monitor:
         self._samples = 0
         self._eval_forward = False  # the forward under way is not training (no_grad, eval)
         self._spent = 0.0  # seconds of our own work on the current sampled step
-        self._busy_seen: float | None = None  # the offload thread's busy seconds already counted
         self._forward_t0: float | None = None  # when this step's (first) forward began
         self._cadence = Cadence(every)
         self._sampler: Sampler | None = None
@@ -395,18 +392,9 @@ class Monitor:
             started = time.perf_counter()
             pending = self._sampler.take(self._step, scalars, self._early, self._grads)
             self._spent += time.perf_counter() - started
-            # The offload thread's work counts too (the CPU is the job's): what it did since the
-            # last sample, mostly that sample's reductions and finish. The first sample pays for
-            # the table and the thread's start: set-up, left out.
-            spent = self._spent
             offload = capture.offload
-            if offload is not None:
-                busy = offload.busy_s
-                if self._busy_seen is not None:
-                    spent += busy - self._busy_seen
-                if not first:
-                    self._busy_seen = busy
-            self._cadence.sampled(self._forward_t0 or time.monotonic(), None if first else spent)
+            busy = offload.busy_s if offload is not None else None
+            self._cadence.sampled(self._forward_t0 or time.monotonic(), self._spent, busy, first)
             self._samples += 1
             self._spent = 0.0
         self._forward_t0 = None
