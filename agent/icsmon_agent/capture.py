@@ -199,21 +199,22 @@ class Capture:
         # (A forward that raised left its module here: the same module starting again is new.)
         if self._outer is not None and module is not self._outer:
             return
-        self._outer = module
         try:
             self._owner.forward_started()
         except Exception as exc:
             self._owner.fault("forward", exc)
+        self._outer = module  # after: a step boundary in forward_started starts afresh
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
             # Our modules first: a graph of another model in the process never reads (nor guards
             # on) the flag, so it is not recompiled when the flag changes.
+            # The flag last: an evaluation graph (no_grad, eval) never reads it, nor recompiles on it.
             if (
                 id(module) in self._layer_ids
-                and self._trace_armed
                 and torch.is_grad_enabled()
                 and self.model.training
+                and self._trace_armed
             ):
                 self._sink.append((id(module), output))
             return

@@ -306,6 +306,8 @@ class Monitor:
         elif capture.captured and self._early is None and self._sampler is not None and capture.offload:
             self._early = Early(capture.records)
             self._sampler.finish_early(self._early)
+        if self._marks.by_forwards:  # a forward ends a step only once a backward followed it
+            when_backward_ends(output, self._marks.backward_ended, self.fault)
         if sampled and self._sampler is not None:
             # The gradients are taken when this forward's backward ends: before the user's
             # clipping, after every micro-batch of the step (the last before the optimizer wins).
@@ -352,7 +354,6 @@ class Monitor:
         try:
             if self._marks.optimizer_step(optimizer):
                 self._boundary({}, defer=True)
-                self._marks.closed_by_optimizer = True
         except Exception as exc:
             self.fault("optimizer", exc)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,7 +118,8 @@ class Sampler:
         # replaces its gradients (zero_grad(set_to_none=True)) rather than changing them in place
         # (clipping, accumulation, zeroing), which would change them under the reader.
         self.grad_mode = "learn"
-        self._grad_probe: list[tuple[nn.Parameter, torch.Tensor, int]] | None = None
+        # Weak: the probed gradients of one sample must not be kept alive until the next.
+        self._grad_probe: list[tuple[nn.Parameter, weakref.ref[torch.Tensor], int]] | None = None
         self._side_stream: Any = None
 
     def take_grads(self) -> Grads:
@@ -141,12 +143,13 @@ class Sampler:
         probe, self._grad_probe = self._grad_probe, None
         if probe is None:
             self._grad_probe = [
-                (p, p.grad, p.grad._version)
+                (p, weakref.ref(p.grad), p.grad._version)
                 for _, p in self._params
                 if p.grad is not None and not p.grad.is_inference()
             ] or None
             return
-        replaced = all(p.grad is not g and g._version == v for p, g, v in probe)
+        # Replaced, and untouched since: a gradient freed since was replaced and is untouched.
+        replaced = all(p.grad is not (g := ref()) and (g is None or g._version == v) for p, ref, v in probe)
         self.grad_mode = "hold" if replaced else "inline"
 
     def take(self, step: int, scalars: dict[str, Any], early: Early | None, grads: Grads | None) -> Pending:
