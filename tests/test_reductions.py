@@ -256,6 +256,10 @@ def test_many_outputs_of_every_kind_in_one_call(mixed: bool) -> None:
             (torch.randn(64, 1) - 3, -1, SAT_NONE, "x", False),  # one unit
             ((torch.randn(16, 5) * 3).tanh(), -1, SAT_TANH, "tanh", False),
             ((torch.randn(8, 3, 5) * 4).sigmoid(), 1, SAT_SIGMOID, "sigmoid", True),  # short runs: rows
+            # Units far apart, each narrow, the spread growing: the shift's floor is the total variance.
+            (torch.arange(7.0) * (10 + 5 * step) + torch.randn(16, 7) * 0.05, -1, SAT_NONE, "x", False),
+            # Constant over the batch, not across units (token-type embeddings): a finite shift.
+            ((torch.arange(6.0) * (1 + 0.01 * step)).expand(8, 6).clone(), -1, SAT_NONE, "x", False),
         ]
         if mixed:
             outputs += [
@@ -265,7 +269,8 @@ def test_many_outputs_of_every_kind_in_one_call(mixed: bool) -> None:
             ]
         return outputs
 
-    layers = 8 if mixed else 5
+    layers = 10 if mixed else 7
+    nan_at = 7  # the mixed sample's NaN output
     fin = Finalizer(layers)
     prev: list[tuple[np.ndarray, np.ndarray] | None] = [None] * layers
     for step in range(3):
@@ -277,9 +282,9 @@ def test_many_outputs_of_every_kind_in_one_call(mixed: bool) -> None:
                 prev[k] = None
                 continue
             y = t.double().numpy()
-            want = figures(y, kind, conv, prev[k] if k != 5 else None)
+            want = figures(y, kind, conv, prev[k] if k != nan_at else None)
             for j, stat in enumerate(STATS):
-                if stat == "grad_norm" or (k == 5 and stat in ("dead_frac", "shift")):
+                if stat == "grad_norm" or (k == nan_at and stat in ("dead_frac", "shift")):
                     continue  # the NaN layer: see test_nonfinite_values_take_the_masked_route
                 value = None if np.isnan(got[k, j]) else float(got[k, j])
                 assert close(value, want[stat]), (

@@ -43,8 +43,12 @@ def figures(y_in: np.ndarray, kind: str, conv_like: bool, prev: tuple[np.ndarray
         out["shift"] = None
     else:
         m1, v1 = prev
-        # unit variances floored at 1% of the layer's mean unit variance (the larger moment's)
-        floor = 0.01 * max(v1.mean(), var.mean()) + 1e-12
+        # unit variances floored at 1% of the layer's total variance (the larger moment's)
+        total1, total = (
+            v1.mean() + ((m1 - m1.mean()) ** 2).mean(),
+            var.mean() + ((mu - mu.mean()) ** 2).mean(),
+        )
+        floor = 0.01 * max(total1, total) + 1e-12
         v1e, v2e = np.maximum(v1, floor), np.maximum(var, floor)
         kl = 0.5 * (np.log(v2e / v1e) + (v1e + (m1 - mu) ** 2) / v2e - 1.0)
         out["shift"] = float(kl.mean())

@@ -420,7 +420,7 @@ static void finish_one(const double *mom, Py_ssize_t ld, const double *sc, Py_ss
     double spread = 0.0;
     for (Py_ssize_t u = 0; u < units; u++) spread += (umean[u] - mean) * (umean[u] - mean);
     const double var = lvar + spread / (double)units;
-    *layer_var = lvar;
+    *layer_var = var; /* the shift's floor: the layer's total variance, within and across units */
     cols[F_MEAN] = mean;
     cols[F_STD] = sqrt(var > 0.0 ? var : 0.0);
     cols[F_MIN] = isfinite(sc[0]) ? sc[0] : NAN;
@@ -430,7 +430,7 @@ static void finish_one(const double *mom, Py_ssize_t ld, const double *sc, Py_ss
     cols[F_SAT] = (sh[3] & SAT_MASK) == SAT_NONE ? NAN : sc[2 * ls] / numel;
     cols[F_SHIFT] = NAN;
     if (prev_mean == NULL || isnan(prev_layer_var)) return; /* no previous sample of this layer */
-    const double larger = prev_layer_var > lvar ? prev_layer_var : lvar;
+    const double larger = prev_layer_var > var ? prev_layer_var : var;
     const double floor_ = SHIFT_VAR_FLOOR * larger + VAR_EPS;
     double kl = 0.0;
     for (Py_ssize_t u = 0; u < units; u++) {
@@ -447,9 +447,9 @@ PyDoc_STRVAR(finish_doc,
              "The figures of a batch reduce_batch reduced (every output finite), one row of cols\n"
              "(float64 [P, 8]) an output: mean, std, min, max, dead_frac, zero_frac, sat_frac (NaN\n"
              "for none), shift (NaN without a previous sample). units_out (float64 [2, U]) gets each\n"
-             "unit's mean and variance, layer_var (float64 [P]) each output's mean unit variance, for\n"
+             "unit's mean and variance, layer_var (float64 [P]) each output's total variance, for\n"
              "the next sample's shift. prev: None, or the last sample's (unit means [U], unit\n"
-             "variances [U], mean unit variances [P]) in this batch's layout, NaN where absent.");
+             "variances [U], total variances [P]) in this batch's layout, NaN where absent.");
 
 static PyObject *finish_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;

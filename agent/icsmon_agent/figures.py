@@ -39,10 +39,12 @@ SAT_NONE, SAT_TANH, SAT_SIGMOID = 0, 1, 2
 #: Added to a kernel shape's saturation kind: the output to reduce is ``relu`` of the tensor given
 #: (a ReLU's output, read from its input: see :func:`reduce_outputs`). As ``RELU`` in _fused.c.
 RELU_OF_INPUT = 4
-# Unit variances in the shift's KL are floored at this fraction of the layer's mean unit variance
-# (the larger of the two moments'). Why: a unit that dies (variance 0) or revives makes the KL
-# of a point mass, infinite in theory and ~1e10 with a tiny absolute epsilon, so one flipping
-# ReLU unit would drown the layer's real shift. Healthy units sit far above the floor: exact.
+# Unit variances in the shift's KL are floored at this fraction of the layer's total variance
+# (within and across units; the larger moment's). Why: a unit that dies (variance 0) or revives
+# makes the KL of a point mass, infinite in theory and ~1e10 with a tiny absolute epsilon, so one
+# flipping ReLU unit would drown the layer's real shift; and an output constant over the batch but
+# not across units (token-type embeddings, a zero-init BatchNorm's beta) has no within-unit variance
+# at all, so only its spread across units gives the scale its moves are judged at.
 SHIFT_VAR_FLOOR = 0.01
 _VAR_EPS = 1e-12  # and an absolute floor for a layer whose every unit is constant
 
@@ -545,9 +547,9 @@ class Finalizer:
         umean, uvar, umax, numel = c.umean, c.uvar, c.umax, c.numel
         mean = seg.mean(umean)
         # Total variance = mean within-unit variance + variance of the unit means (two-pass, stable).
-        layer_var = seg.mean(uvar)  # mean within-unit variance; the shift's floor uses it too
         spread = umean - seg.expand(mean)
-        var = layer_var + seg.mean(spread * spread)
+        var = seg.mean(uvar) + seg.mean(spread * spread)  # within units + across them
+        layer_var = var  # the shift's floor uses the total
         mx = seg.max(umax)
         # A dead unit is never positive over the batch; umax is over finite elements, as the rule wants.
         cols = {
