@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers import icsmon, json_lines, start_script, wait_for_jobs
-from truth import close, figures, grad_norm, per_unit
+from truth import close, figures, grad_norm, per_unit, published
 
 SCRIPT_HEAD = """
 import sys, time, pickle
@@ -92,7 +92,9 @@ for step in range(int(sys.argv[2])):
     dump[step]["grads"] = grads_of(model)
 for s in dump:
     dump[s]["conv"] = [o.ndim == 4 for o in dump[s]["out"]]
-    dump[s]["kinds"] = ["tanh" if isinstance(m, nn.Tanh) else "x" for m in dump[s].pop("mods")]
+    dump[s]["kinds"] = [
+        "tanh" if isinstance(m, nn.Tanh) else "relu" if isinstance(m, nn.ReLU) else "x" for m in dump[s].pop("mods")
+    ]
 pickle.dump(dump, open(sys.argv[1], "wb"))
 """
 )
@@ -130,7 +132,7 @@ def check(lines: list[dict], dump: dict, kinds: list[str] | None = None) -> int:
         conv = dump[step].get("conv", [False] * len(outs))
         for i, name in enumerate(names):
             kind = (kinds or dump[step].get("kinds"))[i]
-            want = figures(outs[i], kind, conv[i], prev.get(i))
+            want = published(figures(outs[i], kind, conv[i], prev.get(i)), kind)
             want["grad_norm"] = grad_norm(grads[i])
             got = line["layers"][name]
             for stat, value in want.items():
@@ -148,7 +150,7 @@ def test_fifty_layer_mlp_streams_float64_exact_figures(
     names = list(lines[0]["layers"])
     assert len(names) == 101 and names[0] == "0" and names[-1] == "100"
     assert abs(lines[3]["loss"] - dump[3]["loss"]) < 1e-5 and lines[3]["scalars"] == {"lr": 1e-3}
-    assert check(lines, dump, ["x"] * 101) == 6 * 101 * 10
+    assert check(lines, dump, ["relu" if i % 2 else "x" for i in range(101)]) == 6 * 101 * 10
     assert not list(runtime_dir.glob("*.json")), "the job left its discovery file"
     assert not list(runtime_dir.glob("*.sock")), "the job left its socket"
 

@@ -21,7 +21,7 @@ from helpers import wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import STATS, Sample
-from truth import close, figures, grad_norm, per_unit
+from truth import close, figures, grad_norm, per_unit, published
 
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
 
@@ -81,7 +81,11 @@ def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], c
         grads = cap.grads[s.step]
         assert s.figures.shape == (len(outs), len(STATS))
         for i, (_, y) in enumerate(outs):
-            want = figures(y, kinds[i], conv_flags[i], prev_units.get(i))
+            module = cap.outputs[s.step][i][0]
+            relu = isinstance(module, nn.ReLU)
+            want = published(
+                figures(y, kinds[i], conv_flags[i], prev_units.get(i)), "relu" if relu else kinds[i]
+            )
             want["grad_norm"] = grad_norm(grads[i])
             for j, stat in enumerate(STATS):
                 got = float(s.figures[i, j])

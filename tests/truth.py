@@ -67,3 +67,11 @@ def close(got: float | None, want: float | None, rel: float = 1e-3, abs_: float 
     if got is None:
         return False
     return abs(got - want) <= max(rel * abs(want), abs_)
+
+
+def published(want: dict, kind: str) -> dict:
+    """What the agent sends of ``figures``: ``dead_frac`` only for ReLU-family layers whose output is
+    all finite (units never positive mean dead ReLU units there, and nothing elsewhere)."""
+    if kind != "relu" or want["nonfinite"]:
+        want = dict(want, dead_frac=None)
+    return want

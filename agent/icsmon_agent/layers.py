@@ -80,6 +80,8 @@ def layer_kind(module: nn.Module) -> str:
     type_name = type(module).__name__
     if type_name in _KIND_BY_TYPE:
         return _KIND_BY_TYPE[type_name]
+    if isinstance(module, nn.LeakyReLU) and module.negative_slope == 0:
+        return "relu"
     if isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm):
         return "norm"
     if "Norm" in type_name:
@@ -181,6 +183,8 @@ def candidate_modules(
             continue  # not a leaf
         if isinstance(module, nn.ModuleList | nn.ModuleDict | nn.ParameterList | nn.ParameterDict):
             continue  # containers are never called
+        if type(module) is nn.Identity:
+            continue  # a placeholder: its output is its input, already a row of its own
         if id(module) in seen:
             continue
         seen.add(id(module))

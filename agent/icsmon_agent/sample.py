@@ -28,6 +28,7 @@ from torch import nn
 from .capture import HOLD_LIMIT, Capture
 from .figures import Finalizer, GradNorms, Record, grad_norms
 from .layers import tensors_in
+from .protocol import STAT_INDEX
 from .publisher import Publisher, Work
 
 
@@ -121,6 +122,7 @@ class Sampler:
         # Weak: the probed gradients of one sample must not be kept alive until the next.
         self._grad_probe: list[tuple[nn.Parameter, weakref.ref[torch.Tensor], int]] | None = None
         self._side_stream: Any = None
+        self._relu_rows: dict[torch.device, torch.Tensor] = {}  # which rows are ReLU-family, per device
 
     def take_grads(self) -> Grads:
         """This step's gradients, now: at the end of the backward, before the user's clipping."""
@@ -197,6 +199,18 @@ class Sampler:
             pending.figures = self.finalizer.with_grads(early, grads.norms)
             self._hand_off(pending)
 
+    def _only_where_meant(self, figures: torch.Tensor) -> torch.Tensor:
+        """``dead_frac`` means dead ReLU units: absent (NaN) for other layers, and for a layer with
+        NaN/Inf in its output, whose units then never read as positive."""
+        dead, nonfinite = STAT_INDEX["dead_frac"], STAT_INDEX["nonfinite"]
+        relu = self._relu_rows.get(figures.device)
+        if relu is None:
+            kinds = [layer.info.kind == "relu" for layer in self._capture.layers]
+            relu = self._relu_rows[figures.device] = torch.tensor(kinds, device=figures.device)
+        keep = relu & (figures[:, nonfinite] == 0)
+        figures[:, dead] = torch.where(keep, figures[:, dead], torch.nan)
+        return figures
+
     def _hand_off(self, pending: Pending) -> None:
         figures = pending.figures
         assert figures is not None
@@ -216,6 +230,7 @@ class Sampler:
                 except (TypeError, ValueError, OverflowError):
                     # One scalar we cannot take (10**400, a string) is left out, not the sample.
                     self._warn(f"scalar:{key}", f"icsmon: scalar {key!r} is not a float; it is left out")
+        figures = self._only_where_meant(figures)
         flat = torch.cat([figures.reshape(-1), *tensors])
         ready = None
         if device.type == "cuda":
