@@ -152,9 +152,35 @@ def test_exploding_on_level_and_on_a_sudden_jump_but_not_on_slow_growth() -> Non
 
 
 def test_exploding_gradient_jump() -> None:
+    """A gradient norm far above its level two samples in a row; one spike is a hard batch."""
     figs = set_(series(12), "grad_norm", 0, 500.0)
+    assert rules.exploding(window(figs), T) is None
+    set_(figs, "grad_norm", 0, 300.0, t=-2)
     found = rules.exploding(window(figs), T)
     assert found is not None and found.figure == "grad_norm" and found.severity == "critical"
+
+
+def test_a_gradient_jump_is_judged_against_the_runs_early_scale_too() -> None:
+    """Late in a healthy run the recent median collapses (1e-3); a hard batch's norm (2-5) two
+    samples running is still below where the run began, so it is not an explosion."""
+    figs = set_(series(12), "grad_norm", 0, 1e-3, t=slice(None))
+    set_(figs, "grad_norm", 0, 3.0, t=slice(-2, None))
+    assert rules.exploding(window(figs), T) is not None  # against the collapsed median alone
+    early = np.full((figs.shape[1], figs.shape[2]), np.nan)
+    early[0, STAT_INDEX["grad_norm"]] = 5.0
+    w = rules.Window(window(figs).names, window(figs).kinds, figs, figs.shape[0] - 1, early=early)
+    assert rules.exploding(w, T) is None
+
+
+def test_an_exactly_constant_output_is_not_vanishing() -> None:
+    """A zero-init residual BatchNorm (gamma 0) outputs exactly 0 by design; a collapse passes
+    through tiny stds on its way."""
+    figs = series(12)
+    for stat in ("std", "min", "max", "mean"):
+        set_(figs, stat, 2, 0.0, t=slice(None))
+    assert rules.vanishing(window(figs), T) is None
+    set_(figs, "std", 2, 1e-14, t=slice(None))  # tiny but not constant: a collapse
+    assert rules.vanishing(window(figs), T) is not None
 
 
 def test_shift_is_judged_against_the_layers_own_level() -> None:

@@ -34,7 +34,7 @@ class Thresholds:
     """When each rule fires. Field docs (the text after each field) are printed by ``icsmon rules``."""
 
     fire_after: int = 3
-    "samples a warning-level condition must hold before it fires (nonfinite, exploding and shift fire at once)"
+    "samples a warning-level condition must hold before it fires (nonfinite and exploding fire at once)"
     clear_after: int = 5
     "samples a condition must be gone before its alert clears"
     vanish_std: float = 1e-5
@@ -71,7 +71,7 @@ class Thresholds:
     "shift: and at least this many nats (batch noise alone gives about 0.01-0.05)"
     shift_window: int = 20
     "samples of shift history the running level is taken over"
-    shift_min_history: int = 10
+    shift_min_history: int = 20
     "shift: samples of history needed first (shift is noisy while training starts)"
 
     def validate(self) -> Thresholds:

@@ -14,6 +14,8 @@ state. Per rule and run:
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,6 +29,8 @@ from icsmon.store import RunState
 from icsmon_agent.protocol import STAT_INDEX
 
 HISTORY = 500  # alert changes kept for the history view
+#: The run's early scale (see rules._jump) is the median of this many first samples.
+EARLY_SAMPLES = 16
 
 
 @dataclass
@@ -41,6 +45,8 @@ class _RunAlerts:
     rules: dict[str, _RuleState] = field(default_factory=lambda: {name: _RuleState() for name in RULES})
     count: int = 0  # RunState.count when last evaluated (an ingest with no new sample changes nothing)
     schema_id: str = ""
+    early_rows: list[np.ndarray] = field(default_factory=list)  # the run's first samples' figures
+    early: np.ndarray | None = None  # their median, once EARLY_SAMPLES were seen
 
 
 def window_of(run: RunState, n: int) -> Window | None:
@@ -54,18 +60,24 @@ def window_of(run: RunState, n: int) -> Window | None:
         kinds=tuple(layer.kind for layer in run.schema.layers),
         figures=run.figures[idx].astype(np.float64),
         step=int(run.steps[idx[-1]]),
+        types=tuple(layer.type for layer in run.schema.layers),
     )
 
 
-def describe(rule: str, finding: Finding, names: tuple[str, ...], step: int, run: str = "") -> str:
-    """The alert's one line: layer, figure, value, step (and how far it reaches)."""
-    layer = names[finding.first]
-    text = f"{rule}: {layer} {finding.figure} {fmt(finding.value)}"
+def describe(
+    rule: str, finding: Finding, names: tuple[str, ...], step: int, run: str = "", types: tuple[str, ...] = ()
+) -> str:
+    """The alert's one line: layer (and its type), figure, value, step (and how far it reaches)."""
+
+    def label(i: int) -> str:  # "8 Linear": a bare name is often an index of a Sequential
+        return f"{names[i]} {types[i]}" if i < len(types) and types[i] else names[i]
+
+    text = f"{rule}: {label(finding.first)} {finding.figure} {fmt(finding.value)}"
     if finding.detail:
         text += f" ({finding.detail})"
     text += f" at step {step}"
     if len(finding.layers) > 1:
-        text += f"; {len(finding.layers)} layers, {names[finding.layers[0]]} to {names[finding.layers[-1]]}"
+        text += f"; {len(finding.layers)} layers, {label(finding.layers[0])} to {label(finding.layers[-1])}"
     if run:
         text += f" [{run}]"
     return text
@@ -91,6 +103,14 @@ class AlertEngine:
         window = window_of(run, max(t.window, t.shift_window) + 1)
         if window is None:
             return []
+        if state.early is None:
+            state.early_rows.append(window.figures[-1])
+            if len(state.early_rows) >= EARLY_SAMPLES:
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
+                    state.early = np.nanmedian(np.stack(state.early_rows), axis=0)
+                state.early_rows = []
+        window = dataclasses.replace(window, early=state.early)
         latest = window.figures[-1]
         has_nonfinite = bool(
             np.nan_to_num(latest[:, STAT_INDEX["nonfinite"]]).max(initial=0) > 0
@@ -129,7 +149,7 @@ class AlertEngine:
             step=window.step,
             severity=finding.severity,
             value=finding.value,
-            message=describe(rule, finding, names, window.step),
+            message=describe(rule, finding, names, window.step, types=window.types),
             hint=hint,
             run=run.run,
             rank=run.rank,

@@ -43,6 +43,10 @@ class Window:
     kinds: tuple[str, ...]
     figures: FloatArray  # (n, n_layers, n_stats), float64, NaN where absent
     step: int
+    # The run's own early scale: each figure's median over its first samples ((n_layers, n_stats)),
+    # a reference that does not collapse when the loss does (None: not known).
+    early: FloatArray | None = None
+    types: tuple[str, ...] = ()  # module type of each layer, for the alert's line
 
     def now(self, stat: str) -> FloatArray:
         out: FloatArray = self.figures[-1, :, STAT_INDEX[stat]]
@@ -154,6 +158,7 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
     """Activation std collapsing toward 0 (absolutely, with depth, or against its own recent peak),
     or a parameter-gradient norm vanishing."""
     std, grad = w.now("std"), w.now("grad_norm")
+    lo, hi = w.now("min"), w.now("max")
     dead = [h for h in dead_layers(w, t) if h.severity == "critical"]
     first_dead = dead[0].layer if dead else None
     peak = _nanmax(w.past("std", t.window))
@@ -161,7 +166,10 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
     running_max = 0.0  # largest std of the layers before this one
     for i in range(len(w.names)):
         s = float(std[i])
-        if _finite(s):
+        # Exactly constant (std 0, min = max): by design, as a zero-init residual BatchNorm (gamma
+        # 0) or a constant embedding, not a collapse; a collapse passes through tiny stds first.
+        constant = s == 0 and float(lo[i]) == float(hi[i])
+        if _finite(s) and not constant:
             explained = first_dead is not None and i >= first_dead
             reference = max(running_max, float(peak[i]) if _finite(float(peak[i])) else 0.0)
             if not explained:
@@ -169,7 +177,8 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
                     hits.append(_Hit(i, "critical", "std", s))
                 elif s < t.vanish_std:
                     hits.append(_Hit(i, "warning", "std", s))
-                elif reference > 0 and s < t.vanish_ratio * reference:
+                elif reference > 0 and s < t.vanish_ratio * reference and w.kinds[i] != "norm":
+                    # (A norm layer's output std is its learned gain: small by choice, not collapse.)
                     hits.append(_Hit(i, "warning", "std", s, f"{reference / max(s, 1e-300):.2g}x below"))
             running_max = max(running_max, s)
         g = float(grad[i])
@@ -181,14 +190,32 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
 
 
 def _jump(w: Window, t: Thresholds, stat: str) -> list[_Hit]:
+    """A figure far above its level: the larger of its recent median and the run's early scale.
+
+    Why the early scale: late in a healthy run most batches are fit and the gradient norm's recent
+    median falls orders of magnitude below its start; an ordinary hard batch then reads as a huge
+    jump against that median while it stays below where the run began. A real divergence leaves
+    the start behind too.
+    """
     now = w.now(stat)
-    level = _nanmedian(w.past(stat, t.window))
+    # A gradient jump must hold two samples in a row: one hard batch spikes a healthy run's gradient
+    # for a step, a divergence keeps climbing. The level is taken from before both.
+    confirm = 2 if stat == "grad_norm" else 1
+    level = _nanmedian(
+        w.figures[max(0, w.figures.shape[0] - confirm - t.window) : -confirm, :, STAT_INDEX[stat]]
+    )
+    before = w.figures[-confirm:-1, :, STAT_INDEX[stat]]  # the earlier samples of the confirmation
+    if w.early is not None:
+        early = w.early[:, STAT_INDEX[stat]]
+        level = np.where(np.isfinite(early) & (early > level), early, level)
     hits = []
     for i in range(len(w.names)):
         v, m = float(now[i]), float(level[i])
         if not (_finite(v) and _finite(m)) or m <= 0 or v < t.explode_jump_floor:
             continue
         ratio = v / m
+        if before.size and not (before[:, i] >= t.explode_jump * m).all():
+            continue
         if ratio >= t.explode_jump:
             severity: Severity = "critical" if ratio >= t.explode_jump_critical else "warning"
             hits.append(_Hit(i, severity, stat, v, f"{ratio:.3g}x its median"))
@@ -224,7 +251,8 @@ def saturation(w: Window, t: Thresholds) -> Finding | None:
 
 
 def shift(w: Window, t: Thresholds) -> Finding | None:
-    """The seed's KL shift far above the layer's own running level (not on activation layers)."""
+    """The seed's KL shift far above the layer's own running level: internal layers only (not
+    activation layers, whose shift mirrors their input, nor the output, which is not an input)."""
     now = w.now("shift")
     hist = w.past("shift", t.shift_window)
     enough = np.isfinite(hist).sum(axis=0) >= t.shift_min_history if hist.size else None
@@ -232,8 +260,9 @@ def shift(w: Window, t: Thresholds) -> Finding | None:
         return None
     level = _nanmedian(hist)
     hits = []
+    last = len(w.kinds) - 1  # the output (logits): it is meant to move as the model learns
     for i, kind in enumerate(w.kinds):
-        if kind in ACTIVATION_KINDS or not enough[i]:
+        if kind in ACTIVATION_KINDS or not enough[i] or i == last:
             continue
         v, m = float(now[i]), float(level[i])
         if not (_finite(v) and _finite(m)) or v < t.shift_min:
@@ -282,7 +311,7 @@ RULES: dict[str, tuple[Rule, bool, str]] = {
     ),
     "shift": (
         shift,
-        True,
+        False,  # a warning waits for confirmation: one odd batch moves a layer without harm
         "this layer's input distribution jumped (upstream layers moved fast): lower the learning "
         "rate, or normalise its input (BatchNorm for CNNs, LayerNorm for transformers, pre-norm "
         "residuals for very deep stacks)",

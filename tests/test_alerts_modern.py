@@ -1,0 +1,178 @@
+"""Healthy modern networks, sampled every step over whole runs to low loss, raise no alert.
+
+The networks of ``public_models.py`` (nanoGPT's GPT with AdamW warm-up and cosine decay, the
+torchvision ResNet-18 with and without zero-init residual BatchNorm, the word-language-model LSTM)
+and, where ``transformers`` is installed, a post-LayerNorm BERT with token-type embeddings: the
+real agent, a real subscriber, the viewer's own store and alert engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icsmon_agent
+from helpers import wait_watching
+from icsmon.alerts.engine import AlertEngine
+from icsmon.alerts.model import AlertChange
+from icsmon.store import Store
+from icsmon.subscriber import Subscriber
+from icsmon_agent.protocol import Sample
+from public_models import (
+    GPT,
+    RNNModel,
+    copy_task,
+    counting_corpus,
+    gpt_lr,
+    quadrant_task,
+    repackage_hidden,
+    resnet18,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+Step = Callable[[int], float]  # trains one step, returns its loss
+
+
+def watch_run(
+    model: nn.Module, step: Step, steps: int, runtime_dir: Path
+) -> tuple[list[AlertChange], list[float], int]:
+    """Train ``steps`` steps sampled every step; (alerts fired, losses, samples seen)."""
+    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    store, engine = Store(), AlertEngine()
+    fired: list[AlertChange] = []
+    losses: list[float] = []
+    seen = 0
+
+    def take(wait: float) -> None:
+        nonlocal seen
+        for msg in sub.poll(wait):
+            if store.add(msg) and isinstance(msg, Sample):
+                seen += 1
+                run = store.get(msg.run, msg.rank)
+                assert run is not None
+                fired.extend(c for c in engine.update(run) if not c.cleared)
+
+    with Subscriber(mon.endpoint or "") as sub:
+        assert wait_watching(mon, sub)
+        for i in range(steps):
+            losses.append(step(i))
+            take(0)
+        mon.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and seen + mon.skipped + mon.dropped < steps:
+            take(0.05)
+    assert mon.errors == 0
+    return fired, losses, seen
+
+
+def gpt_run() -> tuple[nn.Module, Step]:
+    torch.manual_seed(0)
+    model = GPT(n_layer=2, n_embd=32, dropout=0.0)
+    opt = model.configure_optimizers(weight_decay=0.1, lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+
+    def step(i: int) -> float:  # to the task's floor (~1.73: the first half of each sequence is random)
+        for group in opt.param_groups:
+            group["lr"] = gpt_lr(i, lr=1e-2, warmup=20, decay_iters=400, min_lr=1e-3)
+        x, y = copy_task(gen)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step
+
+
+def resnet_run(zero_init: bool) -> Callable[[], tuple[nn.Module, Step]]:
+    def make() -> tuple[nn.Module, Step]:
+        torch.manual_seed(0)
+        model = resnet18(zero_init_residual=zero_init)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        gen = torch.Generator().manual_seed(1)
+
+        def step(i: int) -> float:
+            x, y = quadrant_task(gen)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        return model, step
+
+    return make
+
+
+def lstm_run() -> tuple[nn.Module, Step]:
+    torch.manual_seed(0)
+    model = RNNModel("LSTM", 32, 32, 32, 2, dropout=0.0)
+    gen = torch.Generator().manual_seed(1)
+    hidden = [model.init_hidden(8)]
+
+    def step(i: int) -> float:  # the example's train(): manual SGD, clipping
+        data, targets = counting_corpus(gen)
+        model.zero_grad()
+        hidden[0] = repackage_hidden(hidden[0])
+        output, hidden[0] = model(data, hidden[0])
+        loss = F.nll_loss(output, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-5.0)
+        return float(loss.detach())
+
+    return model, step
+
+
+def bert_run() -> tuple[nn.Module, Step]:
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BertForMaskedLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(1)
+
+    def step(i: int) -> float:
+        x, _ = copy_task(gen, batch=8, block=16, vocab=32)
+        masked = x.clone()
+        masked[:, 8:] = 0  # the second half hidden: predictable from the first
+        loss = model(input_ids=masked, token_type_ids=torch.zeros_like(x), labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    return model, step
+
+
+HEALTHY = {
+    "nanoGPT GPT (pre-LN, GELU, tied, AdamW warm-up + cosine)": (gpt_run, 400),
+    "ResNet-18, zero-init residual BN": (resnet_run(True), 150),
+    "ResNet-18, plain init": (resnet_run(False), 150),
+    "LSTM word-language-model (manual SGD, clipping)": (lstm_run, 300),
+    "BERT (post-LN, token types)": (bert_run, 200),
+}
+
+
+@pytest.mark.parametrize(("make", "steps"), list(HEALTHY.values()), ids=list(HEALTHY))
+def test_healthy_networks_raise_no_alert_over_whole_runs(
+    make: Callable[[], tuple[nn.Module, Step]], steps: int, runtime_dir: Path
+) -> None:
+    model, step = make()
+    fired, losses, seen = watch_run(model, step, steps, runtime_dir)
+    assert seen >= steps // 2, "most steps were sampled"
+    early, late = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert late < 0.7 * early, f"it did not learn: {early:.3f} -> {late:.3f}"
+    assert [c.alert.message for c in fired] == []
