@@ -8,6 +8,7 @@ real agent, a real subscriber, the viewer's own store and alert engine.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -176,3 +177,103 @@ def test_healthy_networks_raise_no_alert_over_whole_runs(
     early, late = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert late < 0.7 * early, f"it did not learn: {early:.3f} -> {late:.3f}"
     assert [c.alert.message for c in fired] == []
+
+
+# ------------------------------------------------------------------ the same networks, sick
+
+
+def resnet_hot() -> tuple[nn.Module, Step]:
+    """The ResNet at 20x its learning rate."""
+    torch.manual_seed(0)
+    model = resnet18(zero_init_residual=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(1)
+
+    def step(i: int) -> float:
+        x, y = quadrant_task(gen)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return model, step
+
+
+def rnn_relu_hot() -> tuple[nn.Module, Step]:
+    """The word-language-model's RNN_RELU at 10x its learning rate, no clipping to save it."""
+    torch.manual_seed(0)
+    model = RNNModel("RNN_RELU", 32, 32, 32, 2, dropout=0.0)
+    gen = torch.Generator().manual_seed(1)
+    hidden = [model.init_hidden(8)]
+
+    def step(i: int) -> float:
+        data, targets = counting_corpus(gen)
+        model.zero_grad()
+        hidden[0] = repackage_hidden(hidden[0])
+        output, hidden[0] = model(data, hidden[0])
+        loss = F.nll_loss(output, targets)
+        loss.backward()
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-50.0)
+        return float(loss.detach())
+
+    return model, step
+
+
+def gpt_hot() -> tuple[nn.Module, Step]:
+    """nanoGPT with no warm-up and a high learning rate."""
+    torch.manual_seed(0)
+    model = GPT(n_layer=2, n_embd=32)
+    opt = model.configure_optimizers(weight_decay=0.1, lr=0.5)
+    gen = torch.Generator().manual_seed(1)
+
+    def step(i: int) -> float:
+        x, y = copy_task(gen)
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step
+
+
+def lstm_zero_clip() -> tuple[nn.Module, Step]:
+    """The LSTM whose clipping zeroes the gradients (max_norm 0): it learns nothing."""
+    model, _ = lstm_run()
+    gen = torch.Generator().manual_seed(1)
+    hidden = [model.init_hidden(8)]
+
+    def step(i: int) -> float:
+        data, targets = counting_corpus(gen)
+        model.zero_grad()
+        hidden[0] = repackage_hidden(hidden[0])
+        output, hidden[0] = model(data, hidden[0])
+        loss = F.nll_loss(output, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.0)
+        for p in model.parameters():
+            p.data.add_(p.grad, alpha=-5.0)
+        return float(loss.detach())
+
+    return model, step
+
+
+SICK = {
+    "ResNet-18 at 20x its learning rate": (resnet_hot, {"exploding", "dead_relu"}),
+    "RNN-ReLU language model at 10x its learning rate": (rnn_relu_hot, {"exploding"}),
+    "nanoGPT with no warm-up and a high learning rate": (gpt_hot, {"exploding"}),
+}
+
+
+@pytest.mark.parametrize(("make", "rules"), list(SICK.values()), ids=list(SICK))
+def test_sick_networks_fire_the_right_rule_before_the_loss_goes_non_finite(
+    make: Callable[[], tuple[nn.Module, Step]], rules: set[str], runtime_dir: Path
+) -> None:
+    model, step = make()
+    fired, losses, _ = watch_run(model, step, 80, runtime_dir)
+    first_nan = next((i for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
+    got = {c.alert.rule: c.alert.step for c in reversed(fired)}  # the first of each rule
+    assert rules <= set(got), [c.alert.message for c in fired]
+    assert got["exploding"] < first_nan and got["exploding"] <= 30, got
