@@ -331,3 +331,16 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, says: str) -> No
     path.write_text(text)
     with pytest.raises(ConfigError, match=says):
         load([path])
+
+
+def test_hints_are_written_from_the_network_they_are_about() -> None:
+    """The same rule, two networks: a 3-layer ReLU MLP without normalisation is told to normalise
+    and of He init, with its depth; a BatchNorm net is not told to add what it has."""
+    from icsmon.alerts.hints import hint
+
+    figs = series(12)
+    plain = hint("exploding", window(figs, ("linear", "relu", "linear", "relu", "linear")), "")
+    normed = hint("exploding", window(figs, ("conv", "norm", "relu", "conv", "norm")), "")
+    assert "3-layer" in plain and "He init" in plain and "normalise" in plain
+    assert "normalis" not in normed and "learning rate" in normed
+    assert "50-layer" not in plain + normed

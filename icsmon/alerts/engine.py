@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from icsmon.alerts import hints
 from icsmon.alerts.config import Thresholds
 from icsmon.alerts.model import Alert, AlertChange
 from icsmon.alerts.rules import RULES, Finding, Window
@@ -150,7 +151,7 @@ class AlertEngine:
             severity=finding.severity,
             value=finding.value,
             message=describe(rule, finding, names, window.step, types=window.types),
-            hint=hint,
+            hint=hints.hint(rule, window, hint),
             run=run.run,
             rank=run.rank,
             figure=finding.figure,

@@ -1,0 +1,69 @@
+"""What to try, written from what the layer table says of the network: its depth, whether it has
+normalisation layers and which activations. Never a fixed sentence about another network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icsmon.alerts.rules import Window
+
+
+@dataclass(frozen=True)
+class Shape:
+    depth: int  # weight layers (Linear, Conv)
+    normalised: bool  # BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...
+    relu: bool
+    squashing: bool  # tanh or sigmoid
+
+    @classmethod
+    def of(cls, w: Window) -> Shape:
+        kinds = set(w.kinds)
+        return cls(
+            depth=sum(k in ("linear", "conv") for k in w.kinds),
+            normalised="norm" in kinds,
+            relu="relu" in kinds,
+            squashing=bool(kinds & {"tanh", "sigmoid"}),
+        )
+
+
+def _init(s: Shape) -> str:
+    if s.relu and not s.squashing:
+        return "He init N(0, 2/fan_in)"
+    if s.squashing and not s.relu:
+        return "Xavier init N(0, 1/fan_in)"
+    return "He init for ReLU layers, Xavier for tanh/sigmoid"
+
+
+def _normalise(s: Shape) -> str:
+    return "normalise before each nonlinearity (BatchNorm for CNNs, LayerNorm for transformers)"
+
+
+def hint(rule: str, w: Window, default: str) -> str:
+    s = Shape.of(w)
+    net = f"a {s.depth}-layer net" if s.depth else "this net"
+    if rule == "exploding":
+        text = "lower the learning rate or lengthen its warm-up, and clip gradients (clip_grad_norm_)"
+        if not s.normalised:
+            text += f"; without normalisation {net} wants a smaller rate the deeper it is: {_normalise(s)}"
+            text += f"; check the init scale ({_init(s)})"
+        return text
+    if rule == "vanishing":
+        if s.normalised:
+            return (
+                "the signal collapses despite normalisation: look for a scale that stays ~0 (a gain or "
+                "residual branch that never grew, a mask) or dead ReLUs before this layer"
+            )
+        return f"weights too small for {net}: {_init(s)}, or {_normalise(s)}"
+    if rule == "dead_relu":
+        text = (
+            "these units' pre-activations are <= 0 for every input, so they get no gradient and never "
+            "recover: look for large negative biases, lower the learning rate, or use LeakyReLU/GELU"
+        )
+        return text if s.normalised else text + "; normalise before the ReLU"
+    if rule == "saturation":
+        text = f"pre-activations too large: smaller init ({_init(s)}) or a lower learning rate"
+        return text if s.normalised else text + f"; {_normalise(s)}"
+    if rule == "shift":
+        text = "this layer's input distribution jumped (upstream layers moved fast): lower the learning rate"
+        return text if s.normalised else text + f", or normalise its input ({_normalise(s)})"
+    return default
