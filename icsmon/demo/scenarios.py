@@ -75,7 +75,7 @@ SCENARIOS: dict[str, Scenario] = {
             "normalization",
             "two 20-layer ReLU MLPs side by side, learning rate warmed up to a high 2.0 (0.01, +6% a "
             "step): without normalisation, and with BatchNorm before each ReLU",
-            "the plain run explodes at ~step 100; the BatchNorm run trains on and raises nothing",
+            "the plain run explodes at ~step 100; the BatchNorm run trains on (at lr 2.0 its ReLUs start dying: dead_relu)",
             (
                 Net("plain", depth=20, lr=0.01, lr_growth=1.06, lr_max=2.0),
                 Net("batchnorm", depth=20, batchnorm=True, lr=0.01, lr_growth=1.06, lr_max=2.0),
