@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers import icsmon, json_lines, start_script, wait_for_jobs
-from truth import close, figures, grad_norm, per_unit, published
+from truth import close, figures, grad_norm, per_unit, published, update_ratio
 
 SCRIPT_HEAD = """
 import sys, time, pickle
@@ -34,6 +34,9 @@ def capture(model):
     for m in model.modules():
         if next(m.children(), None) is None:
             m.register_forward_hook(hook)
+
+def params_of(model):
+    return [[p.detach().double().numpy().copy() for p in m.parameters()] for m in dump[step]["mods"]]
 
 def grads_of(model):
     return [[p.grad.double().numpy().copy() for p in m.parameters() if p.grad is not None] for m in dump[step]["mods"]]
@@ -59,6 +62,7 @@ for step in range(int(sys.argv[2])):
     loss = nn.functional.mse_loss(model(x), y)
     opt.zero_grad(); loss.backward(); opt.step()
     dump[step]["grads"] = grads_of(model)
+    dump[step]["params"] = params_of(model)
     dump[step]["loss"] = loss.item()
     while step == 0 and not mon.watching and time.time() < deadline:
         time.sleep(0.05)   # wait for the viewer so every later step is seen live
@@ -90,6 +94,7 @@ for step in range(int(sys.argv[2])):
         time.sleep(0.05)   # the next step's sampling is decided at opt.step()
     opt.step()
     dump[step]["grads"] = grads_of(model)
+    dump[step]["params"] = params_of(model)
 for s in dump:
     dump[s]["conv"] = [o.ndim == 4 for o in dump[s]["out"]]
     dump[s]["kinds"] = [
@@ -134,6 +139,8 @@ def check(lines: list[dict], dump: dict, kinds: list[str] | None = None) -> int:
             kind = (kinds or dump[step].get("kinds"))[i]
             want = published(figures(outs[i], kind, conv[i], prev.get(i)), kind)
             want["grad_norm"] = grad_norm(grads[i])
+            if step - 1 in dump and prev:  # the step before was sampled too (every=1 here)
+                want["update_ratio"] = update_ratio(dump[step - 1]["params"][i], dump[step]["params"][i], 1)
             got = line["layers"][name]
             for stat, value in want.items():
                 assert close(got[stat], value), f"step {step} {name} {stat}: got {got[stat]} want {value}"
@@ -150,7 +157,7 @@ def test_fifty_layer_mlp_streams_float64_exact_figures(
     names = list(lines[0]["layers"])
     assert len(names) == 101 and names[0] == "0" and names[-1] == "100"
     assert abs(lines[3]["loss"] - dump[3]["loss"]) < 1e-5 and lines[3]["scalars"] == {"lr": 1e-3}
-    assert check(lines, dump, ["relu" if i % 2 else "x" for i in range(101)]) == 6 * 101 * 10
+    assert check(lines, dump, ["relu" if i % 2 else "x" for i in range(101)]) == 6 * 101 * 11
     assert not list(runtime_dir.glob("*.json")), "the job left its discovery file"
     assert not list(runtime_dir.glob("*.sock")), "the job left its socket"
 

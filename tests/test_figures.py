@@ -21,7 +21,7 @@ from helpers import wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import STATS, Sample
-from truth import close, figures, grad_norm, per_unit, published
+from truth import close, figures, grad_norm, per_unit, published, update_ratio
 
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
 
@@ -44,6 +44,7 @@ class Capture:
     def __init__(self, model: nn.Module) -> None:
         self.outputs: dict[int, list[tuple[nn.Module, np.ndarray]]] = {}
         self.grads: dict[int, list[list[np.ndarray]]] = {}
+        self.params: dict[int, list[list[np.ndarray]]] = {}  # each layer's weights after the step
         self.step = 0
         for module in model.modules():
             if next(module.children(), None) is None:
@@ -55,6 +56,10 @@ class Capture:
         self.outputs.setdefault(self.step, []).append((module, t.detach().double().numpy().copy()))
 
     def end_step(self) -> None:
+        self.params[self.step] = [
+            [p.detach().double().numpy().copy() for p in m.parameters() if p.requires_grad]
+            for m, _ in self.outputs.get(self.step, [])
+        ]
         self.grads[self.step] = [
             [p.grad.double().numpy().copy() for p in m.parameters() if p.grad is not None]
             for m, _ in self.outputs.get(self.step, [])
@@ -76,6 +81,7 @@ def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], c
     checked = 0
     prev_units: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    last: int | None = None  # the step of the previous sample
     for s in samples:
         outs = cap.outputs[s.step]
         grads = cap.grads[s.step]
@@ -87,6 +93,8 @@ def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], c
                 figures(y, kinds[i], conv_flags[i], prev_units.get(i)), "relu" if relu else kinds[i]
             )
             want["grad_norm"] = grad_norm(grads[i])
+            if last is not None:
+                want["update_ratio"] = update_ratio(cap.params[last][i], cap.params[s.step][i], s.step - last)
             for j, stat in enumerate(STATS):
                 got = float(s.figures[i, j])
                 got_v = None if np.isnan(got) else got
@@ -96,6 +104,7 @@ def check_against_truth(samples: list[Sample], cap: Capture, kinds: list[str], c
                 checked += 1
             mu, var, _ = per_unit(y, conv_flags[i])
             prev_units[i] = (mu, var)
+        last = s.step
     return checked
 
 

@@ -107,7 +107,7 @@ def with_header(frames: list[bytes], **changes: object) -> list[bytes]:
         (with_header(good_sample_frames(), rank="0"), "'rank' has type str"),
         (with_header(good_sample_frames(), seq=True), "type bool"),
         (with_header(good_sample_frames(), shape=[2]), "shape"),
-        (with_header(good_sample_frames(), shape=[3, 10]), "needs 120"),
+        (with_header(good_sample_frames(), shape=[3, len(STATS)]), f"needs {3 * len(STATS) * 4}"),
         (with_header(good_sample_frames(), shape=[2, 3]), "3 figures per layer"),
         (with_header(good_sample_frames(), loss="x"), "not a number"),
         (with_header(good_sample_frames(), scalars=[1]), "'scalars' is not an object"),

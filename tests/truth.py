@@ -38,6 +38,7 @@ def figures(y_in: np.ndarray, kind: str, conv_like: bool, prev: tuple[np.ndarray
     }
     mu, var, umax = per_unit(y, conv_like)
     out["dead_frac"] = float((~(umax > 0)).mean())
+    out["update_ratio"] = None  # a figure of the weights, not of the output: see update_ratio()
     out["sat_frac"] = float(SAT[kind](y).mean()) if kind in SAT else None
     if prev is None:
         out["shift"] = None
@@ -53,6 +54,23 @@ def figures(y_in: np.ndarray, kind: str, conv_like: bool, prev: tuple[np.ndarray
         kl = 0.5 * (np.log(v2e / v1e) + (v1e + (m1 - mu) ** 2) / v2e - 1.0)
         out["shift"] = float(kl.mean())
     return out
+
+
+SKETCH = 64  # as icsmon_agent.updates.SKETCH: the elements of each parameter the agent reads
+
+
+def update_ratio(before: list[np.ndarray], after: list[np.ndarray], steps: int) -> float | None:
+    """‖Δw‖ / ‖w‖ per step over each parameter's sketch (evenly spaced elements), float64."""
+    if not before or steps <= 0:
+        return None
+    moved = size = 0.0
+    for b, a in zip(before, after, strict=True):
+        flat_b, flat_a = np.asarray(b, np.float64).reshape(-1), np.asarray(a, np.float64).reshape(-1)
+        n = flat_b.size
+        idx = np.rint(np.linspace(0, n - 1, min(n, SKETCH))).astype(np.int64)
+        moved += float(((flat_a[idx] - flat_b[idx]) ** 2).sum())
+        size += float((flat_b[idx] ** 2).sum())
+    return math.sqrt(moved) / math.sqrt(size) / steps if size > 0 else None
 
 
 def grad_norm(grads: list[np.ndarray]) -> float | None:

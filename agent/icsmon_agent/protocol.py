@@ -44,6 +44,7 @@ STATS: tuple[str, ...] = (
     "nonfinite",
     "shift",
     "grad_norm",
+    "update_ratio",
 )
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(STATS)}
 

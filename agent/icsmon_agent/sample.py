@@ -30,6 +30,7 @@ from .figures import Finalizer, GradNorms, Record, grad_norms
 from .layers import tensors_in
 from .protocol import STAT_INDEX
 from .publisher import Publisher, Work
+from .updates import UpdateRatio
 
 
 def when_backward_ends(
@@ -93,6 +94,7 @@ class Pending:
     grads: Grads = field(default_factory=Grads)
     figures: torch.Tensor | None = None  # None: finished on the offload thread
     early: Early | None = None
+    update: torch.Tensor | None = None  # each layer's update-to-weight ratio (updates.py)
 
 
 class Sampler:
@@ -123,6 +125,7 @@ class Sampler:
         self._grad_probe: list[tuple[nn.Parameter, weakref.ref[torch.Tensor], int]] | None = None
         self._side_stream: Any = None
         self._relu_rows: dict[torch.device, torch.Tensor] = {}  # which rows are ReLU-family, per device
+        self._updates = UpdateRatio(self._params, len(capture.layers))
 
     def take_grads(self) -> Grads:
         """This step's gradients, now: at the end of the backward, before the user's clipping."""
@@ -159,6 +162,7 @@ class Sampler:
         thread (its reductions may still run)."""
         records = self._capture.records
         pending = Pending(step, time.time(), scalars, records, grads or self.take_grads(), early=early)
+        pending.update = self._updates.take(step)
         if self._capture.offload is None:
             pending.figures = self.finalizer.figures(records, pending.grads.norms, records_device(records))
         return pending
@@ -231,6 +235,8 @@ class Sampler:
                     # One scalar we cannot take (10**400, a string) is left out, not the sample.
                     self._warn(f"scalar:{key}", f"icsmon: scalar {key!r} is not a float; it is left out")
         figures = self._only_where_meant(figures)
+        if pending.update is not None:
+            figures[:, STAT_INDEX["update_ratio"]] = pending.update.to(figures.device, figures.dtype)
         flat = torch.cat([figures.reshape(-1), *tensors])
         ready = None
         if device.type == "cuda":

@@ -151,7 +151,7 @@ class AlertEngine:
             severity=finding.severity,
             value=finding.value,
             message=describe(rule, finding, names, window.step, types=window.types),
-            hint=hints.hint(rule, window, hint),
+            hint=hints.hint(rule, window, hint, finding.figure),
             run=run.run,
             rank=run.rank,
             figure=finding.figure,

@@ -38,9 +38,14 @@ def _normalise(s: Shape) -> str:
     return "normalise before each nonlinearity (BatchNorm for CNNs, LayerNorm for transformers)"
 
 
-def hint(rule: str, w: Window, default: str) -> str:
+def hint(rule: str, w: Window, default: str, figure: str = "") -> str:
     s = Shape.of(w)
     net = f"a {s.depth}-layer net" if s.depth else "this net"
+    if figure == "update_ratio":
+        return (
+            "the optimizer moved no weight: a learning rate of 0 (a schedule at its end?), gradients "
+            "clipped to 0 (clip_grad_norm_'s max_norm), or every parameter frozen"
+        )
     if rule == "exploding":
         text = "lower the learning rate or lengthen its warm-up, and clip gradients (clip_grad_norm_)"
         if not s.normalised:

@@ -156,7 +156,8 @@ def dead_relu(w: Window, t: Thresholds) -> Finding | None:
 
 def vanishing(w: Window, t: Thresholds) -> Finding | None:
     """Activation std collapsing toward 0 (absolutely, with depth, or against its own recent peak),
-    or a parameter-gradient norm vanishing."""
+    a parameter-gradient norm vanishing, or no weight moving at all (every layer's update ratio 0:
+    gradients clipped to 0, a learning rate of 0)."""
     std, grad = w.now("std"), w.now("grad_norm")
     lo, hi = w.now("min"), w.now("max")
     dead = [h for h in dead_layers(w, t) if h.severity == "critical"]
@@ -185,6 +186,11 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
         # A dead layer anywhere blocks the gradient of every layer before it: dead_relu says so.
         if first_dead is None and _finite(g) and g < t.vanish_grad:
             hits.append(_Hit(i, "warning", "grad_norm", g))
+    # No weight moved at all (every layer's update ratio exactly 0): the optimizer applied nothing.
+    update = w.now("update_ratio")
+    has = np.isfinite(update)
+    if has.any() and not update[has].any():
+        hits.append(_Hit(int(np.argmax(has)), "warning", "update_ratio", 0.0, "no weight moved"))
     # Name where the activations collapse when they do: gradients vanish upstream of it as a result.
     return _finding(hits, prefer="std")
 

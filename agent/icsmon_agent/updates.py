@@ -1,0 +1,63 @@
+"""The update-to-weight ratio of each layer, ‖Δw‖ / ‖w‖, from a fixed sketch of its parameters.
+
+Why a sketch: the exact ratio needs a copy of every weight from the last sample (the model's size
+again). A fixed, evenly spaced set of ``SKETCH`` elements of each parameter, read at each sample,
+estimates it at the cost of one small gather a parameter, on the parameter's device (no host
+sync). Parameters of at most ``SKETCH`` elements (biases of small layers) are read whole: exact.
+
+The figure is per step: the change since the last sample divided by the steps between them. About
+1e-3 is the classic healthy scale; exactly 0 means the optimizer moved nothing (a learning rate of 0,
+gradients clipped to 0, frozen weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Elements read from each parameter.
+SKETCH = 64
+
+
+class UpdateRatio:
+    """Reads the sketch at each sample and gives each layer's ratio since the previous one."""
+
+    def __init__(self, params: list[tuple[int, nn.Parameter]], n_layers: int) -> None:
+        self._n_layers = n_layers
+        self._reads: list[tuple[nn.Parameter, torch.Tensor]] = []
+        owners: list[torch.Tensor] = []
+        for layer, p in params:
+            if not p.requires_grad or p.numel() == 0 or p.layout is not torch.strided:
+                continue
+            n = p.numel()
+            idx = torch.linspace(0, n - 1, min(n, SKETCH), device=p.device).round().long()
+            self._reads.append((p, idx))
+            owners.append(torch.full((idx.numel(),), layer, dtype=torch.long, device=p.device))
+        self._owners = torch.cat(owners) if owners else None
+        self._last: tuple[int, torch.Tensor] | None = None  # (step, values) of the last sample
+
+    def take(self, step: int) -> torch.Tensor | None:
+        """Each layer's ratio per step since the last sample ([n_layers] float64, NaN for a layer
+        without trainable parameters), or None at the first sample."""
+        if self._owners is None:
+            return None
+        with torch.no_grad():
+            devices = {p.device for p, _ in self._reads}
+            if len(devices) > 1:  # a model spread over devices: its sketch is gathered on the first
+                device = self._owners.device
+                values = torch.cat(
+                    [p.detach().reshape(-1)[i].to(device, torch.float64) for p, i in self._reads]
+                )
+            else:
+                values = torch.cat([p.detach().reshape(-1)[i] for p, i in self._reads]).double()
+            last, self._last = self._last, (step, values)
+            if last is None or last[0] >= step:
+                return None
+            steps, before = step - last[0], last[1]
+            zeros = torch.zeros(self._n_layers, dtype=torch.float64, device=values.device)
+            moved = zeros.index_add(0, self._owners, (values - before).square())
+            size = zeros.index_add(0, self._owners, before.square())
+            has = torch.zeros(self._n_layers, dtype=torch.bool, device=values.device)
+            has[self._owners] = True
+            ratio = moved.sqrt() / size.sqrt() / steps
+            return torch.where(has & (size > 0), ratio, torch.nan)
