@@ -344,3 +344,19 @@ def test_hints_are_written_from_the_network_they_are_about() -> None:
     assert "3-layer" in plain and "He init" in plain and "normalise" in plain
     assert "normalis" not in normed and "learning rate" in normed
     assert "50-layer" not in plain + normed
+
+
+def test_a_spike_is_judged_against_the_runs_own_recent_distribution() -> None:
+    """OLMo's test: the loss above the mean + 6 sigma of its last 128 samples."""
+    rng = np.random.default_rng(0)
+    figs = series(12)
+    losses = 2.0 + 0.05 * rng.standard_normal(100)
+    w = rules.Window(window(figs).names, window(figs).kinds, figs, 99, losses=losses)
+    assert rules.spike(w, T) is None
+    losses[-1] = 3.0  # 20 sigma
+    w = rules.Window(window(figs).names, window(figs).kinds, figs, 99, losses=losses)
+    found = rules.spike(w, T)
+    assert found is not None and found.figure == "loss" and found.value == 3.0
+    assert (
+        rules.spike(rules.Window(w.names, w.kinds, figs, 10, losses=losses[-11:]), T) is None
+    )  # too little history

@@ -39,6 +39,7 @@ def figures(y_in: np.ndarray, kind: str, conv_like: bool, prev: tuple[np.ndarray
     mu, var, umax = per_unit(y, conv_like)
     out["dead_frac"] = float((~(umax > 0)).mean())
     out["update_ratio"] = None  # a figure of the weights, not of the output: see update_ratio()
+    out["peak_ratio"] = None  # derived at the hand-off: see published()
     out["sat_frac"] = float(SAT[kind](y).mean()) if kind in SAT else None
     if prev is None:
         out["shift"] = None
@@ -89,7 +90,11 @@ def close(got: float | None, want: float | None, rel: float = 1e-3, abs_: float 
 
 def published(want: dict, kind: str) -> dict:
     """What the agent sends of ``figures``: ``dead_frac`` only for ReLU-family layers whose output is
-    all finite (units never positive mean dead ReLU units there, and nothing elsewhere)."""
+    all finite (units never positive mean dead ReLU units there, and nothing elsewhere), and
+    ``peak_ratio``, max |y| over the std, derived from the others."""
     if kind != "relu" or want["nonfinite"]:
         want = dict(want, dead_frac=None)
+    lo, hi, std = want["min"], want["max"], want["std"]
+    if lo is not None and hi is not None and std is not None and math.isfinite(std) and std > 0:
+        want = dict(want, peak_ratio=max(abs(lo), abs(hi)) / std)
     return want

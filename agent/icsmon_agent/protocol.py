@@ -45,6 +45,7 @@ STATS: tuple[str, ...] = (
     "shift",
     "grad_norm",
     "update_ratio",
+    "peak_ratio",
 )
 STAT_INDEX: dict[str, int] = {name: i for i, name in enumerate(STATS)}
 

@@ -205,7 +205,8 @@ class Sampler:
 
     def _only_where_meant(self, figures: torch.Tensor) -> torch.Tensor:
         """``dead_frac`` means dead ReLU units: absent (NaN) for other layers, and for a layer with
-        NaN/Inf in its output, whose units then never read as positive."""
+        NaN/Inf in its output, whose units then never read as positive. ``peak_ratio`` is derived
+        here from min, max and std."""
         dead, nonfinite = STAT_INDEX["dead_frac"], STAT_INDEX["nonfinite"]
         relu = self._relu_rows.get(figures.device)
         if relu is None:
@@ -213,6 +214,10 @@ class Sampler:
             relu = self._relu_rows[figures.device] = torch.tensor(kinds, device=figures.device)
         keep = relu & (figures[:, nonfinite] == 0)
         figures[:, dead] = torch.where(keep, figures[:, dead], torch.nan)
+        # max |activation| over the std: outliers ("massive activations"); NaN for a constant output.
+        peak = torch.maximum(figures[:, STAT_INDEX["min"]].abs(), figures[:, STAT_INDEX["max"]].abs())
+        std = figures[:, STAT_INDEX["std"]]
+        figures[:, STAT_INDEX["peak_ratio"]] = torch.where(std > 0, peak / std, torch.nan)
         return figures
 
     def _hand_off(self, pending: Pending) -> None:

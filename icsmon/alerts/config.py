@@ -73,6 +73,12 @@ class Thresholds:
     "samples of shift history the running level is taken over"
     shift_min_history: int = 20
     "shift: samples of history needed first (shift is noisy while training starts)"
+    spike_sigma: float = 6.0
+    "spike: the loss or total gradient norm above the mean + this many standard deviations of its recent samples"
+    spike_window: int = 128
+    "spike: samples the mean and standard deviation are taken over"
+    spike_min_history: int = 32
+    "spike: samples of history needed first"
 
     def validate(self) -> Thresholds:
         for f in fields(self):

@@ -24,7 +24,7 @@ import numpy as np
 from icsmon.alerts import hints
 from icsmon.alerts.config import Thresholds
 from icsmon.alerts.model import Alert, AlertChange
-from icsmon.alerts.rules import RULES, Finding, Window
+from icsmon.alerts.rules import RULES, RUN_FIGURES, Finding, Window
 from icsmon.render import fmt
 from icsmon.store import RunState
 from icsmon_agent.protocol import STAT_INDEX
@@ -50,10 +50,12 @@ class _RunAlerts:
     early: np.ndarray | None = None  # their median, once EARLY_SAMPLES were seen
 
 
-def window_of(run: RunState, n: int) -> Window | None:
-    """The last ``n`` samples of ``run`` as a rule :class:`Window` (None before the first sample)."""
+def window_of(run: RunState, n: int, history: int = 0) -> Window | None:
+    """The last ``n`` samples of ``run`` as a rule :class:`Window` (None before the first sample),
+    with the last ``history`` losses."""
     if run.schema is None or run.count == 0:
         return None
+    longer = np.arange(run.count - min(max(history, n), run.size), run.count) % run.capacity
     take = min(n, run.size)
     idx = np.arange(run.count - take, run.count) % run.capacity
     return Window(
@@ -62,6 +64,7 @@ def window_of(run: RunState, n: int) -> Window | None:
         figures=run.figures[idx].astype(np.float64),
         step=int(run.steps[idx[-1]]),
         types=tuple(layer.type for layer in run.schema.layers),
+        losses=run.losses[longer].astype(np.float64),
     )
 
 
@@ -73,7 +76,8 @@ def describe(
     def label(i: int) -> str:  # "8 Linear": a bare name is often an index of a Sequential
         return f"{names[i]} {types[i]}" if i < len(types) and types[i] else names[i]
 
-    text = f"{rule}: {label(finding.first)} {finding.figure} {fmt(finding.value)}"
+    where = "" if finding.figure in RUN_FIGURES else f"{label(finding.first)} "
+    text = f"{rule}: {where}{finding.figure} {fmt(finding.value)}"
     if finding.detail:
         text += f" ({finding.detail})"
     text += f" at step {step}"
@@ -101,7 +105,7 @@ class AlertEngine:
             return []
         state.count = run.count
         t = self.thresholds
-        window = window_of(run, max(t.window, t.shift_window) + 1)
+        window = window_of(run, max(t.window, t.shift_window) + 1, history=t.spike_window + 1)
         if window is None:
             return []
         if state.early is None:

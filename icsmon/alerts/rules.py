@@ -47,6 +47,7 @@ class Window:
     # a reference that does not collapse when the loss does (None: not known).
     early: FloatArray | None = None
     types: tuple[str, ...] = ()  # module type of each layer, for the alert's line
+    losses: FloatArray | None = None  # a longer history of the run's loss, newest last
 
     def now(self, stat: str) -> FloatArray:
         out: FloatArray = self.figures[-1, :, STAT_INDEX[stat]]
@@ -280,6 +281,36 @@ def shift(w: Window, t: Thresholds) -> Finding | None:
     return _finding(hits)
 
 
+#: Figures of the whole run, not of a layer: an alert on one names no layer.
+RUN_FIGURES = frozenset({"loss"})
+
+
+def _spiking(history: FloatArray | None, t: Thresholds) -> tuple[float, float] | None:
+    """(now, mean + k sigma) when the newest value is above the mean + ``spike_sigma`` standard
+    deviations of the ``spike_window`` before it (OLMo's spike test)."""
+    if history is None or history.size < t.spike_min_history + 1:
+        return None
+    now = float(history[-1])
+    past = history[-1 - t.spike_window : -1]
+    past = past[np.isfinite(past)]
+    if not _finite(now) or past.size < t.spike_min_history:
+        return None
+    limit = float(past.mean() + t.spike_sigma * past.std())
+    return (now, limit) if now > limit and past.std() > 0 else None
+
+
+def spike(w: Window, t: Thresholds) -> Finding | None:
+    """The loss far above its own recent distribution: a bad batch, or an instability starting.
+    A run-level figure: the alert names no layer."""
+    # The same test on the total gradient norm fired on healthy runs (its tail is heavy: the healthy
+    # suite of tests/test_alerts_modern.py trips mean+6σ on ordinary hard batches): not judged yet.
+    found = _spiking(w.losses, t)
+    if found is None:
+        return None
+    now, limit = found
+    return Finding("warning", (0,), "loss", now, f"above mean+{t.spike_sigma:g}σ = {limit:.3g}")
+
+
 Rule = Callable[[Window, Thresholds], "Finding | None"]
 
 #: name -> (rule, fires at once?, hint). Order: how alerts are listed when several fire together.
@@ -314,6 +345,12 @@ RULES: dict[str, tuple[Rule, bool, str]] = {
         False,
         "pre-activations too large: smaller init (Xavier N(0, 1/fan_in) for tanh/sigmoid), normalise "
         "before the nonlinearity, or lower the learning rate",
+    ),
+    "spike": (
+        spike,
+        True,
+        "one step far above the run's own recent loss or gradient norm: a bad batch, or an instability "
+        "starting; if it repeats, lower the learning rate or clip gradients",
     ),
     "shift": (
         shift,

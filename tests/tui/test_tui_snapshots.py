@@ -31,17 +31,33 @@ def test_main_200x60(snap_compare: Snap) -> None:
     assert snap_compare(app_on(n_layers=60, nan_from=56), terminal_size=(200, 60))
 
 
+async def settled(pilot: Any) -> None:
+    """Keys go in once the table is drawn: on a loaded machine they could land before it is."""
+    await pilot.pause()
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+
+
 def test_detail_120x40(snap_compare: Snap) -> None:
-    assert snap_compare(app_on(n_layers=40), press=["down", "down", "down", "enter"], terminal_size=(120, 40))
+    assert snap_compare(
+        app_on(n_layers=40),
+        press=["down", "down", "down", "enter"],
+        terminal_size=(120, 40),
+        run_before=settled,
+    )
 
 
 def test_heatmap_120x40(snap_compare: Snap) -> None:
-    assert snap_compare(app_on(n_layers=60, nan_from=56), press=["h"], terminal_size=(120, 40))
+    assert snap_compare(
+        app_on(n_layers=60, nan_from=56), press=["h"], terminal_size=(120, 40), run_before=settled
+    )
 
 
 def test_heatmap_no_color(snap_compare: Snap, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
-    assert snap_compare(app_on(n_layers=60, nan_from=56), press=["h"], terminal_size=(80, 24))
+    assert snap_compare(
+        app_on(n_layers=60, nan_from=56), press=["h"], terminal_size=(80, 24), run_before=settled
+    )
 
 
 def test_waiting_80x24(snap_compare: Snap) -> None:
