@@ -41,6 +41,7 @@ class RunState:
     last_event: str = ""
     paused_step: int | None = None  # the step a "paused" event named (Monitor.pause)
     forward_steps: bool = False  # the job marks no step: the agent counts each training forward
+    optimizer: str = ""  # the type of the optimizer that marks the steps, as the agent reported it
     last_recv: float = 0.0  # monotonic time of the last message
     last_sample_wall: float = 0.0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=256))
@@ -211,8 +212,12 @@ class Store:
         if isinstance(msg, Event):
             if state.first_sample_seq:
                 state.last_seq = msg.seq
-            if msg.event == "forward_steps":  # a note about the job, not a change of its state
+            if msg.event == "forward_steps":  # notes about the job, not changes of its state
                 state.forward_steps = True
+                return True
+            if msg.event == "optimizer":
+                kind = msg.detail.get("type")
+                state.optimizer = kind[:40] if isinstance(kind, str) else ""
                 return True
             state.last_event = msg.event
             if msg.event == "paused":

@@ -279,6 +279,9 @@ def test_sick_networks_fire_the_right_rule_early(
     assert rules <= set(got), [c.alert.message for c in fired]
     if "exploding" in rules:
         assert got["exploding"] < first_nan and got["exploding"] <= 30, got
+        if make is gpt_hot:  # the hint names the job's own optimizer and rate, from the agent
+            hint = next(c.alert.hint for c in fired if c.alert.rule == "exploding")
+            assert "AdamW, lr 0.5 now" in hint and "normalis" not in hint, hint
     else:  # the weights never move: said from the first samples on
         (alert,) = [c.alert for c in fired if c.alert.rule == "vanishing"]
         assert alert.figure == "update_ratio" and alert.step <= 5 and "clipped to 0" in alert.hint

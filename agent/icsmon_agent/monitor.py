@@ -353,6 +353,9 @@ class Monitor:
             return
         try:
             if self._marks.optimizer_step(optimizer):
+                if self._marks.new_leader and self._outlet is not None:  # viewers' hints name it
+                    self._outlet.event("optimizer", self._step, self.errors, type=self._marks.new_leader)
+                    self._marks.new_leader = ""
                 self._boundary({}, defer=True)
         except Exception as exc:
             self.fault("optimizer", exc)
@@ -391,6 +394,9 @@ class Monitor:
         if capture.armed and self._sampler is not None and capture.step_hits:
             first = self._samples == 0
             started = time.perf_counter()
+            lr = self._marks.learning_rate()
+            if lr is not None and "lr" not in scalars:  # the user's own "lr" wins
+                scalars = {**scalars, "lr": lr}
             pending = self._sampler.take(self._step, scalars, self._early, self._grads)
             self._spent += time.perf_counter() - started
             offload = capture.offload

@@ -121,8 +121,8 @@ class Outlet:
     def send(self, work: Work) -> None:
         self.publisher.submit(work)
 
-    def event(self, name: str, step: int, errors: int) -> None:
-        detail: dict[str, Any] = {"step": step, "errors": errors, "dropped": self.publisher.dropped}
+    def event(self, name: str, step: int, errors: int, **extra: Any) -> None:
+        detail: dict[str, Any] = {"step": step, "errors": errors, "dropped": self.publisher.dropped, **extra}
         who = self.who
         self.publisher.submit(protocol.Event(who.run, who.rank, next(self._seq), time.time(), name, detail))
 

@@ -36,6 +36,7 @@ class StepMarks:
         # Weak keys: an optimizer that is dropped and re-created must not inherit a verdict by id.
         self._owned: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
         self._leader: weakref.ref[torch.optim.Optimizer] | None = None
+        self.new_leader = ""  # the type of an optimizer that just became the one marking steps
         self._params = {id(p) for p in model.parameters()}
         self._probe = next((p for p in model.parameters() if p.requires_grad), None)
         self._probe_version = self._probe._version if self._probe is not None else 0
@@ -86,11 +87,21 @@ class StepMarks:
         leader = self._leader() if self._leader is not None else None
         if leader is None:
             self._leader = weakref.ref(optimizer)
+            self.new_leader = type(optimizer).__name__
         elif leader is not optimizer:
             return False
         self.source = "optimizer"
         self.closed_by_optimizer = True
         return True
+
+    def learning_rate(self) -> float | None:
+        """The stepping optimizer's first learning rate, when it is a plain number (a tensor one
+        would cost a host sync to read)."""
+        leader = self._leader() if self._leader is not None else None
+        if leader is None or not leader.param_groups:
+            return None
+        lr = leader.param_groups[0].get("lr")
+        return float(lr) if isinstance(lr, float | int) and not isinstance(lr, bool) else None
 
     def user_step(self) -> bool:
         """``Monitor.step()`` was called: whether the step it closes was closed already (by the

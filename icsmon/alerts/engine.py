@@ -155,7 +155,9 @@ class AlertEngine:
             severity=finding.severity,
             value=finding.value,
             message=describe(rule, finding, names, window.step, types=window.types),
-            hint=hints.hint(rule, window, hint, finding.figure),
+            hint=hints.hint(
+                rule, window, hint, finding.figure, optimizer=run.optimizer, lr=run.scalars.get("lr")
+            ),
             run=run.run,
             rank=run.rank,
             figure=finding.figure,

@@ -38,16 +38,20 @@ def _normalise(s: Shape) -> str:
     return "normalise before each nonlinearity (BatchNorm for CNNs, LayerNorm for transformers)"
 
 
-def hint(rule: str, w: Window, default: str, figure: str = "") -> str:
+def hint(
+    rule: str, w: Window, default: str, figure: str = "", *, optimizer: str = "", lr: float | None = None
+) -> str:
     s = Shape.of(w)
     net = f"a {s.depth}-layer net" if s.depth else "this net"
+    now = ", ".join(part for part in (optimizer, f"lr {lr:.3g}" if lr is not None else "") if part)
+    rate = f"the learning rate ({now} now)" if now else "the learning rate"
     if figure == "update_ratio":
         return (
             "the optimizer moved no weight: a learning rate of 0 (a schedule at its end?), gradients "
             "clipped to 0 (clip_grad_norm_'s max_norm), or every parameter frozen"
         )
     if rule == "exploding":
-        text = "lower the learning rate or lengthen its warm-up, and clip gradients (clip_grad_norm_)"
+        text = f"lower {rate} or lengthen its warm-up, and clip gradients (clip_grad_norm_)"
         if not s.normalised:
             text += f"; without normalisation {net} wants a smaller rate the deeper it is: {_normalise(s)}"
             text += f"; check the init scale ({_init(s)})"
@@ -62,13 +66,13 @@ def hint(rule: str, w: Window, default: str, figure: str = "") -> str:
     if rule == "dead_relu":
         text = (
             "these units' pre-activations are <= 0 for every input, so they get no gradient and never "
-            "recover: look for large negative biases, lower the learning rate, or use LeakyReLU/GELU"
+            f"recover: look for large negative biases, lower {rate}, or use LeakyReLU/GELU"
         )
         return text if s.normalised else text + "; normalise before the ReLU"
     if rule == "saturation":
-        text = f"pre-activations too large: smaller init ({_init(s)}) or a lower learning rate"
+        text = f"pre-activations too large: smaller init ({_init(s)}) or lower {rate}"
         return text if s.normalised else text + f"; {_normalise(s)}"
     if rule == "shift":
-        text = "this layer's input distribution jumped (upstream layers moved fast): lower the learning rate"
+        text = f"this layer's input distribution jumped (upstream layers moved fast): lower {rate}"
         return text if s.normalised else text + f", or normalise its input ({_normalise(s)})"
     return default
