@@ -20,6 +20,7 @@ from icsmon.tui import view
 from icsmon.tui.plot import Series, plot
 from icsmon.tui.widgets.alerts import change_line
 from icsmon.tui.widgets.header import RunHeader, header_text
+from icsmon_agent.protocol import STAT_INDEX
 
 PANELS = ("mean", "range", "fractions", "shift", "grad")
 TITLES = {
@@ -27,7 +28,7 @@ TITLES = {
     "range": "min / max",
     "fractions": "zero / dead / sat fraction",
     "shift": "shift (KL between samples, log scale)",
-    "grad": "gradient norm (log scale)",
+    "grad": "gradient norm, update/weight ratio (log scale)",
 }
 
 
@@ -99,6 +100,12 @@ class DetailScreen(Screen[None]):
         text.append(info.name, style="bold")
         text.append(f"  {info.type}  {view.shape_text(info.shape)}  {info.kind}", style="dim")
         if latest is not None:
+            row = latest[self.layer_index]
+            peak, update = float(row[STAT_INDEX["peak_ratio"]]), float(row[STAT_INDEX["update_ratio"]])
+            if np.isfinite(peak):
+                text.append(f"  peak {fmt(peak)}×std", style="dim")
+            if np.isfinite(update):
+                text.append(f"  update {fmt(update)}/step", style="dim")
             nonfinite = float(latest[self.layer_index][7])
             if nonfinite > 0 or not np.isfinite(latest[self.layer_index][1]):
                 text.append(f"  NaN/Inf ({fmt(nonfinite)} elements)", style="bold white on red")
@@ -132,7 +139,15 @@ class DetailScreen(Screen[None]):
             )
         if key == "shift":
             return plot([Series("shift", s("shift"), "●", "magenta")], width, height, log=True)
-        return plot([Series("grad", s("grad_norm"), "●", "green")], width, height, log=True)
+        return plot(
+            [
+                Series("grad", s("grad_norm"), "●", "green"),
+                Series("update", s("update_ratio"), "+", "yellow"),
+            ],
+            width,
+            height,
+            log=True,
+        )
 
     def _alerts(self, run: RunState) -> None:
         box = self.query_one("#layer-alerts", Static)
