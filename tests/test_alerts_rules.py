@@ -360,3 +360,30 @@ def test_a_spike_is_judged_against_the_runs_own_recent_distribution() -> None:
     assert (
         rules.spike(rules.Window(w.names, w.kinds, figs, 10, losses=losses[-11:]), T) is None
     )  # too little history
+
+
+def test_the_early_scale_is_the_oldest_samples_held_even_when_history_arrives_at_once() -> None:
+    """A viewer that joins late gets the history in one batch and runs the rules once: the early
+    scale is still the run's oldest samples (gradient norm 5), so a late hard batch (3, two
+    samples, against a collapsed recent median of 1e-3) is no explosion."""
+    feed = Feed()
+    grad = STAT_INDEX["grad_norm"]
+    rows = []
+    for k in range(60):
+        row = healthy_row(feed.rng)
+        row[:, grad] = 5.0 if k < 20 else 1e-3
+        rows.append(row)
+    rows[-1][:, grad] = rows[-2][:, grad] = 3.0
+    for row in rows:  # stored without running the rules: as one received batch
+        feed.seq += 1
+        assert feed.store.add(
+            Sample("run", 0, feed.seq, 0.0, feed.seq, feed.sid, row.astype(np.float32), 1.0)
+        )
+    run = feed.store.get("run")
+    assert run is not None
+    assert [c.alert.rule for c in feed.engine.update(run)] == []
+
+
+def test_thresholds_refuse_a_history_longer_than_its_window() -> None:
+    with pytest.raises(ConfigError, match="shift_min_history"):
+        Thresholds(shift_min_history=30, shift_window=20).validate()

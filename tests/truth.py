@@ -68,7 +68,8 @@ def update_ratio(before: list[np.ndarray], after: list[np.ndarray], steps: int) 
     for b, a in zip(before, after, strict=True):
         flat_b, flat_a = np.asarray(b, np.float64).reshape(-1), np.asarray(a, np.float64).reshape(-1)
         n = flat_b.size
-        idx = np.rint(np.linspace(0, n - 1, min(n, SKETCH))).astype(np.int64)
+        k = min(n, SKETCH)
+        idx = np.arange(k) * (n - 1) // (k - 1) if k > 1 else np.zeros(k, dtype=np.int64)
         moved += float(((flat_a[idx] - flat_b[idx]) ** 2).sum())
         size += float((flat_b[idx] ** 2).sum())
     return math.sqrt(moved) / math.sqrt(size) / steps if size > 0 else None

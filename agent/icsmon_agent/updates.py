@@ -21,27 +21,48 @@ SKETCH = 64
 _NUMPY = (torch.float32, torch.float64, torch.float16)
 
 
+def sketch_indices(n: int) -> np.ndarray:
+    """The flat (logical-order) positions read from a parameter of ``n`` elements: ``SKETCH``
+    evenly spaced, ends included, in integers (a float linspace rounds past the end above 2**24)."""
+    k = min(n, SKETCH)
+    if k <= 1:
+        return np.zeros(k, dtype=np.int64)
+    return np.arange(k, dtype=np.int64) * (n - 1) // (k - 1)
+
+
 class UpdateRatio:
     """Reads the sketch at each sample and gives each layer's ratio since the previous one."""
 
     def __init__(self, params: list[tuple[int, nn.Parameter]], n_layers: int) -> None:
         self._n_layers = n_layers
-        self._reads: list[tuple[nn.Parameter, torch.Tensor]] = []
-        owners: list[torch.Tensor] = []
+        # Each parameter's sketch, as one index tensor per dimension (logical order, so a
+        # non-contiguous weight is gathered without a copy of it).
+        self._reads: list[tuple[nn.Parameter, tuple[torch.Tensor, ...]]] = []
+        owners: list[int] = []
         for layer, p in params:
             if not p.requires_grad or p.numel() == 0 or p.layout is not torch.strided:
                 continue
-            n = p.numel()
-            idx = torch.linspace(0, n - 1, min(n, SKETCH), device=p.device).round().long()
-            self._reads.append((p, idx))
-            owners.append(torch.full((idx.numel(),), layer, dtype=torch.long, device=p.device))
-        self._owners = torch.cat(owners) if owners else None
+            flat = sketch_indices(p.numel())
+            at = np.unravel_index(flat, tuple(p.shape)) if p.dim() else (flat,)
+            self._reads.append((p, tuple(torch.from_numpy(np.asarray(i)).to(p.device) for i in at)))
+            owners += [layer] * flat.size
+        # One device for the sums: the first parameter's (a model spread over devices is gathered there).
+        self._device = self._reads[0][0].device if self._reads else torch.device("cpu")
+        self._owners = torch.tensor(owners, dtype=torch.long, device=self._device) if owners else None
+        self._has = torch.zeros(n_layers, dtype=torch.bool, device=self._device)
+        if self._owners is not None:
+            self._has[self._owners] = True
         self._last: tuple[int, torch.Tensor] | None = None  # (step, values) of the last sample
-        # CPU float parameters are read through NumPy views of their memory: one fancy index a
-        # parameter instead of two torch calls (the sketch's cost, measured in benchmarks/).
+        # Contiguous CPU float parameters are read through NumPy views of their memory: one fancy
+        # index a parameter instead of torch calls (the sketch's cost: benchmarks/README.md).
         self._views: list[tuple[np.ndarray, np.ndarray, int]] | None = None
-        if self._reads and all(p.device.type == "cpu" and p.dtype in _NUMPY for p, _ in self._reads):
-            self._views = [(p.detach().numpy().reshape(-1), i.numpy(), p.data_ptr()) for p, i in self._reads]
+        if self._reads and all(
+            p.device.type == "cpu" and p.dtype in _NUMPY and p.is_contiguous() for p, _ in self._reads
+        ):
+            self._views = [
+                (p.detach().numpy().reshape(-1), sketch_indices(p.numel()), p.data_ptr())
+                for p, _ in self._reads
+            ]
 
     def take(self, step: int) -> torch.Tensor | None:
         """Each layer's ratio per step since the last sample ([n_layers] float64, NaN for a layer
@@ -56,14 +77,13 @@ class UpdateRatio:
                 values = torch.from_numpy(np.concatenate([v[i] for v, i, _ in views]).astype(np.float64))
                 return self._ratio(step, values)
             self._views = None  # a parameter's memory was replaced (p.data = ...): torch from now on
-            devices = {p.device for p, _ in self._reads}
-            if len(devices) > 1:  # a model spread over devices: its sketch is gathered on the first
-                device = self._owners.device
-                values = torch.cat(
-                    [p.detach().reshape(-1)[i].to(device, torch.float64) for p, i in self._reads]
-                )
-            else:
-                values = torch.cat([p.detach().reshape(-1)[i] for p, i in self._reads]).double()
+            device = self._device
+            values = torch.cat(
+                [
+                    (p.detach() if p.dim() else p.detach().reshape(1))[at].to(device, torch.float64)
+                    for p, at in self._reads
+                ]
+            )
             return self._ratio(step, values)
 
     def _ratio(self, step: int, values: torch.Tensor) -> torch.Tensor | None:
@@ -76,7 +96,5 @@ class UpdateRatio:
             zeros = torch.zeros(self._n_layers, dtype=torch.float64, device=values.device)
             moved = zeros.index_add(0, self._owners, (values - before).square())
             size = zeros.index_add(0, self._owners, before.square())
-            has = torch.zeros(self._n_layers, dtype=torch.bool, device=values.device)
-            has[self._owners] = True
             ratio = moved.sqrt() / size.sqrt() / steps
-            return torch.where(has & (size > 0), ratio, torch.nan)
+            return torch.where(self._has & (size > 0), ratio, torch.nan)

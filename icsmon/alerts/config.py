@@ -71,10 +71,10 @@ class Thresholds:
     "shift: and at least this many nats (batch noise alone gives about 0.01-0.05)"
     shift_window: int = 20
     "samples of shift history the running level is taken over"
-    shift_min_history: int = 20
-    "shift: samples of history needed first (shift is noisy while training starts)"
+    shift_min_history: int = 15
+    "shift: samples of history needed first, at most `shift_window` (shift is noisy while training starts)"
     spike_sigma: float = 6.0
-    "spike: the loss or total gradient norm above the mean + this many standard deviations of its recent samples"
+    "spike: the loss above the mean + this many standard deviations of its recent samples"
     spike_window: int = 128
     "spike: samples the mean and standard deviation are taken over"
     spike_min_history: int = 32
@@ -85,6 +85,11 @@ class Thresholds:
             value = getattr(self, f.name)
             if not value > 0:
                 raise ConfigError(f"threshold {f.name} must be positive, got {value}")
+        for need, have in (("shift_min_history", "shift_window"), ("spike_min_history", "spike_window")):
+            if getattr(self, need) > getattr(self, have):
+                raise ConfigError(
+                    f"{need} ({getattr(self, need)}) cannot exceed {have} ({getattr(self, have)})"
+                )
         return self
 
 

@@ -46,8 +46,7 @@ class _RunAlerts:
     rules: dict[str, _RuleState] = field(default_factory=lambda: {name: _RuleState() for name in RULES})
     count: int = 0  # RunState.count when last evaluated (an ingest with no new sample changes nothing)
     schema_id: str = ""
-    early_rows: list[np.ndarray] = field(default_factory=list)  # the run's first samples' figures
-    early: np.ndarray | None = None  # their median, once EARLY_SAMPLES were seen
+    early: np.ndarray | None = None  # the median of the run's first EARLY_SAMPLES samples held
 
 
 def window_of(run: RunState, n: int, history: int = 0) -> Window | None:
@@ -108,13 +107,15 @@ class AlertEngine:
         window = window_of(run, max(t.window, t.shift_window) + 1, history=t.spike_window + 1)
         if window is None:
             return []
-        if state.early is None:
-            state.early_rows.append(window.figures[-1])
-            if len(state.early_rows) >= EARLY_SAMPLES:
-                with np.errstate(all="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
-                    state.early = np.nanmedian(np.stack(state.early_rows), axis=0)
-                state.early_rows = []
+        if state.early is None and run.size >= EARLY_SAMPLES:
+            # The oldest samples held: the run's start, or as near it as a viewer that joined late
+            # was sent (its history arrives in one batch, so rows are taken from the store, not
+            # one per update).
+            first = run.count - run.size
+            idx = np.arange(first, first + EARLY_SAMPLES) % run.capacity
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
+                state.early = np.nanmedian(run.figures[idx].astype(np.float64), axis=0)
         window = dataclasses.replace(window, early=state.early)
         latest = window.figures[-1]
         has_nonfinite = bool(

@@ -188,9 +188,10 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
         if first_dead is None and _finite(g) and g < t.vanish_grad:
             hits.append(_Hit(i, "warning", "grad_norm", g))
     # No weight moved at all (every layer's update ratio exactly 0): the optimizer applied nothing.
+    # (Not while a gradient is non-finite: a loss scaler skips those steps on purpose.)
     update = w.now("update_ratio")
     has = np.isfinite(update)
-    if has.any() and not update[has].any():
+    if has.any() and not update[has].any() and not np.isinf(grad).any() and not np.isnan(grad[has]).any():
         hits.append(_Hit(int(np.argmax(has)), "warning", "update_ratio", 0.0, "no weight moved"))
     # Name where the activations collapse when they do: gradients vanish upstream of it as a result.
     return _finding(hits, prefer="std")
@@ -221,7 +222,7 @@ def _jump(w: Window, t: Thresholds, stat: str) -> list[_Hit]:
         if not (_finite(v) and _finite(m)) or m <= 0 or v < t.explode_jump_floor:
             continue
         ratio = v / m
-        if before.size and not (before[:, i] >= t.explode_jump * m).all():
+        if ratio < t.explode_jump or (before.size and not (before[:, i] >= t.explode_jump * m).all()):
             continue
         if ratio >= t.explode_jump:
             severity: Severity = "critical" if ratio >= t.explode_jump_critical else "warning"
@@ -349,7 +350,7 @@ RULES: dict[str, tuple[Rule, bool, str]] = {
     "spike": (
         spike,
         True,
-        "one step far above the run's own recent loss or gradient norm: a bad batch, or an instability "
+        "one step's loss far above the run's own recent losses: a bad batch, or an instability "
         "starting; if it repeats, lower the learning rate or clip gradients",
     ),
     "shift": (
