@@ -163,10 +163,6 @@ class Capture:
                 handle.remove()
         self._handles = []
 
-    @property
-    def hooked(self) -> bool:
-        return bool(self._handles)
-
     def new_step(self) -> None:
         self._outer = None
         self._calls.clear()
