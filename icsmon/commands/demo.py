@@ -29,8 +29,9 @@ from icsmon_agent.discovery import JobInfo
 
 START_TIMEOUT_S = 60.0  # importing torch on a cold machine takes a while
 STOP_GRACE_S = 3.0
-#: Slow motion for the terminal app: the 10-layer nets train faster than anyone can read.
-INTERACTIVE_DELAY_S = 0.05
+#: Slow motion for the terminal app: the nets train faster than anyone can read (the default
+#: scenario's plain run explodes at ~step 100: about half a minute on screen).
+INTERACTIVE_DELAY_S = 0.15
 
 
 def register(sub: Any) -> None:
