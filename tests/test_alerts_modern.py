@@ -93,11 +93,13 @@ def gpt_run() -> tuple[nn.Module, Step]:
     return model, step
 
 
-def resnet_run(zero_init: bool) -> Callable[[], tuple[nn.Module, Step]]:
+def resnet_run(zero_init: bool, lr: float = 0.05) -> Callable[[], tuple[nn.Module, Step]]:
+    """torchvision's ResNet-18 recipe (SGD with momentum and weight decay) at learning rate ``lr``."""
+
     def make() -> tuple[nn.Module, Step]:
         torch.manual_seed(0)
         model = resnet18(zero_init_residual=zero_init)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         gen = torch.Generator().manual_seed(1)
 
         def step(i: int) -> float:
@@ -113,25 +115,31 @@ def resnet_run(zero_init: bool) -> Callable[[], tuple[nn.Module, Step]]:
     return make
 
 
-def lstm_run() -> tuple[nn.Module, Step]:
-    torch.manual_seed(0)
-    model = RNNModel("LSTM", 32, 32, 32, 2, dropout=0.0)
-    gen = torch.Generator().manual_seed(1)
-    hidden = [model.init_hidden(8)]
+def language_model_run(rnn: str, lr: float, clip: float | None) -> Callable[[], tuple[nn.Module, Step]]:
+    """The word-language-model example's train(): manual SGD at ``lr``, clipping at ``clip``."""
 
-    def step(i: int) -> float:  # the example's train(): manual SGD, clipping
-        data, targets = counting_corpus(gen)
-        model.zero_grad()
-        hidden[0] = repackage_hidden(hidden[0])
-        output, hidden[0] = model(data, hidden[0])
-        loss = F.nll_loss(output, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
-        for p in model.parameters():
-            p.data.add_(p.grad, alpha=-5.0)
-        return float(loss.detach())
+    def make() -> tuple[nn.Module, Step]:
+        torch.manual_seed(0)
+        model = RNNModel(rnn, 32, 32, 32, 2, dropout=0.0)
+        gen = torch.Generator().manual_seed(1)
+        hidden = [model.init_hidden(8)]
 
-    return model, step
+        def step(i: int) -> float:
+            data, targets = counting_corpus(gen)
+            model.zero_grad()
+            hidden[0] = repackage_hidden(hidden[0])
+            output, hidden[0] = model(data, hidden[0])
+            loss = F.nll_loss(output, targets)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            for p in model.parameters():
+                p.data.add_(p.grad, alpha=-lr)
+            return float(loss.detach())
+
+        return model, step
+
+    return make
 
 
 def bert_run() -> tuple[nn.Module, Step]:
@@ -162,7 +170,7 @@ HEALTHY = {
     "nanoGPT GPT (pre-LN, GELU, tied, AdamW warm-up + cosine)": (gpt_run, 400),
     "ResNet-18, zero-init residual BN": (resnet_run(True), 150),
     "ResNet-18, plain init": (resnet_run(False), 150),
-    "LSTM word-language-model (manual SGD, clipping)": (lstm_run, 300),
+    "LSTM word-language-model (manual SGD, clipping)": (language_model_run("LSTM", 5.0, 0.25), 300),
     "BERT (post-LN, token types)": (bert_run, 200),
 }
 
@@ -180,45 +188,6 @@ def test_healthy_networks_raise_no_alert_over_whole_runs(
 
 
 # ------------------------------------------------------------------ the same networks, sick
-
-
-def resnet_hot() -> tuple[nn.Module, Step]:
-    """The ResNet at 20x its learning rate."""
-    torch.manual_seed(0)
-    model = resnet18(zero_init_residual=True)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9, weight_decay=5e-4)
-    gen = torch.Generator().manual_seed(1)
-
-    def step(i: int) -> float:
-        x, y = quadrant_task(gen)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    return model, step
-
-
-def rnn_relu_hot() -> tuple[nn.Module, Step]:
-    """The word-language-model's RNN_RELU at 10x its learning rate, no clipping to save it."""
-    torch.manual_seed(0)
-    model = RNNModel("RNN_RELU", 32, 32, 32, 2, dropout=0.0)
-    gen = torch.Generator().manual_seed(1)
-    hidden = [model.init_hidden(8)]
-
-    def step(i: int) -> float:
-        data, targets = counting_corpus(gen)
-        model.zero_grad()
-        hidden[0] = repackage_hidden(hidden[0])
-        output, hidden[0] = model(data, hidden[0])
-        loss = F.nll_loss(output, targets)
-        loss.backward()
-        for p in model.parameters():
-            p.data.add_(p.grad, alpha=-50.0)
-        return float(loss.detach())
-
-    return model, step
 
 
 def gpt_hot() -> tuple[nn.Module, Step]:
@@ -239,32 +208,18 @@ def gpt_hot() -> tuple[nn.Module, Step]:
     return model, step
 
 
-def lstm_zero_clip() -> tuple[nn.Module, Step]:
-    """The LSTM whose clipping zeroes the gradients (max_norm 0): it learns nothing."""
-    model, _ = lstm_run()
-    gen = torch.Generator().manual_seed(1)
-    hidden = [model.init_hidden(8)]
-
-    def step(i: int) -> float:
-        data, targets = counting_corpus(gen)
-        model.zero_grad()
-        hidden[0] = repackage_hidden(hidden[0])
-        output, hidden[0] = model(data, hidden[0])
-        loss = F.nll_loss(output, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.0)
-        for p in model.parameters():
-            p.data.add_(p.grad, alpha=-5.0)
-        return float(loss.detach())
-
-    return model, step
-
-
 SICK = {
-    "ResNet-18 at 20x its learning rate": (resnet_hot, {"exploding", "dead_relu"}),
-    "RNN-ReLU language model at 10x its learning rate": (rnn_relu_hot, {"exploding"}),
+    "ResNet-18 at 20x its learning rate": (resnet_run(True, lr=1.0), {"exploding", "dead_relu"}),
+    # No clipping to save it.
+    "RNN-ReLU language model at 10x its learning rate": (
+        language_model_run("RNN_RELU", 50.0, None),
+        {"exploding"},
+    ),
     "nanoGPT with no warm-up and a high learning rate": (gpt_hot, {"exploding"}),
-    "LSTM whose clipping zeroes the gradients": (lstm_zero_clip, {"vanishing"}),
+    "LSTM whose clipping zeroes the gradients (max_norm 0)": (
+        language_model_run("LSTM", 5.0, 0.0),
+        {"vanishing"},
+    ),
 }
 
 
