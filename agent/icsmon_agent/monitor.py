@@ -306,11 +306,9 @@ class Monitor:
         elif capture.captured and self._early is None and self._sampler is not None and capture.offload:
             self._early = Early(capture.records)
             self._sampler.finish_early(self._early)
-        if self._marks.by_forwards:  # a forward ends a step only once a backward followed it
-            when_backward_ends(output, self._marks.backward_ended, self.fault)
-        if sampled and self._sampler is not None:
-            # The gradients are taken when this forward's backward ends: before the user's
-            # clipping, after every micro-batch of the step (the last before the optimizer wins).
+        # A forward ends a step only once a backward followed it (steps from forwards), and a
+        # sample's gradients are taken when its backward ends: one callback for both.
+        if self._marks.by_forwards or (sampled and self._sampler is not None):
             when_backward_ends(output, self._backward_ended, self.fault)
         self._spent += time.perf_counter() - started
 
@@ -337,6 +335,8 @@ class Monitor:
     # ------------------------------------------------------------------ the backward's end
 
     def _backward_ended(self) -> None:
+        """Before the user's clipping, after every micro-batch (the last before the optimizer wins)."""
+        self._marks.backward_ended()
         if self._closed or self._sampler is None or not self._capture.armed:
             return
         started = time.perf_counter()
