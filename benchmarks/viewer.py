@@ -194,7 +194,7 @@ def bench_tail(n_layers: int, rate: float, seconds: float) -> Result:
 
 
 def bench_app(n_layers: int, rate: float, seconds: float) -> Result:
-    from icsmon.live import Feed, default_engine_factory
+    from icsmon.feed import Feed, default_engine_factory
     from icsmon.tui.app import IcsmonApp
 
     res = Result("app (headless)", n_layers, rate, seconds)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from icsmon.live import Feed, default_engine_factory
+from icsmon.feed import Feed, default_engine_factory
 from icsmon.targets import resolve_local
 from icsmon.tui.app import IcsmonApp
 
@@ -27,7 +27,7 @@ SAMPLES = 120  # enough history for the sparklines and the heatmap to fill in
 
 
 async def shoot() -> None:
-    feed = Feed(lambda: resolve_local(None).endpoint, engine_factory=default_engine_factory())
+    feed = Feed(lambda: resolve_local(None).endpoints, engine_factory=default_engine_factory())
     app = IcsmonApp(feed, title="icsmon demo vanishing")
     async with app.run_test(size=SIZE) as pilot:
         deadline = time.monotonic() + 120

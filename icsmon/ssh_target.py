@@ -27,12 +27,16 @@ class ForwardRefused(TargetError):
 class RemoteTarget:
     """Jobs on ``host``, and a forward to the chosen one. Call :meth:`open` first (in the foreground)."""
 
-    def __init__(self, host: str, *, pid: int | None = None, run: str | None = None) -> None:
+    def __init__(
+        self, host: str, *, pid: int | None = None, run: str | None = None, rank: int | None = None
+    ) -> None:
         self.conn = Connection(host)
         self.host = self.conn.host
         self.pid = pid
         self.run = run
-        self.job: JobInfo | None = None
+        self.rank = rank
+        self.job: JobInfo | None = None  # the chosen job's first rank
+        self.ranks: list[JobInfo] = []  # every rank of it that is followed
         self.directory = ""
         self.note = ""  # which job was taken when several run, for stderr
         self._lock = threading.Lock()
@@ -62,7 +66,7 @@ class RemoteTarget:
         """Pick a job (``pid``/``run``, else the most recent); the note says which when several run."""
         jobs = self.jobs()
         try:
-            resolved = pick_job(jobs, pid=self.pid, run=self.run, where=self.where)
+            resolved = pick_job(jobs, pid=self.pid, run=self.run, rank=self.rank, where=self.where)
         except TargetError as exc:
             if not jobs and self.directory:
                 raise TargetError(
@@ -73,8 +77,8 @@ class RemoteTarget:
             raise
         return resolved
 
-    def connect(self) -> str:
-        """(Re)establish the forward to the chosen job; return the local endpoint to subscribe to.
+    def connect(self) -> list[str]:
+        """(Re)establish the forwards to the chosen job's ranks; return the local endpoints.
 
         Called again by the app whenever the job is lost: the master is re-opened without prompts
         if the link dropped, the jobs are listed again (a restarted job has a new socket), and the
@@ -91,15 +95,20 @@ class RemoteTarget:
                     ) from None
             resolved = self.resolve()
             assert resolved.job is not None
-            self.job, self.note = resolved.job, resolved.note
+            self.job, self.ranks, self.note = resolved.job, resolved.jobs, resolved.note
             self.conn.cancel_forwards()
-            local = self.conn.forward(resolved.job.endpoint)
-            if not probe(local):
-                raise self._why_unanswered(resolved.job)
-            return local
+            endpoints = []
+            for job in resolved.jobs:
+                local = self.conn.forward(job.endpoint)
+                if not probe(local):
+                    raise self._why_unanswered(job)
+                endpoints.append(local)
+            return endpoints
 
-    def connect_job(self, job: JobInfo) -> str:
-        """After the app's picker: that job by run id; if it restarted (new run id), the newest of its name."""
+    def connect_job(self, jobs: list[JobInfo]) -> list[str]:
+        """After the app's picker: that job by run id; if it restarted (new run id), the newest of its
+        name. Over SSH one job at a time: the first one picked."""
+        job = jobs[0]
         self.pid = None
         for key in (job.run, job.name):
             self.run = key

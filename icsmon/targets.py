@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from icsmon_agent import discovery
@@ -16,9 +17,15 @@ class TargetError(Exception):
 
 @dataclass
 class Resolved:
-    endpoint: str
-    job: JobInfo | None = None
+    """What to subscribe to: one endpoint per rank of the chosen job (one, for a plain endpoint)."""
+
+    endpoints: list[str]
+    jobs: list[JobInfo] = field(default_factory=list)
     note: str = ""  # something worth saying on stderr (several jobs, which one was taken)
+
+    @property
+    def job(self) -> JobInfo | None:
+        return self.jobs[0] if self.jobs else None
 
 
 def is_endpoint(text: str) -> bool:
@@ -29,8 +36,25 @@ def describe(job: JobInfo) -> str:
     return f"{job.name} (pid {job.pid}, run {job.run}, rank {job.rank})"
 
 
-def pick_job(jobs: list[JobInfo], *, pid: int | None = None, run: str | None = None, where: str) -> Resolved:
-    """Choose among discovered jobs: by pid, by run or name, else the most recent (saying so)."""
+def group_ranks(jobs: list[JobInfo]) -> list[list[JobInfo]]:
+    """Processes grouped by job (run id), newest job first, each group in rank order."""
+    groups: dict[str, list[JobInfo]] = {}
+    for job in jobs:
+        groups.setdefault(job.run, []).append(job)
+    ordered = sorted(groups.values(), key=lambda g: max(j.started for j in g), reverse=True)
+    return [sorted(g, key=lambda j: j.rank) for g in ordered]
+
+
+def pick_job(
+    jobs: list[JobInfo],
+    *,
+    pid: int | None = None,
+    run: str | None = None,
+    rank: int | None = None,
+    where: str,
+) -> Resolved:
+    """Choose among discovered processes: by pid, by run or name, else the most recent job; every
+    rank of it unless ``rank`` (or a pid) names one."""
     if pid is not None:
         jobs = [j for j in jobs if j.pid == pid]
         if not jobs:
@@ -44,26 +68,56 @@ def pick_job(jobs: list[JobInfo], *, pid: int | None = None, run: str | None = N
             f"no icsmon job is running {where}. Start one with `icsmon_agent.watch(model)` in the training "
             "script, or try `icsmon demo`"
         )
-    job = jobs[0]  # newest first
+    groups = group_ranks(jobs)
+    chosen = groups[0]
+    if rank is not None:
+        chosen = [j for j in chosen if j.rank == rank]
+        if not chosen:
+            ranks = ", ".join(str(j.rank) for j in groups[0])
+            raise TargetError(f"the job {groups[0][0].run} {where} has no rank {rank} (it has {ranks})")
     note = ""
-    if len(jobs) > 1:
-        note = f"{len(jobs)} jobs running {where}; taking the most recent: {describe(job)}. Name one by PID to choose."
-    return Resolved(job.endpoint, job, note)
+    if len(groups) > 1:
+        note = (
+            f"{len(groups)} jobs running {where}; taking the most recent: {describe(chosen[0])}. "
+            "Name one by PID or --run to choose."
+        )
+    return Resolved([j.endpoint for j in chosen], chosen, note)
 
 
 def resolve_local(
-    target: str | None, *, runtime: Path | None = None, run: str | None = None, pid: int | None = None
+    target: str | None,
+    *,
+    runtime: Path | None = None,
+    run: str | None = None,
+    pid: int | None = None,
+    rank: int | None = None,
 ) -> Resolved:
     if target and is_endpoint(target):
         if target.startswith("ipc://"):
             path = target[len("ipc://") :]
             if not os.path.exists(path):
                 raise TargetError(f"no socket at {path}: the job has ended or the endpoint is wrong")
-        return Resolved(target)
+        return Resolved([target])
     jobs = discovery.read_jobs(runtime)
     where = "on this machine"
     if target is None:
-        return pick_job(jobs, pid=pid, run=run, where=where)
+        return pick_job(jobs, pid=pid, run=run, rank=rank, where=where)
     if target.isdigit():
-        return pick_job(jobs, pid=int(target), run=run, where=where)
+        return pick_job(jobs, pid=int(target), run=run, rank=rank, where=where)
     raise TargetError(f"{target!r} is not a PID or an endpoint (ipc://PATH, tcp://HOST:PORT)")
+
+
+def live_endpoints(jobs: list[JobInfo]) -> list[str]:
+    """The endpoints of those of ``jobs`` that still run: a job that ended has no publisher left,
+    and subscribing would wait for it in silence.
+
+    Ended: discovery no longer lists it. Its file goes when the agent closes, or when a reader finds
+    its pid dead; the pid alone would not do, since a child that its parent has not reaped yet (the
+    demo's finished runs) still answers kill -0. Jobs of another host are taken as they are.
+    """
+    here = socket.gethostname()
+    live = {j.endpoint for j in discovery.read_jobs()}
+    endpoints = [j.endpoint for j in jobs if j.host != here or j.endpoint in live]
+    if not endpoints:
+        raise TargetError(f"{describe(jobs[0])} has ended; its figures ended with it. q quits.")
+    return endpoints

@@ -52,6 +52,8 @@ for f in "$d"/*.json; do
   if kill -0 "$pid" 2>/dev/null; then
     printf 'ICSMON-FILE %s\n' "$f"; cat "$f" 2>/dev/null; printf '\nICSMON-END\n'
   else
+    sock=$(sed -n 's|.*"endpoint": *"ipc://\([^"]*\)".*|\1|p' "$f" | head -n 1)
+    case "$sock" in "$d"/*) rm -f "$sock" ;; esac
     rm -f "$f"
   fi
 done
@@ -73,6 +75,7 @@ class JobInfo:
     started: float
     cmd: list[str] = field(default_factory=list)
     version: int = 1
+    local_rank: int = 0
     path: str = ""  # where the file was found (not written into it)
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +100,7 @@ class JobInfo:
                 started=float(data.get("started", 0.0)),
                 cmd=[str(c) for c in cmd] if isinstance(cmd, list) else [str(cmd)],
                 version=int(data.get("version", 1)),
+                local_rank=int(data.get("local_rank", 0)),
                 path=path,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -131,6 +135,16 @@ def write(info: JobInfo, directory: Path | None = None, *, stem: str | None = No
 def remove(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def remove_leftovers(info: JobInfo, path: Path) -> None:
+    """What a job that died without closing left: its discovery file and its socket file (only one
+    that lies beside the discovery file: a path elsewhere is not ours to delete)."""
+    if info.endpoint.startswith("ipc://"):
+        sock = Path(info.endpoint[len("ipc://") :])
+        if sock.parent == path.parent:
+            remove(sock)
+    remove(path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -170,7 +184,7 @@ def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobI
             continue
         if not pid_alive(info.pid):
             if clean:
-                remove(path)
+                remove_leftovers(info, path)
             continue
         jobs.append(info)
     jobs.sort(key=lambda j: j.started, reverse=True)

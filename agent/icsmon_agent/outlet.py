@@ -7,6 +7,7 @@ neither (a failure leaves no file behind), and everything the monitor sends goes
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import secrets
@@ -38,6 +39,41 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+#: Where launchers put an identity that every rank of one launch shares, in order of preference.
+JOB_ID_VARIABLES = ("ICSMON_RUN", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
+
+
+def _distributed_rank() -> tuple[int, int] | None:
+    """(rank, world size) from an initialised ``torch.distributed`` (``mp.spawn`` sets no RANK)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank()), int(dist.get_world_size())
+    except Exception:  # a half-initialised process group must not stop training
+        return None
+    return None
+
+
+def _job_id(name: str, world_size: int) -> str:
+    """The run id: the launcher's job id, so all ranks of one launch share it; else one of our own.
+
+    A multi-rank job launched without an id (``mp.spawn`` with MASTER_ADDR/PORT) gets one from its
+    rendezvous address, which every rank of that launch shares.
+    """
+    for variable in JOB_ID_VARIABLES:
+        value = os.environ.get(variable, "")
+        if value and value != "none":
+            if variable == "SLURM_JOB_ID" and os.environ.get("SLURM_STEP_ID"):
+                value += "." + os.environ["SLURM_STEP_ID"]
+            # Short: the run id names the socket file, whose path has a length limit.
+            return value if variable == "ICSMON_RUN" else f"{name}-{value[:12]}"
+    master = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if world_size > 1 and all(master):
+        digest = hashlib.sha1(":".join(master).encode()).hexdigest()[:6]
+        return f"{name}-{digest}"
+    return f"{name}-{secrets.token_hex(3)}"
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who the job is: its name, run id (shared by the ranks of one launch), rank and world."""
@@ -48,14 +84,16 @@ class Identity:
     world_size: int
     started: float
     pid: int
+    local_rank: int = 0
 
     @classmethod
     def from_environment(cls, name: str | None) -> Identity:
         name = name or _default_name()
-        run = os.environ.get("ICSMON_RUN") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
-        if not run or run == "none":
-            run = f"{name}-{secrets.token_hex(3)}"
-        return cls(name, run, _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), time.time(), os.getpid())
+        rank, world = _env_int("RANK", -1), _env_int("WORLD_SIZE", 0)
+        if rank < 0 or world <= 0:
+            rank, world = _distributed_rank() or (max(rank, 0), max(world, 1))
+        local_rank = _env_int("LOCAL_RANK", rank)
+        return cls(name, _job_id(name, world), rank, world, time.time(), os.getpid(), local_rank)
 
 
 def resolve_endpoint(endpoint: str | None, runtime: Path, key: str) -> str:
@@ -101,6 +139,7 @@ class Outlet:
                 name=who.name,
                 rank=who.rank,
                 world_size=who.world_size,
+                local_rank=who.local_rank,
                 endpoint=self.endpoint,
                 started=who.started,
                 cmd=list(sys.argv),

@@ -18,12 +18,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error, note, positive_int
 from icsmon.demo.scenarios import DEFAULT, SCENARIOS, Scenario
+from icsmon.targets import live_endpoints
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -202,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         finally:
             stop(jobs)
+            discovery.read_jobs()  # a job stopped by SIGTERM leaves its files: reading removes them
             for job in jobs:
                 job.log.close()
 
@@ -210,12 +213,12 @@ def view_in_app(
     app: Callable[..., int], jobs: list[DemoJob], scenario: Scenario, thresholds: Thresholds
 ) -> int:
     infos = [j.job for j in jobs if j.job is not None]
+    # Every run at once, side by side; what they sent stays on screen after they end, until q.
     return app(
-        lambda: infos[0].endpoint,
+        partial(live_endpoints, infos),
         title=f"icsmon demo {scenario.name}",
         thresholds=thresholds,
-        # Several runs: the app's picker offers each.
-        jobs=(lambda: list(infos)) if len(infos) > 1 else None,
+        compare=len(infos) > 1,
     )
 
 

@@ -107,9 +107,9 @@ def tail_remote(host: str, args: argparse.Namespace) -> int:
         return printers[-1]
 
     try:
-        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run) as remote:
+        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run, rank=args.rank) as remote:
             remote.open()
-            endpoint = remote.connect()
+            endpoints = remote.connect()
             if remote.note:
                 note(remote.note)
             assert remote.job is not None
@@ -118,7 +118,7 @@ def tail_remote(host: str, args: argparse.Namespace) -> int:
             try:
                 try:
                     return tail_endpoint(
-                        endpoint,
+                        endpoints,
                         as_json=args.json,
                         count=args.count,
                         timeout=args.timeout,
@@ -155,7 +155,7 @@ def attach_remote(args: argparse.Namespace) -> int:
     from icsmon import tui
 
     try:
-        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run) as remote:
+        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run, rank=args.rank) as remote:
             remote.open()  # prompts, if any, on the terminal, before the app owns it
             listing = remote.jobs()
             if len(listing) <= 1 or args.pid is not None or args.run is not None:
@@ -166,7 +166,7 @@ def attach_remote(args: argparse.Namespace) -> int:
                         remote.connect()
                     except ForwardRefused as exc:
                         return error(str(exc))
-            picker = args.pid is None and args.run is None
+            picker = args.pid is None and args.run is None and args.rank is None
             return tui.run_app(
                 remote.connect,
                 title=f"icsmon · {host}",

@@ -3,45 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
-from icsmon.alerts.engine import AlertEngine
 from icsmon.alerts.model import AlertChange
 from icsmon.commands.common import error, note, positive_int
+from icsmon.feed import Feed, FeedEvents, default_engine_factory
 from icsmon.render import sample_json, sample_line
-from icsmon.store import Store
-from icsmon.subscriber import Subscriber
+from icsmon.store import RunKey, RunState
 from icsmon.targets import TargetError
-from icsmon_agent.discovery import pid_alive
 from icsmon_agent.protocol import Event, Sample, Schema
 
 WAIT_NOTE_S = 5.0
-LOST_CHECK_S = 1.0
-HOST = socket.gethostname()
-
-
-def died(store: Store, ended: set[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Runs on this host whose process is gone without a closing event (killed, crashed)."""
-    gone = []
-    for key, run in store.runs.items():
-        schema = run.schema
-        if key in ended or run.ended or schema is None or not schema.pid or schema.host != HOST:
-            continue
-        if not pid_alive(schema.pid):
-            gone.append(key)
-    return gone
-
-
-def pid_of(store: Store, key: tuple[str, int]) -> int:
-    run = store.runs[key]
-    return run.schema.pid if run.schema is not None else 0
 
 
 def register(sub: Any) -> None:
@@ -49,7 +29,8 @@ def register(sub: Any) -> None:
         "tail",
         help="print a job's figures as they arrive",
         description="Print one line per sample (step, loss, the layers worth a look), or JSON lines with --json.",
-        epilog="TARGET: nothing (the job on this machine; the most recent if several), a PID, an endpoint "
+        epilog="TARGET: nothing (the job on this machine, every rank of it; the most recent if several), a PID, "
+        "an endpoint "
         "(ipc://PATH, tcp://HOST:PORT), or an SSH host (alias or user@host).",
     )
     p.add_argument(
@@ -60,6 +41,9 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds (1 if no sample arrived)")
     p.add_argument("--pid", type=int, help="with an SSH host: the job's pid there")
     p.add_argument("--run", help="the job's run id or name (when several run)")
+    p.add_argument(
+        "--rank", type=int, metavar="N", help="follow rank N only (default: every rank of the job)"
+    )
     add_threshold_flags(p)
     p.set_defaults(func=run)
 
@@ -77,7 +61,7 @@ def use_colour(out: TextIO) -> bool:
 def alert_lines(change: AlertChange, colour: bool = False) -> list[str]:
     """The readable lines of one alert change: the alert with its hint, or its clearing."""
     alert = change.alert
-    where = f" [{alert.run}]" if alert.run else ""
+    where = f" [{alert.run}{f' rank {alert.rank}' if alert.rank else ''}]" if alert.run else ""
     if change.cleared:
         lines = [f"  ok {alert.rule} cleared at {alert.layer}, step {change.step}{where}"]
         key = "cleared"
@@ -105,7 +89,8 @@ class Printer:
         if self.as_json:
             self.out.write(json.dumps(sample_json(sample, schema)) + "\n")
         else:
-            prefix = f"[{schema.name or sample.run}] " if self.label_runs else ""
+            rank = f" r{sample.rank}" if schema.world_size > 1 else ""
+            prefix = f"[{schema.name or sample.run}{rank}] " if self.label_runs else ""
             self.out.write(prefix + sample_line(sample, schema) + "\n")
         self.samples += 1
         self.out.flush()
@@ -120,6 +105,58 @@ class Printer:
         self.out.flush()
 
 
+class TailListener(FeedEvents):
+    """What ``tail`` does with what the feed hears: print it, and stop when it is done."""
+
+    def __init__(self, printer: Printer, feed: Feed, count: int | None, where: str) -> None:
+        self.printer = printer
+        self.feed = feed
+        self.count = count
+        self.where = where
+        self.start = time.monotonic()
+        self.warned = False
+        self.done = False  # count reached
+
+    def sample(self, sample: Sample, run: RunState) -> None:
+        if self.done or run.schema is None:
+            return
+        self.printer.label_runs = self.printer.label_runs or len(self.feed.store.runs) > 1
+        self.printer.sample(sample, run.schema)
+        if self.count is not None and self.printer.samples >= self.count:
+            self.done = True
+            self.feed.stop()
+
+    def alert(self, key: RunKey, change: AlertChange) -> None:
+        if not self.done:
+            self.printer.alert(change)
+
+    def event(self, event: Event, run: RunState) -> None:
+        # On stderr, like every note: --json output stays one sample a line.
+        if event.event == "forward_steps":
+            note(f"the job marks no step (run {event.run}): each training forward counts as one")
+        elif event.event in ("paused", "resumed"):
+            step = event.detail.get("step", "?")
+            note(f"the job {event.event} sampling (run {event.run}, {_rank(run)}step {step})")
+
+    def gone(self, run: RunState, how: str) -> None:
+        step = run.latest_step if run.latest_step is not None else "?"
+        if how == "closed":
+            note(f"the job ended (run {run.run}, {_rank(run)}step {step})")
+        elif how == "died":
+            pid = run.schema.pid if run.schema is not None else "?"
+            note(f"the job's process (pid {pid}) is gone: it died without closing")
+
+    def tick(self) -> None:
+        if not self.warned and self.printer.samples == 0 and time.monotonic() - self.start > WAIT_NOTE_S:
+            note(f"no sample from {self.where} yet; waiting (Ctrl-C to stop)")
+            self.warned = True
+
+
+def _rank(run: RunState) -> str:
+    world = run.schema.world_size if run.schema is not None else 1
+    return f"rank {run.rank}/{world}, " if world > 1 else ""
+
+
 def tail_endpoint(
     endpoint: str | Sequence[str],
     *,
@@ -131,71 +168,40 @@ def tail_endpoint(
     thresholds: Thresholds | None = None,
     check_pids: bool = True,
 ) -> int:
-    """Print what ``endpoint`` (or several, one job each) publishes, with alerts, until done.
+    """Print what ``endpoint`` (or several: the ranks of a job, runs side by side) publishes, with
+    alerts, until done.
 
-    Done: ``count`` samples, ``timeout`` seconds, or every job ended (one closing run per endpoint)
-    or died (its pid, on this host, is gone; ``check_pids=False`` where someone else watches that,
-    as the SSH watchdog does for a remote job).
+    Done: ``count`` samples, ``timeout`` seconds, or every stream heard (at least one an endpoint)
+    ended or died (its pid, on this host, is gone; ``check_pids=False`` where someone else watches
+    that, as the SSH watchdog does for a remote job).
     """
     out = out or sys.stdout
     printer = make_printer(out, as_json) if make_printer else Printer(out, as_json)
     endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
     printer.label_runs = len(endpoints) > 1
-    engine = AlertEngine(thresholds)
-    ended: set[tuple[str, int]] = set()
-    store = Store()
-    start = time.monotonic()
-    until = None if timeout is None else start + timeout
-    warned = False
-    next_check = 0.0
     where = " ".join(endpoints)
-    with Subscriber(endpoints) as sub:
-        for batch in sub.messages(until):
-            for msg in batch:
-                run = store.get(msg.run, msg.rank)
-                before = run.count if run is not None else 0
-                new = store.add(msg)
-                state = store.get(msg.run, msg.rank)
-                assert state is not None
-                if isinstance(msg, Sample) and state.count > before and state.schema is not None:
-                    printer.sample(msg, state.schema)
-                    for change in engine.update(state):
-                        printer.alert(change)
-                    if count is not None and printer.samples >= count:
-                        return 0
-                if isinstance(msg, Event) and msg.event == "forward_steps" and new:
-                    note(f"the job marks no step (run {msg.run}): each training forward counts as one")
-                if isinstance(msg, Event) and msg.event in ("paused", "resumed") and new:
-                    # On stderr, like every note: --json output stays one sample a line.
-                    note(f"the job {msg.event} sampling (run {msg.run}, step {msg.detail.get('step', '?')})")
-                if isinstance(msg, Event) and msg.event == "closing" and state.ended:
-                    ended.add((msg.run, msg.rank))
-                    if len(ended) < len(endpoints):
-                        continue
-                    if printer.samples:
-                        note(f"the job ended (run {msg.run}, step {msg.detail.get('step', '?')})")
-                        return 0
-                    return error("the job ended before any sample arrived")
-            now = time.monotonic()
-            if check_pids and now >= next_check:
-                next_check = now + LOST_CHECK_S
-                for key in died(store, ended):
-                    ended.add(key)
-                    note(f"the job's process (pid {pid_of(store, key)}) is gone: it died without closing")
-                if ended and len(ended) >= len(endpoints):
-                    return 0 if printer.samples else error("the job died before any sample arrived")
-            if (
-                not warned
-                and printer.samples == 0
-                and time.monotonic() - start > WAIT_NOTE_S
-                and until is None
-            ):
-                note(f"no sample from {where} yet; waiting (Ctrl-C to stop)")
-                warned = True
-    if printer.samples:
+    feed = Feed(
+        lambda: endpoints,
+        engine_factory=default_engine_factory(thresholds),
+        lost_after=math.inf,  # a quiet job is not over: tail waits, as the user asked
+        check_pids=check_pids,
+        reconnect=False,
+        rules_per_sample=True,
+    )
+    listener = feed.listener = TailListener(printer, feed, count, where)
+    try:
+        asyncio.run(asyncio.wait_for(feed.run(), timeout))
+    except TimeoutError:
+        if printer.samples:
+            return 0
+        extra = f" ({feed.rejected} malformed frames: {feed.last_reject})" if feed.rejected else ""
+        assert timeout is not None
+        return error(f"no sample from {where} in {timeout:g} s: is the job running?{extra}")
+    if listener.done or printer.samples:
         return 0
-    extra = f" ({sub.rejected} malformed frames: {sub.last_error})" if sub.rejected else ""
-    return error(f"no sample from {where} in {timeout:g} s: is the job running?{extra}")
+    if feed.died:
+        return error("the job died before any sample arrived")
+    return error("the job ended before any sample arrived")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,14 +217,14 @@ def run(args: argparse.Namespace) -> int:
             from icsmon.commands.remote import tail_remote
 
             return tail_remote(target, args)
-        resolved = resolve_local(target, run=args.run, pid=args.pid)
+        resolved = resolve_local(target, run=args.run, pid=args.pid, rank=args.rank)
     except TargetError as exc:
         return error(str(exc))
     if resolved.note:
         note(resolved.note)
     try:
         return tail_endpoint(
-            resolved.endpoint,
+            resolved.endpoints,
             as_json=args.json,
             count=args.count,
             timeout=args.timeout,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import ClassVar, Protocol
 
+from rich.markup import escape
 from textual.app import App, ScreenStackError
 from textual.binding import Binding, BindingType
 from textual.css.query import NoMatches
@@ -24,10 +25,11 @@ from textual.driver import Driver
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from icsmon.live import Feed
-from icsmon.targets import TargetError, resolve_local
-from icsmon.targets import describe as describe_job
+from icsmon.feed import Feed, Sources
+from icsmon.targets import live_endpoints
 from icsmon.tui.commands import LayerCommands
+from icsmon.tui.safe import clean
+from icsmon.tui.screens.compare import CompareScreen
 from icsmon.tui.screens.help import HelpScreen, describe
 from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
@@ -39,22 +41,8 @@ REFRESH_HZ = 10.0  # DESIGN: 4-10 Hz; a 1,000-layer redraw costs ~11 ms, so 10 H
 #: How often the app checks that its terminal is still there (see _watch_terminal).
 TERMINAL_CHECK_S = 1.0
 TOASTS_PER_TICK = 3
-
-
-def _endpoint_while_alive(job: JobInfo) -> str:
-    """The picked job's endpoint, while it runs: a job that ended before (or after) it was picked
-    has no publisher left, and subscribing would wait for it forever in silence.
-
-    Ended: discovery no longer lists it. Its file goes when the agent closes, or when a reader finds
-    its pid dead; the pid alone would not do, since a child that its parent has not reaped yet (the
-    demo's finished runs) still answers kill -0.
-    """
-    if job.host != socket.gethostname():
-        return job.endpoint
-    try:
-        return resolve_local(None, run=job.run).endpoint
-    except TargetError:
-        raise TargetError(f"{describe_job(job)} has ended; its figures ended with it. q quits.") from None
+#: With nothing new, a screen with a live stream is still redrawn this often (ages, rates, staleness).
+CLOCK_REDRAW_S = 1.0
 
 
 class Redrawable(Protocol):
@@ -68,6 +56,10 @@ class IcsmonApp(App[int]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit", tooltip="Quit icsmon (the job keeps running)"),
         Binding("question_mark", "help", "Help", key_display="?", tooltip="Every key and what it does"),
+        Binding("tab", "next_stream(1)", "Next run/rank", tooltip="Show the next run or rank", show=False),
+        Binding("shift+tab", "next_stream(-1)", "Previous run/rank", show=False),
+        Binding("c", "compare", "Compare", tooltip="Runs or ranks side by side"),
+        Binding("o", "pick", "Jobs", tooltip="Pick the jobs to watch", show=False),
     ]
 
     def __init__(
@@ -79,8 +71,9 @@ class IcsmonApp(App[int]):
         theme: str | None = None,
         live: bool = True,
         jobs: Callable[[], list[JobInfo]] | None = None,
-        connect_job: Callable[[JobInfo], str] | None = None,
+        connect_job: Callable[[list[JobInfo]], Sources] | None = None,
         refresh_hz: float = REFRESH_HZ,
+        compare: bool = False,
     ) -> None:
         super().__init__()
         self.feed = feed
@@ -90,7 +83,10 @@ class IcsmonApp(App[int]):
         self.jobs = jobs
         self.connect_job = connect_job
         self.refresh_hz = refresh_hz
+        self.compare_at_start = compare
         self.frames = 0  # redraw ticks done: what the throughput check counts
+        self._drawn_version = -1
+        self._drawn_at = 0.0
         self.toasts = 0
         self._seen_change = 0
         self._feed_worker: Worker[None] | None = None
@@ -121,11 +117,13 @@ class IcsmonApp(App[int]):
         self.set_interval(1 / self.refresh_hz, self._tick)
         if not self.is_headless:
             self._watch_terminal()
+        if self.compare_at_start:
+            self.action_compare()
         if not self.live:
             return
         jobs = self.jobs() if self.jobs is not None else []
-        if len(jobs) > 1:
-            self.push_screen(PickerScreen(jobs), self._picked)
+        if len({j.run for j in jobs}) > 1:
+            self.action_pick()
         else:
             self._start_feed()
 
@@ -151,11 +149,42 @@ class IcsmonApp(App[int]):
     def _terminal_gone(self) -> None:
         self.exit(return_code=HANGUP_EXIT)
 
-    def _picked(self, job: JobInfo | None) -> None:
-        if job is not None:
-            pick = self.connect_job or _endpoint_while_alive
-            self.feed.connect = partial(pick, job)
+    def action_pick(self) -> None:
+        if self.jobs is not None and not isinstance(self.screen, PickerScreen):
+            self.push_screen(PickerScreen(self.jobs), self._picked)
+
+    def _picked(self, jobs: list[JobInfo] | None) -> None:
+        if not jobs:
+            if self._feed_worker is None:
+                self.feed.error = "no job chosen: o opens the list of jobs, q quits"
+                self.feed.version += 1
+            return  # Escape: back to what was on screen
+        pick = self.connect_job or live_endpoints
+        self.feed.connect = partial(pick, jobs)
+        self.feed.selected = None
+        if self._feed_worker is not None:
+            self._feed_worker.cancel()  # follow the new choice from scratch
+            self.feed.store.runs.clear()
+            self.feed.engines.clear()
+            self.feed.rank_checks.clear()
         self._start_feed()
+        if len({j.run for j in jobs}) > 1 and not isinstance(self.screen, CompareScreen):
+            self.action_compare()
+
+    def action_next_stream(self, delta: int) -> None:
+        chosen = self.feed.select(delta)
+        if chosen is not None:
+            world = chosen.schema.world_size if chosen.schema is not None else 1
+            rank = f" rank {chosen.rank}/{world}" if world > 1 else ""
+            name = chosen.schema.name if chosen.schema is not None and chosen.schema.name else chosen.run
+            self.notify(escape(clean(f"showing {name}{rank}")), timeout=1.5)
+            self._tick(force=True)
+
+    def action_compare(self) -> None:
+        if isinstance(self.screen, CompareScreen):
+            self.pop_screen()
+        else:
+            self.push_screen(CompareScreen(self.feed))
 
     def _start_feed(self) -> None:
         # exit_on_error=False: a bug in the feed shows as a notification, never kills the screen.
@@ -168,8 +197,16 @@ class IcsmonApp(App[int]):
 
     # ------------------------------------------------------------------ the clock
 
-    def _tick(self) -> None:
+    def _tick(self, force: bool = False) -> None:
+        """Redraw when something changed, and once a second while a stream is live (its age and
+        rate move); an app on ended jobs with nothing arriving draws nothing at all."""
         self._take_alert_changes()
+        now = time.monotonic()
+        if not force and self.feed.version == self._drawn_version:
+            ticking = any(not run.ended for run in self.feed.store.runs.values())
+            if not ticking or now - self._drawn_at < CLOCK_REDRAW_S:
+                return
+        self._drawn_version, self._drawn_at = self.feed.version, now
         try:
             screen = self.screen
         except ScreenStackError:
@@ -196,7 +233,14 @@ class IcsmonApp(App[int]):
             log.add(change)
         critical = [c.alert for _, _, c in changes if not c.cleared and c.alert.severity == "critical"]
         for alert in critical[:TOASTS_PER_TICK]:
-            self.notify(alert.message, title=f"{alert.rule.replace('_', ' ')}", severity="error", timeout=8)
+            # Toasts are markup: a layer named "[/]" would raise, "[@click=...]" would be an action.
+            self.notify(
+                escape(clean(alert.message)),
+                title=f"{alert.rule.replace('_', ' ')}",
+                severity="error",
+                timeout=8,
+                markup=True,
+            )
             self.toasts += 1
         if len(critical) > TOASTS_PER_TICK:
             more = len(critical) - TOASTS_PER_TICK

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.targets import TargetError
 from icsmon_agent.protocol import (
     STAT_INDEX,
@@ -117,7 +117,7 @@ def messages(
 
 def filled_feed(msgs: list[Message] | None = None, engine: bool = True) -> Feed:
     """A feed that never connects, holding ``msgs`` as a subscriber would have decoded them."""
-    from icsmon.live import default_engine_factory
+    from icsmon.feed import default_engine_factory
 
     feed = Feed(no_job, engine_factory=default_engine_factory() if engine else None)
     for msg in msgs if msgs is not None else messages():

@@ -15,7 +15,7 @@ import pytest
 from screen_text import screen_text
 from textual.pilot import Pilot
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.targets import resolve_local
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.widgets.layer_table import LayerTable
@@ -66,7 +66,7 @@ def start(tmp_path: Path, env: dict[str, str], steps: int) -> subprocess.Popen[b
 
 @pytest.mark.timeout(110)
 async def test_waiting_live_lost_reattach_ended(tmp_path: Path, env: dict[str, str]) -> None:
-    feed = Feed(lambda: resolve_local(None).endpoint, lost_after=30.0)
+    feed = Feed(lambda: resolve_local(None).endpoints, lost_after=30.0)
     app = IcsmonApp(feed)
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -97,7 +97,7 @@ async def test_pause_freezes_the_table_while_data_flows() -> None:
         before = screen_text(app)
         for msg in messages(n_layers=6, n_samples=20)[11:]:  # ten more samples arrive
             app.feed.ingest(msg)
-        app._tick()
+        app._tick(force=True)
         await pilot.pause()
         after = screen_text(app)
         assert "step 90" in before
@@ -112,7 +112,7 @@ async def test_pause_freezes_the_table_while_data_flows() -> None:
 async def test_keys_reach_the_table_when_data_arrives_after_the_waiting_view() -> None:
     from synthetic import no_job
 
-    from icsmon.live import Feed
+    from icsmon.feed import Feed
 
     feed = Feed(no_job)
     app = IcsmonApp(feed, live=False)
@@ -120,7 +120,7 @@ async def test_keys_reach_the_table_when_data_arrives_after_the_waiting_view() -
         await pilot.pause()
         for msg in messages(n_layers=8, n_samples=5):
             feed.ingest(msg)
-        app._tick()
+        app._tick(force=True)
         await pilot.pause()
         table = app.screen.query_one(LayerTable)
         assert table.has_focus

@@ -12,7 +12,7 @@ from textual.command import CommandPalette
 from textual.widgets import OptionList
 
 from helpers import icsmon
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
@@ -47,7 +47,7 @@ async def test_picker_chooses_among_several_jobs() -> None:
             rank=0,
             world_size=1,
             endpoint="ipc:///x/a",
-            started=time.time(),
+            started=time.time() - 60,  # the older: listed second
         ),
         JobInfo(
             pid=102,
@@ -62,8 +62,8 @@ async def test_picker_chooses_among_several_jobs() -> None:
     ]
     chosen: list[str] = []
 
-    def connect_job(job: JobInfo) -> str:
-        chosen.append(job.run)
+    def connect_job(picked: list[JobInfo]) -> str:
+        chosen.extend(job.run for job in picked)
         return no_job()  # nothing listens there: the app waits, which is all this test needs
 
     feed = Feed(no_job)
@@ -76,7 +76,7 @@ async def test_picker_chooses_among_several_jobs() -> None:
         await pilot.press("down", "enter")
         await pilot.pause(0.3)
         assert isinstance(app.screen, MainScreen)
-        assert chosen and chosen[0] == "b-2"
+        assert chosen == ["a-1"]
 
 
 async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence() -> None:
@@ -114,14 +114,14 @@ async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence
         while "has ended" not in screen_text(app) and time.monotonic() < deadline:
             await pilot.pause(0.1)
         text = screen_text(app)
-        assert f"plain (pid {gone.pid}" in text and "has ended" in text, text
-        assert feed.endpoint is None  # it never subscribed to the dead endpoint
+        assert f"(pid {gone.pid}" in text and "has ended" in text, text
+        assert not feed.endpoints  # it never subscribed to the dead endpoint
     gone.wait()
 
 
 async def test_alerts_reach_the_log_the_badges_and_a_toast() -> None:
     pytest.importorskip("icsmon.alerts.engine")
-    feed = Feed(no_job, engine_factory=__import__("icsmon.live", fromlist=["x"]).default_engine_factory())
+    feed = Feed(no_job, engine_factory=__import__("icsmon.feed", fromlist=["x"]).default_engine_factory())
     app = IcsmonApp(feed, live=False, bell=True)
     rang: list[bool] = []
     app.bell = lambda: rang.append(True)  # type: ignore[method-assign]
@@ -129,7 +129,7 @@ async def test_alerts_reach_the_log_the_badges_and_a_toast() -> None:
         await pilot.pause()
         for msg in messages(n_layers=20, n_samples=30, nan_from=15):
             feed.ingest(msg)  # the last sample has NaN/Inf from layer 15: a critical alert fires
-        app._tick()
+        app._tick(force=True)
         await pilot.pause()
         log = app.screen.query_one(AlertLog)
         assert log.lines_written >= 1
@@ -158,11 +158,11 @@ async def test_a_quiet_job_shows_stale_then_a_sample_makes_it_live_again() -> No
         run = feed.current()
         assert run is not None
         run.last_recv = time.monotonic() - 60  # nothing heard for a minute
-        app._tick()
+        app._tick(force=True)
         await pilot.pause()
         assert "● stale" in screen_text(app)
         for msg in messages(n_layers=4, n_samples=6)[-1:]:
             feed.ingest(msg)
-        app._tick()
+        app._tick(force=True)
         await pilot.pause()
         assert "● live" in screen_text(app)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from synthetic import filled_feed, messages, no_job
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.tui.app import IcsmonApp
 
 Snap = Callable[..., bool]

@@ -179,7 +179,11 @@ def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
     pids: list[int] = []
     try:
         tmux.start(command, 120, 35)
-        tmux.wait(lambda t: "pick one" in t, "the demo's job picker")
+        # No picker: both runs at once, side by side.
+        tmux.wait(
+            lambda t: "runs side by side" in t and "plain" in t and "batchnorm" in t and "step" in t,
+            "the demo's two runs side by side",
+        )
         pids = [int(pidfile.read_text()), *(int(j["pid"]) for j in wait_for_jobs(env, 2))]
         assert all(_alive(p) for p in pids)
         assert list(scratch.glob("icsmon-demo-*"))  # the demo's logs of its jobs

@@ -11,7 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.tui.widgets.alerts import alert_line, change_line
 from icsmon.tui.widgets.header import RunHeader, header_text
 

@@ -13,7 +13,7 @@ from textual.containers import Grid, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.render import fmt
 from icsmon.store import RunState
 from icsmon.tui import view

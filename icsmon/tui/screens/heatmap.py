@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Static
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.render import fmt
 from icsmon.tui.screens.laid_out import LaidOutScreen
 from icsmon.tui.state import ViewState

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Input, Static
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.tui import view
 from icsmon.tui.screens.laid_out import LaidOutScreen
 from icsmon.tui.state import ViewState

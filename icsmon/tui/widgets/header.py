@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from icsmon.live import Feed
+from icsmon.feed import Feed
 from icsmon.render import fmt
 from icsmon.store import RunState
 from icsmon.tui import view

@@ -1,0 +1,182 @@
+"""What the side-by-side screen shows, from the feed alone (no widgets: cheap to test).
+
+Two shapes of "several streams":
+
+* the ranks of one data-parallel job: per layer, the spread across ranks (min / median / max of
+  std and of the gradient norm) and the rank farthest from the others;
+* several runs (the demo's plain and BatchNorm nets, ``icsmon attach RUN1 RUN2``): one column
+  group per run, layers matched by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from icsmon.alerts.ranks import spread
+from icsmon.feed import Feed
+from icsmon.store import RunState
+from icsmon.tui import view
+from icsmon.tui.safe import clean
+from icsmon_agent.protocol import STAT_INDEX
+
+#: The farthest rank is named when its std is this many times away from the median (log scale 0.3).
+OUTLIER_RATIO = 2.0
+
+Cell = tuple[str, str]  # text, style ("" for none)
+SPARK = 10
+
+
+@dataclass
+class Column:
+    label: str
+    width: int
+    numeric: bool = True
+
+
+@dataclass
+class Table:
+    groups: list[tuple[str, int]]  # (title, columns it spans) over the column labels
+    columns: list[Column]
+    rows: list[list[Cell]]
+    mode: str  # "ranks" | "runs" | "one"
+
+
+def streams_by_run(feed: Feed) -> dict[str, list[RunState]]:
+    out: dict[str, list[RunState]] = {}
+    for stream in feed.streams():
+        if stream.count:
+            out.setdefault(stream.run, []).append(stream)
+    return out
+
+
+def title(stream: RunState, feed: Feed) -> str:
+    name = clean(stream.schema.name if stream.schema is not None and stream.schema.name else stream.run)
+    step = stream.latest_step
+    loss = stream.latest_loss
+    parts = [name, f"step {step if step is not None else '-'}"]
+    if loss is not None:
+        parts.append(f"loss {view.num(loss)}")
+    parts.append(feed.state(stream))
+    return "  ".join(parts)
+
+
+def build(feed: Feed) -> Table:
+    runs = streams_by_run(feed)
+    if len(runs) == 1:
+        ranks = next(iter(runs.values()))
+        if len(ranks) > 1:
+            return rank_table(feed, ranks)
+    return run_table(feed, [streams[0] for streams in runs.values()])
+
+
+def _name_cells(stream: RunState) -> list[Cell]:
+    assert stream.schema is not None
+    return [(clean(f"{layer.name} {layer.type}"), "") for layer in stream.schema.layers]
+
+
+def rank_table(feed: Feed, ranks: list[RunState]) -> Table:
+    """The spread across the ranks of one job, per layer, and the outlier rank."""
+    first = ranks[0]
+    same = [
+        r
+        for r in ranks
+        if r.schema is not None and first.schema is not None and r.schema.schema_id == first.schema.schema_id
+    ]
+    std_lo, std_mid, std_hi, outlier = spread(same, "std")
+    grad_lo, grad_mid, grad_hi, _ = spread(same, "grad_norm")
+    badges = view.badges(first, feed.active_alerts(first))
+    rows: list[list[Cell]] = []
+    names = _name_cells(first)
+    for i in range(len(names)):
+        with np.errstate(all="ignore"):
+            far = std_hi[i] / std_mid[i] >= OUTLIER_RATIO or std_mid[i] / std_lo[i] >= OUTLIER_RATIO
+        nan_somewhere = any(
+            (r.latest() is not None and float(np.nan_to_num(r.latest()[i, STAT_INDEX["nonfinite"]])) > 0)  # type: ignore[index]
+            for r in same
+        )
+        odd = far or nan_somewhere
+        rows.append(
+            [
+                names[i],
+                (view.num(std_lo[i]), ""),
+                (view.num(std_mid[i]), ""),
+                (view.num(std_hi[i]), ""),
+                (view.num(grad_lo[i]), ""),
+                (view.num(grad_mid[i]), ""),
+                (view.num(grad_hi[i]), ""),
+                (f"r{outlier[i]}" if odd else "-", "bold red" if odd else "dim"),
+                (badges[i].text, _badge_style(badges[i].level)),
+            ]
+        )
+    columns = [Column("layer", 28, numeric=False)] + [
+        Column(label, 9) for label in ("min", "median", "max", "min", "median", "max")
+    ]
+    columns += [Column("outlier", 7), Column("status", 11, numeric=False)]
+    world = first.schema.world_size if first.schema is not None else len(ranks)
+    head = f"{clean(first.schema.name if first.schema else first.run)}: {len(same)} of {world} ranks"
+    groups = [(head, 1), ("std across ranks", 3), ("grad norm across ranks", 3), ("", 2)]
+    return Table(groups, columns, rows, "ranks")
+
+
+def row_keys(stream: RunState, by_name: bool) -> list[tuple[str, ...]]:
+    """How a layer is matched across runs: by name when the runs share one layer table, else as the
+    k-th layer of its type (the third Linear of a plain net against the third of a BatchNorm net)."""
+    assert stream.schema is not None
+    if by_name:
+        return [(layer.name,) for layer in stream.schema.layers]
+    seen: dict[str, int] = {}
+    keys: list[tuple[str, ...]] = []
+    for layer in stream.schema.layers:
+        seen[layer.type] = seen.get(layer.type, 0) + 1
+        keys.append((layer.type, str(seen[layer.type])))
+    return keys
+
+
+def run_table(feed: Feed, streams: list[RunState]) -> Table:
+    """One column group per run; rows in depth order, layers matched by :func:`row_keys`."""
+    by_name = len({s.schema.schema_id for s in streams if s.schema is not None}) <= 1
+    depth: dict[tuple[str, ...], float] = {}
+    labels: dict[tuple[str, ...], str] = {}
+    index: list[dict[tuple[str, ...], int]] = []
+    for stream in streams:
+        assert stream.schema is not None
+        keys = row_keys(stream, by_name)
+        index.append({key: i for i, key in enumerate(keys)})
+        n = max(len(keys), 1)
+        for i, (key, layer) in enumerate(zip(keys, stream.schema.layers, strict=True)):
+            depth[key] = min(depth.get(key, 1.0), i / n)
+            labels.setdefault(key, clean(f"{layer.name} {layer.type}"))
+    order = sorted(depth, key=lambda k: depth[k])
+    rows: list[list[Cell]] = [[(labels[key], "")] for key in order]
+    columns = [Column("layer", 24, numeric=False)]
+    groups: list[tuple[str, int]] = [("" if by_name else "by type, depth", 1)]
+    for stream, where in zip(streams, index, strict=True):
+        latest = stream.latest()
+        badges = view.badges(stream, feed.active_alerts(stream))
+        spark = view.sparklines(stream.series("std", n=SPARK), SPARK)
+        for row, key in zip(rows, order, strict=True):
+            at = where.get(key)
+            if at is None or latest is None:
+                row += [("", ""), ("", ""), ("", ""), ("", "")]
+                continue
+            row += [
+                (spark[at], "cyan"),
+                (view.num(latest[at, STAT_INDEX["std"]]), ""),
+                (view.num(latest[at, STAT_INDEX["grad_norm"]]), ""),
+                (badges[at].text, _badge_style(badges[at].level)),
+            ]
+        columns += [Column("std trend", SPARK, numeric=False), Column("std", 9), Column("grad", 9)]
+        columns += [Column("status", 11, numeric=False)]
+        groups.append((title(stream, feed), 4))
+    return Table(groups, columns, rows, "runs" if len(streams) > 1 else "one")
+
+
+def _badge_style(level: str) -> str:
+    return {
+        "ok": "green",
+        "warning": "bold yellow",
+        "critical": "bold red",
+        "nonfinite": "bold white on red",
+    }.get(level, "dim")
