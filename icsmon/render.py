@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import math
+import re
+import time
 from typing import Any
 
 import numpy as np
 
 from icsmon_agent.protocol import STATS, Sample, Schema
+
+#: C0 and C1 control characters and DEL; tab and newline too, since a name is one line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(name: str) -> str:
+    """``name`` with every control character shown as a visible escape (``\\x1b``), nothing obeyed:
+    ``nn.Module.add_module`` accepts any string, and a terminal would obey an escape sequence."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", name)
+
+
+def age(started: float, now: float | None = None) -> str:
+    """How long ago ``started`` (a wall-clock time) was: 42s, 17m, 3h05m."""
+    secs = max(0, int((time.time() if now is None else now) - started))
+    if secs < 120:
+        return f"{secs}s"
+    if secs < 7200:
+        return f"{secs // 60}m"
+    return f"{secs // 3600}h{(secs % 3600) // 60:02d}m"
 
 
 def finite(value: float | None) -> float | None:

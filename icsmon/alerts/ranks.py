@@ -41,13 +41,36 @@ class Divergence:
     figure: str
     value: float
     detail: str
+    step: int  # the step whose samples were compared
+
+
+def aligned(ranks: list[RunState]) -> tuple[np.ndarray, int] | None:
+    """Every rank's sample of one step, (ranks, layers, stats), and that step: the newest step that
+    every rank has sent. Ranks run at their own pace, and a NaN batch on one rank reaches the others
+    within a step (DDP averages the gradients), so only samples of the same step can be compared."""
+    common = min((r.latest_step for r in ranks if r.latest_step is not None), default=None)
+    if common is None or any(r.count == 0 for r in ranks):
+        return None
+    rows = []
+    for run in ranks:
+        held = run.step_series()
+        at = np.flatnonzero(held <= common)
+        if at.size == 0:
+            return None
+        order = np.arange(run.count - run.size, run.count) % run.capacity
+        rows.append(run.figures[order[at[-1]]])
+    return np.stack(rows).astype(np.float64), int(common)
 
 
 def spread(ranks: list[RunState], stat: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per layer, across the ranks' newest samples: (min, median, max, rank farthest from the median
     in log scale). NaN where no rank has a finite value. The ranks must share one layer table."""
     col = STAT_INDEX[stat]
-    values = np.stack([_latest(r)[:, col] for r in ranks]).astype(np.float64)  # (ranks, layers)
+    both = aligned(ranks)
+    if both is None:
+        values = np.stack([_latest(r)[:, col] for r in ranks]).astype(np.float64)
+    else:
+        values = both[0][:, :, col]  # (ranks, layers)
     finite = np.where(np.isfinite(values), values, np.nan)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
@@ -70,7 +93,10 @@ def find(ranks: list[RunState]) -> Divergence | None:
         return None
     if len({r.schema.schema_id for r in ranks if r.schema is not None}) != 1:
         return None  # different layer tables: different models, nothing to compare
-    latest = np.stack([_latest(r) for r in ranks]).astype(np.float64)  # (ranks, layers, stats)
+    both = aligned(ranks)
+    if both is None:
+        return None
+    latest, step = both  # (ranks, layers, stats)
     nonfinite = (np.nan_to_num(latest[:, :, STAT_INDEX["nonfinite"]]) > 0) | np.isinf(
         latest[:, :, STAT_INDEX["std"]]
     )
@@ -79,7 +105,9 @@ def find(ranks: list[RunState]) -> Divergence | None:
         layer = int(np.argmax(bad))
         which = [ranks[i].rank for i in np.flatnonzero(nonfinite[:, layer])]
         names = ", ".join(str(r) for r in which)
-        return Divergence(which[0], layer, True, "nonfinite", float(len(which)), f"on rank {names} only")
+        return Divergence(
+            which[0], layer, True, "nonfinite", float(len(which)), f"on rank {names} only", step
+        )
     std = latest[:, :, STAT_INDEX["std"]]
     usable = np.isfinite(std).all(axis=0) & (std > STD_FLOOR).all(axis=0)
     if not usable.any():
@@ -101,7 +129,9 @@ def find(ranks: list[RunState]) -> Divergence | None:
     row = int(outlier_row[layer])
     others = np.delete(std[:, layer], row)
     ratio = float(std[row, layer] / np.median(others))
-    return Divergence(ranks[row].rank, layer, False, "std", ratio, f"{fmt(ratio)}x the other ranks' std")
+    return Divergence(
+        ranks[row].rank, layer, False, "std", ratio, f"{fmt(ratio)}x the other ranks' std", step
+    )
 
 
 class RankCheck:
@@ -112,14 +142,18 @@ class RankCheck:
         self.history: list[AlertChange] = []
         self._holding = 0
         self._gone = 0
+        self._last_step: int | None = None
 
     @property
     def active(self) -> list[Alert]:
         return [self.active_alert] if self.active_alert is not None else []
 
     def update(self, ranks: list[RunState]) -> list[AlertChange]:
+        both = aligned(ranks) if len(ranks) > 1 else None
+        if both is None or both[1] == self._last_step:
+            return []  # each step is judged once, when every rank has sent it
+        step = self._last_step = both[1]
         found = find(ranks)
-        step = max((r.latest_step or 0) for r in ranks) if ranks else 0
         changes: list[AlertChange] = []
         if found is None:
             self._holding = 0
@@ -136,7 +170,7 @@ class RankCheck:
         active = self.active_alert
         escalates = active is not None and active.severity == "warning" and found.critical
         if (active is None and due) or escalates:
-            self.active_alert = self._alert(found, ranks, step)
+            self.active_alert = self._alert(found, ranks, found.step)
             changes.append(AlertChange(self.active_alert))
         self.history.extend(changes)
         return changes

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
+from icsmon.render import age, clean
+from icsmon.targets import group_ranks
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -22,26 +23,34 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _age(started: float) -> str:
-    secs = max(0, int(time.time() - started))
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 7200:
-        return f"{secs // 60}m"
-    return f"{secs // 3600}h{(secs % 3600) // 60:02d}m"
+def job_json(ranks: list[JobInfo]) -> dict[str, Any]:
+    """One job: its first rank's record, with every rank's pid and endpoint under ``ranks``."""
+    out = ranks[0].to_json()
+    out["ranks"] = [
+        {"rank": j.rank, "local_rank": j.local_rank, "pid": j.pid, "host": j.host, "endpoint": j.endpoint}
+        for j in ranks
+    ]
+    return out
 
 
 def print_jobs(jobs: list[JobInfo], as_json: bool, where: str) -> None:
+    """One line (one JSON object) per job, its ranks together, newest first."""
+    groups = group_ranks(jobs)
     if as_json:
-        print(json.dumps([j.to_json() for j in jobs], indent=1))
+        print(json.dumps([job_json(g) for g in groups], indent=1))
         return
-    if not jobs:
+    if not groups:
         print(f"no icsmon job running {where}")
         return
-    rows = [("PID", "NAME", "RANK", "AGE", "RUN", "ENDPOINT")]
-    rows += [
-        (str(j.pid), j.name, f"{j.rank}/{j.world_size}", _age(j.started), j.run, j.endpoint) for j in jobs
-    ]
+    rows = [("PID", "NAME", "RANKS", "AGE", "RUN", "ENDPOINT")]
+    for g in groups:
+        first = g[0]
+        pids = ",".join(str(j.pid) for j in g[:4]) + (f",+{len(g) - 4}" if len(g) > 4 else "")
+        ranks = f"{len(g)}/{first.world_size}" if first.world_size > 1 else "1"
+        more = f"  (+{len(g) - 1} more)" if len(g) > 1 else ""
+        rows.append(
+            (pids, clean(first.name), ranks, age(first.started), clean(first.run), first.endpoint + more)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])

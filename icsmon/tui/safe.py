@@ -6,19 +6,14 @@
 
 from __future__ import annotations
 
-import re
-
 from rich.text import Text
 
-#: C0 and C1 control characters and DEL; tab and newline too, since a name is one line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def clean(name: str) -> str:
-    """``name`` with every control character shown as a visible escape (``\\x1b``), nothing obeyed."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", name)
+from icsmon.render import clean
 
 
 def literal(text: str, style: str = "") -> Text:
     """A Rich Text of ``text`` taken literally (no markup), control characters made visible."""
     return Text(clean(text), style=style)
+
+
+__all__ = ["clean", "literal"]

@@ -6,7 +6,6 @@ list marked as ended (it cannot be picked: there is nothing left to subscribe to
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -19,20 +18,12 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, OptionList, Static
 from textual.widgets.option_list import Option
 
+from icsmon.render import age
 from icsmon.targets import group_ranks
 from icsmon.tui.safe import literal
 from icsmon_agent.discovery import JobInfo
 
 REFRESH_S = 1.0
-
-
-def age(started: float) -> str:
-    secs = max(0, int(time.time() - started))
-    if secs < 120:
-        return f"{secs}s"
-    if secs < 7200:
-        return f"{secs // 60}m"
-    return f"{secs // 3600}h{(secs % 3600) // 60:02d}m"
 
 
 def job_label(ranks: list[JobInfo], *, marked: bool = False, ended: bool = False) -> Text:

@@ -1,0 +1,165 @@
+"""Every rank of a data-parallel job: one job in `list`, one `tail` for all ranks, and the
+``rank_divergence`` rule, on a real 2-rank DDP job (torchrun, gloo on CPU) and on stored samples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from helpers import icsmon
+from icsmon.alerts.ranks import RankCheck, find
+from icsmon.feed import Feed
+from icsmon.store import Store
+from icsmon_agent.protocol import STAT_INDEX, STATS, LayerInfo, Sample, Schema, schema_id_for
+
+JOB = Path(__file__).with_name("ddp_job.py")
+NAN_FROM, NAN_STEPS = 250, 20
+
+
+def torchrun(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB)]
+    return subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_ranks(env: dict[str, str], n: int, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    jobs: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        proc = icsmon("list", "--json", env=env)
+        if proc.returncode == 0:
+            jobs = json.loads(proc.stdout)
+            if jobs and len(jobs[0]["ranks"]) >= n:
+                return jobs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job with {n} ranks within {timeout} s; saw {jobs}")
+
+
+@pytest.mark.timeout(180)
+def test_a_ddp_job_is_one_job_and_one_tail_follows_every_rank(env: dict[str, str]) -> None:
+    job = torchrun(
+        env, "--steps", "500", "--delay", "0.03", "--nan-rank", "1", "--nan-from", str(NAN_FROM),
+        "--nan-steps", str(NAN_STEPS),
+    )  # fmt: skip
+    try:
+        listed = wait_for_ranks(env, 2)
+        # One job: the ranks share the launcher's run id.
+        assert listed["world_size"] == 2 and sorted(r["rank"] for r in listed["ranks"]) == [0, 1]
+        table = icsmon("list", env=env, check=True).stdout.splitlines()
+        assert len(table) == 2 and "2/2" in table[1] and "ddp-job" in table[1], table
+
+        one = icsmon("tail", "--rank", "1", "--count", "3", "--json", env=env, check=True)
+        samples = [json.loads(line) for line in one.stdout.splitlines()]
+        assert len(samples) == 3 and {s["rank"] for s in samples} == {1}
+
+        every = icsmon("tail", "--json", env=env, timeout=120, check=True)  # no target: every rank
+        lines = [json.loads(line) for line in every.stdout.splitlines()]
+    finally:
+        _, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err[-3000:]
+    ranks = {line["rank"] for line in lines if line["type"] == "sample"}
+    assert ranks == {0, 1}
+    divergence = [line for line in lines if line["type"] == "alert" and line["rule"] == "rank_divergence"]
+    assert divergence, [line for line in lines if line["type"] == "alert"]
+    first = divergence[0]
+    assert first["rank"] == 1 and first["severity"] == "critical" and "rank 1 only" in first["message"]
+    assert NAN_FROM <= first["step"] < NAN_FROM + NAN_STEPS
+    assert "ended" in every.stderr  # each rank's goodbye, and then tail stops by itself
+
+
+# ---------------------------------------------------------------------- on stored samples
+
+LAYERS = tuple(LayerInfo(f"{i}", "Linear", (8, 8), "linear") for i in range(4))
+
+
+def schema(rank: int) -> Schema:
+    return Schema(
+        run="job-1", rank=rank, seq=1, t=0.0, layers=LAYERS, name="job", host="h", pid=0,
+        world_size=3, every=1, started=1.0, schema_id=schema_id_for(LAYERS),
+    )  # fmt: skip
+
+
+def sample(rank: int, step: int, std: float = 1.0, nan_layer: int | None = None) -> Sample:
+    figures = np.zeros((len(LAYERS), len(STATS)), dtype=np.float32)
+    figures[:, STAT_INDEX["std"]] = std
+    figures[:, STAT_INDEX["grad_norm"]] = 0.1
+    if nan_layer is not None:
+        figures[nan_layer:, STAT_INDEX["std"]] = np.nan
+        figures[nan_layer:, STAT_INDEX["nonfinite"]] = 64
+    return Sample(
+        run="job-1", rank=rank, seq=step + 2, t=float(step), step=step, schema_id=schema_id_for(LAYERS),
+        figures=figures, loss=1.0,
+    )  # fmt: skip
+
+
+def test_rank_check_names_the_one_rank_with_nan_and_the_one_an_order_of_magnitude_off() -> None:
+    store = Store()
+    for rank in range(3):
+        store.add(schema(rank))
+    check = RankCheck()
+    ranks = lambda: [store.get("job-1", r) for r in range(3)]  # noqa: E731
+    for step in range(3):
+        for rank in range(3):
+            store.add(sample(rank, step))
+        assert check.update(ranks()) == []  # type: ignore[arg-type]
+    # Rank 2 is a step ahead with NaN; ranks 0 and 1 have not sent that step: nothing to compare yet.
+    store.add(sample(2, 3, nan_layer=2))
+    assert check.update(ranks()) == []  # type: ignore[arg-type]
+    store.add(sample(0, 3))
+    store.add(sample(1, 3))
+    (fired,) = check.update(ranks())  # type: ignore[arg-type]
+    assert fired.alert.rule == "rank_divergence" and fired.alert.rank == 2
+    assert fired.alert.layer == "2" and fired.alert.severity == "critical" and fired.alert.step == 3
+    assert "rank 2 only" in fired.alert.message
+    # The same step again (nothing new from the ranks): not judged twice.
+    assert check.update(ranks()) == []  # type: ignore[arg-type]
+    # Recovered for long enough: it clears.
+    cleared = []
+    for step in range(4, 8):
+        for rank in range(3):
+            store.add(sample(rank, step))
+        cleared += check.update(ranks())  # type: ignore[arg-type]
+    assert [c.cleared for c in cleared] == [True]
+    # A 30x larger std on rank 1 (a shard on another scale) is a warning once confirmed.
+    fired_std = []
+    for step in range(8, 11):
+        for rank in range(3):
+            store.add(sample(rank, step, std=30.0 if rank == 1 else 1.0))
+        fired_std += check.update(ranks())  # type: ignore[arg-type]
+    (warning,) = fired_std
+    assert warning.alert.rank == 1 and warning.alert.severity == "warning" and warning.alert.figure == "std"
+    # Healthy ranks a little apart are not divergent.
+    for rank, std in enumerate((1.0, 1.5, 0.7)):
+        store.add(sample(rank, 20, std=std))
+    assert find(ranks()) is None  # type: ignore[arg-type]
+
+
+def test_the_feed_runs_the_rank_rule_and_keeps_the_ranks_apart() -> None:
+    feed = Feed(lambda: [], engine_factory=lambda: _NoRules())
+    for rank in range(3):
+        feed.ingest(schema(rank))
+    for step in range(3):
+        for rank in range(3):
+            feed.ingest(sample(rank, step, nan_layer=1 if (rank == 0 and step == 2) else None))
+    assert [r.rank for r in feed.ranks_of("job-1")] == [0, 1, 2]
+    alerts = [change.alert for _, _, change in feed.changes]
+    assert [(a.rule, a.rank) for a in alerts] == [("rank_divergence", 0)]
+    # Every rank's view lists the job's divergence alert.
+    assert all(feed.active_alerts(r) for r in feed.ranks_of("job-1"))
+    assert feed.select(1) is not None and feed.current() is not None
+
+
+class _NoRules:
+    """Per-rank rules that never fire, so the test sees the cross-rank rule alone."""
+
+    def __init__(self) -> None:
+        self.active: list[Any] = []
+
+    def update(self, run: Any) -> list[Any]:
+        return []
