@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from icsmon import __version__
 
 # Module names under icsmon.commands, in the order --help lists them.
-COMMANDS = ("list_cmd", "tail", "rules", "demo", "attach")
+COMMANDS = ("list_cmd", "tail", "rules", "demo", "attach", "relay")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,23 @@ def is_endpoint(text: str) -> bool:
     return text.startswith(("ipc://", "tcp://", "inproc://"))
 
 
+def as_endpoint(target: str) -> str:
+    """A socket path typed without its scheme (``/run/x.sock``, ``./x.sock``) as the ipc:// endpoint
+    it names; anything else as it is."""
+    if target.startswith(("/", "./", "../", "~")):
+        return "ipc://" + os.path.abspath(os.path.expanduser(target))
+    return target
+
+
+def is_local_run(target: str, runtime: Path | None = None) -> bool:
+    return any(target in (job.run, job.name) for job in discovery.read_jobs(runtime))
+
+
+def is_ssh_host(target: str) -> bool:
+    """Neither a PID, an endpoint nor the run id or name of a job on this machine: an SSH host."""
+    return bool(target) and not target.isdigit() and not is_endpoint(target) and not is_local_run(target)
+
+
 def describe(job: JobInfo) -> str:
     return f"{job.name} (pid {job.pid}, run {job.run}, rank {job.rank})"
 
@@ -121,3 +138,30 @@ def live_endpoints(jobs: list[JobInfo]) -> list[str]:
     if not endpoints:
         raise TargetError(f"{describe(jobs[0])} has ended; its figures ended with it. q quits.")
     return endpoints
+
+
+def resolve_targets(
+    targets: list[str],
+    *,
+    pid: int | None = None,
+    run: str | None = None,
+    rank: int | None = None,
+    runtime: Path | None = None,
+) -> Resolved:
+    """Several local targets at once (PIDs, run ids or names, endpoints; none: the newest job),
+    every rank of each unless ``rank`` names one; their endpoints, without repeats."""
+    if pid is not None and not targets:
+        targets = [str(pid)]
+    endpoints: list[str] = []
+    jobs: list[JobInfo] = []
+    notes: list[str] = []
+    wanted: list[str | None] = list(targets) or [None]
+    for target in wanted:
+        if target is not None and not target.isdigit() and not is_endpoint(target):
+            one = resolve_local(None, run=target, rank=rank, runtime=runtime)
+        else:
+            one = resolve_local(target, run=run, rank=rank, runtime=runtime)
+        endpoints += [e for e in one.endpoints if e not in endpoints]
+        jobs += one.jobs
+        notes += [one.note] if one.note else []
+    return Resolved(endpoints, jobs, " ".join(notes))

@@ -445,3 +445,34 @@ def test_connect_again_after_the_master_died_reopens_without_prompting(
         assert second != first and one_sample(second)
         assert remote.job is not None and remote.job.pid == job[0].pid
     viewer.assert_nothing_left()
+
+
+def test_one_tail_follows_a_job_across_two_nodes(
+    lab: Lab, job: tuple[subprocess.Popen[str], Path], tmp_path: Path
+) -> None:
+    """``node1,node2``: each host's job forwarded, one stream each, in one tail (and one listing)."""
+    _, runtime = job
+    other_runtime = tmp_path / "node2_rt"
+    other_runtime.mkdir()
+    node2 = host_entry(
+        "node2",
+        lab.open_box.port,
+        lab.user_key,
+        lab.known_hosts,
+        SetEnv=f"ICSMON_RUNTIME_DIR={other_runtime}",
+    )
+    viewer = make_viewer(lab, tmp_path / "v", runtime, node2)
+    other = start_job(tmp_path, other_runtime, "other")
+    try:
+        listing = viewer.run("list", "gpu-box,node2", "--json")
+        assert listing.returncode == 0, listing.stderr
+        assert {j["name"] for j in json.loads(listing.stdout)} == {"trainer", "other"}
+        # Not --count: one job's re-sent history alone could fill it. Both send within seconds.
+        tail = viewer.run("tail", "gpu-box,node2", "--json", "--timeout", "8")
+        assert tail.returncode == 0, tail.stderr
+        names = {line["run"].split("-")[0] for line in json_lines(tail.stdout) if line["type"] == "sample"}
+        assert names == {"trainer", "other"}
+    finally:
+        other.kill()
+        other.wait()
+    viewer.assert_nothing_left()

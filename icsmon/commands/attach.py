@@ -9,7 +9,7 @@ from typing import Any
 
 from icsmon.alerts.config import ConfigError, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error
-from icsmon.targets import TargetError, is_endpoint, resolve_local
+from icsmon.targets import TargetError, as_endpoint, is_endpoint, is_ssh_host, resolve_local, resolve_targets
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -42,39 +42,11 @@ def _thresholds(args: argparse.Namespace) -> Any:
     return thresholds_from_args(args)
 
 
-def is_local_run(target: str) -> bool:
-    return any(target in (job.run, job.name) for job in discovery.read_jobs())
-
-
-def is_ssh_host(target: str | None) -> bool:
-    return (
-        target is not None
-        and target != ""
-        and not target.isdigit()
-        and not is_endpoint(target)
-        and not is_local_run(target)
-    )
-
-
 def local_connect(
     targets: list[str], pid: int | None, run_id: str | None, rank: int | None = None
 ) -> Callable[[], list[str]]:
     """What the app calls to (re)find the jobs: re-resolved each time, so a restarted job is found."""
-    if pid is not None and not targets:
-        targets = [str(pid)]
-
-    def one(target: str | None) -> list[str]:
-        if target is not None and not target.isdigit() and not is_endpoint(target):
-            return resolve_local(None, run=target, rank=rank).endpoints
-        return resolve_local(target, run=run_id, rank=rank).endpoints
-
-    def connect() -> list[str]:
-        endpoints: list[str] = []
-        for target in targets or (None,):
-            endpoints += [e for e in one(target) if e not in endpoints]
-        return endpoints
-
-    return connect
+    return lambda: resolve_targets(targets, pid=pid, run=run_id, rank=rank).endpoints
 
 
 def connect_jobs(jobs: list[JobInfo]) -> list[str]:
@@ -102,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds = _thresholds(args)
     except ConfigError as exc:
         return error(str(exc))
-    targets: list[str] = args.target
+    targets: list[str] = [as_endpoint(t) for t in args.target]
     remote = [t for t in targets if is_ssh_host(t)]
     if remote:
         if len(targets) > 1:

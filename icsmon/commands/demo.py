@@ -88,7 +88,9 @@ def describe(as_json: bool) -> int:
         print(f"\n  {s.name}{mark}\n    {s.summary}\n    expect: {s.expect}")
     print(
         f"\nThe default, {DEFAULT}, shows the most in the least time: the plain run's alerts fire "
-        "before its loss turns NaN, while the BatchNorm run survives the same learning rate."
+        "before its loss turns NaN, while the BatchNorm run survives the same learning rate.\n"
+        "In the app a scenario's runs open side by side (c: one run's layer table, n: the next run) "
+        "and stay on screen after they end, until you quit (q)."
     )
     return 0
 

@@ -23,7 +23,6 @@ from icsmon.commands.list_cmd import print_jobs
 from icsmon.commands.tail import Printer, tail_endpoint
 from icsmon.ssh_target import ForwardRefused, RemoteTarget
 from icsmon.targets import TargetError, describe
-from icsmon_agent.discovery import JobInfo
 
 WATCH_EVERY_S = 2.0  # how often `tail` checks the link and the remote job
 
@@ -46,16 +45,19 @@ def exits_cleanly() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def list_remote(host: str, as_json: bool) -> int:
+def list_remote(target: str, as_json: bool) -> int:
+    """The jobs on one host, or on each of ``node1,node2`` (a job across nodes is one line)."""
+    jobs = []
     try:
-        with exits_cleanly(), RemoteTarget(host) as remote:
-            remote.open()
-            jobs = remote.jobs()
+        for host in hosts_of(target):
+            with exits_cleanly(), RemoteTarget(host) as remote:
+                remote.open()
+                jobs += remote.jobs()
     except TargetError as exc:
         return error(str(exc))
     except KeyboardInterrupt:
         return 130
-    print_jobs(jobs, as_json, f"on {host}")
+    print_jobs(jobs, as_json, f"on {target}")
     return 0
 
 
@@ -66,9 +68,8 @@ class Watchdog:
     killed job never says goodbye.
     """
 
-    def __init__(self, remote: RemoteTarget, job: JobInfo) -> None:
-        self.remote = remote
-        self.job = job
+    def __init__(self, remotes: list[RemoteTarget]) -> None:
+        self.remotes = remotes  # each with its job chosen (connect() was called)
         self.reason: str | None = None  # "dropped" or "ended" once it fired
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -77,10 +78,12 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(WATCH_EVERY_S):
-            if not self.remote.conn.alive():
+            if not all(remote.conn.alive() for remote in self.remotes):
                 self._fire("dropped")
-            elif self.remote.job_state(self.job) == "ended":
-                self._fire("ended")
+            elif all(
+                remote.job is None or remote.job_state(remote.job) == "ended" for remote in self.remotes
+            ):
+                self._fire("ended")  # with several hosts: once the job ended on all of them
             if self.reason:
                 return
 
@@ -99,22 +102,46 @@ class Watchdog:
         self._thread.join(timeout=3)
 
 
-def tail_remote(host: str, args: argparse.Namespace) -> int:
+def hosts_of(target: str) -> list[str]:
+    """``node1,node2`` (one job across nodes) as its hosts; one host as itself."""
+    return [h for h in target.split(",") if h]
+
+
+def open_all(hosts: list[str], args: argparse.Namespace, stack: contextlib.ExitStack) -> list[RemoteTarget]:
+    """Open an SSH master to each host, in the foreground (prompts happen here, one host at a time)."""
+    remotes = []
+    for host in hosts:
+        remote = stack.enter_context(RemoteTarget(host, pid=args.pid, run=args.run, rank=args.rank))
+        remote.open()
+        remotes.append(remote)
+    return remotes
+
+
+def connect_all(remotes: list[RemoteTarget]) -> list[str]:
+    """Every host's chosen job (all its ranks there), forwarded here."""
+    endpoints: list[str] = []
+    for remote in remotes:
+        endpoints += remote.connect()
+    return endpoints
+
+
+def tail_remote(target: str, args: argparse.Namespace) -> int:
     printers: list[Printer] = []
+    hosts = hosts_of(target)
 
     def make_printer(out: TextIO, as_json: bool) -> Printer:
         printers.append(Printer(out, as_json))
         return printers[-1]
 
     try:
-        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run, rank=args.rank) as remote:
-            remote.open()
-            endpoints = remote.connect()
-            if remote.note:
-                note(remote.note)
-            assert remote.job is not None
-            job = remote.job
-            watchdog = Watchdog(remote, job)
+        with exits_cleanly(), contextlib.ExitStack() as stack:
+            remotes = open_all(hosts, args, stack)
+            endpoints = connect_all(remotes)
+            for remote in remotes:
+                if remote.note:
+                    note(remote.note)
+            jobs = [f"{describe(r.job)} on {r.host}" for r in remotes if r.job is not None]
+            watchdog = Watchdog(remotes)
             try:
                 try:
                     return tail_endpoint(
@@ -135,12 +162,12 @@ def tail_remote(host: str, args: argparse.Namespace) -> int:
             printed = printers[0].samples if printers else 0
             if watchdog.reason == "ended":
                 if printed:
-                    note(f"the job ended: {describe(job)} on {host}")
+                    note(f"the job ended: {'; '.join(jobs)}")
                     return 0
-                return error(f"the job {describe(job)} on {host} ended before any sample arrived")
+                return error(f"the job {'; '.join(jobs)} ended before any sample arrived")
             return error(
-                f"the SSH connection to {host} dropped after {printed} samples; "
-                f"run the command again once `ssh {host}` works"
+                f"the SSH connection to {target} dropped after {printed} samples; "
+                f"run the command again once `ssh {hosts[0]}` works"
             )
     except TargetError as exc:
         return error(str(exc))
@@ -149,14 +176,24 @@ def tail_remote(host: str, args: argparse.Namespace) -> int:
 
 
 def attach_remote(args: argparse.Namespace) -> int:
-    host: str = args.target
+    target: str = args.target
+    hosts = hosts_of(target)
     if not sys.stdout.isatty():
-        return error(f"attach needs a terminal; `icsmon tail {host}` prints figures as text")
+        return error(f"attach needs a terminal; `icsmon tail {target}` prints figures as text")
     from icsmon import tui
 
     try:
-        with exits_cleanly(), RemoteTarget(host, pid=args.pid, run=args.run, rank=args.rank) as remote:
-            remote.open()  # prompts, if any, on the terminal, before the app owns it
+        with exits_cleanly(), contextlib.ExitStack() as stack:
+            remotes = open_all(hosts, args, stack)  # prompts, if any, on the terminal, before the app
+            if len(remotes) > 1:
+                return tui.run_app(
+                    lambda: connect_all(remotes),
+                    title=f"icsmon · {target}",
+                    thresholds=_thresholds(args),
+                    theme=args.theme,
+                    bell=args.bell,
+                )
+            remote = remotes[0]
             listing = remote.jobs()
             if len(listing) <= 1 or args.pid is not None or args.run is not None:
                 # One try now: a refused forward will not get better by waiting, so say it here.
@@ -169,7 +206,7 @@ def attach_remote(args: argparse.Namespace) -> int:
             picker = args.pid is None and args.run is None and args.rank is None
             return tui.run_app(
                 remote.connect,
-                title=f"icsmon · {host}",
+                title=f"icsmon · {remote.host}",
                 thresholds=_thresholds(args),
                 theme=args.theme,
                 bell=args.bell,

@@ -16,9 +16,9 @@ from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, t
 from icsmon.alerts.model import AlertChange
 from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents, default_engine_factory
-from icsmon.render import sample_json, sample_line
+from icsmon.render import sample_json_line, sample_line
 from icsmon.store import RunKey, RunState
-from icsmon.targets import TargetError
+from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
 from icsmon_agent.protocol import Event, Sample, Schema
 
 WAIT_NOTE_S = 5.0
@@ -34,7 +34,10 @@ def register(sub: Any) -> None:
         "(ipc://PATH, tcp://HOST:PORT), or an SSH host (alias or user@host).",
     )
     p.add_argument(
-        "target", nargs="?", metavar="TARGET", help="PID, endpoint or SSH host; default: the local job"
+        "target",
+        nargs="*",
+        metavar="TARGET",
+        help="PID, run, endpoint or SSH host (several: side by side); default: the local job",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line, flushed as written")
     p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N samples")
@@ -87,7 +90,7 @@ class Printer:
 
     def sample(self, sample: Sample, schema: Schema) -> None:
         if self.as_json:
-            self.out.write(json.dumps(sample_json(sample, schema)) + "\n")
+            self.out.write(sample_json_line(sample, schema) + "\n")
         else:
             rank = f" r{sample.rank}" if schema.world_size > 1 else ""
             prefix = f"[{schema.name or sample.run}{rank}] " if self.label_runs else ""
@@ -186,7 +189,7 @@ def tail_endpoint(
         lost_after=math.inf,  # a quiet job is not over: tail waits, as the user asked
         check_pids=check_pids,
         reconnect=False,
-        rules_per_sample=True,
+        rules_per_sample=False,  # once a batch: a viewer behind catches up (see feed.py)
     )
     listener = feed.listener = TailListener(printer, feed, count, where)
     try:
@@ -209,15 +212,16 @@ def run(args: argparse.Namespace) -> int:
         thresholds = thresholds_from_args(args)
     except ConfigError as exc:
         return error(str(exc))
-    target = args.target
+    targets: list[str] = [as_endpoint(t) for t in args.target]
     try:
-        from icsmon.targets import is_endpoint, resolve_local
-
-        if target and not target.isdigit() and not is_endpoint(target):
+        remote = [t for t in targets if is_ssh_host(t)]
+        if remote:
+            if len(targets) > 1:
+                return error(f"one SSH host at a time ({', '.join(remote)} and more given)")
             from icsmon.commands.remote import tail_remote
 
-            return tail_remote(target, args)
-        resolved = resolve_local(target, run=args.run, pid=args.pid, rank=args.rank)
+            return tail_remote(targets[0], args)
+        resolved = resolve_targets(targets, pid=args.pid, run=args.run, rank=args.rank)
     except TargetError as exc:
         return error(str(exc))
     if resolved.note:

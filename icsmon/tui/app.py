@@ -56,8 +56,8 @@ class IcsmonApp(App[int]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit", tooltip="Quit icsmon (the job keeps running)"),
         Binding("question_mark", "help", "Help", key_display="?", tooltip="Every key and what it does"),
-        Binding("tab", "next_stream(1)", "Next run/rank", tooltip="Show the next run or rank", show=False),
-        Binding("shift+tab", "next_stream(-1)", "Previous run/rank", show=False),
+        Binding("n", "next_stream(1)", "Next run/rank", tooltip="Show the next run or rank", show=False),
+        Binding("N", "next_stream(-1)", "Previous run/rank", show=False),
         Binding("c", "compare", "Compare", tooltip="Runs or ranks side by side"),
         Binding("o", "pick", "Jobs", tooltip="Pick the jobs to watch", show=False),
     ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from icsmon.alerts.ranks import spread
+from icsmon.alerts.ranks import aligned, spread
 from icsmon.feed import Feed
 from icsmon.store import RunState
 from icsmon.tui import view
@@ -87,16 +87,24 @@ def rank_table(feed: Feed, ranks: list[RunState]) -> Table:
     std_lo, std_mid, std_hi, outlier = spread(same, "std")
     grad_lo, grad_mid, grad_hi, _ = spread(same, "grad_norm")
     badges = view.badges(first, feed.active_alerts(first))
+    both = aligned(same)
+    nonfinite = (
+        np.nan_to_num(both[0][:, :, STAT_INDEX["nonfinite"]]) > 0
+        if both is not None
+        else np.zeros((len(same), len(std_mid)), dtype=bool)
+    )
     rows: list[list[Cell]] = []
     names = _name_cells(first)
     for i in range(len(names)):
         with np.errstate(all="ignore"):
-            far = std_hi[i] / std_mid[i] >= OUTLIER_RATIO or std_mid[i] / std_lo[i] >= OUTLIER_RATIO
-        nan_somewhere = any(
-            (r.latest() is not None and float(np.nan_to_num(r.latest()[i, STAT_INDEX["nonfinite"]])) > 0)  # type: ignore[index]
-            for r in same
-        )
-        odd = far or nan_somewhere
+            far = bool(std_hi[i] / std_mid[i] >= OUTLIER_RATIO or std_mid[i] / std_lo[i] >= OUTLIER_RATIO)
+        bad = [r.rank for r, flag in zip(same, nonfinite[:, i], strict=True) if flag]
+        if bad and len(bad) < len(same):
+            outlier_cell = ("NaN r" + ",".join(map(str, bad)), "bold white on red")
+        elif far:
+            outlier_cell = (f"r{outlier[i]}", "bold red")
+        else:
+            outlier_cell = ("-", "dim")
         rows.append(
             [
                 names[i],
@@ -106,14 +114,14 @@ def rank_table(feed: Feed, ranks: list[RunState]) -> Table:
                 (view.num(grad_lo[i]), ""),
                 (view.num(grad_mid[i]), ""),
                 (view.num(grad_hi[i]), ""),
-                (f"r{outlier[i]}" if odd else "-", "bold red" if odd else "dim"),
+                outlier_cell,
                 (badges[i].text, _badge_style(badges[i].level)),
             ]
         )
     columns = [Column("layer", 28, numeric=False)] + [
         Column(label, 9) for label in ("min", "median", "max", "min", "median", "max")
     ]
-    columns += [Column("outlier", 7), Column("status", 11, numeric=False)]
+    columns += [Column("outlier", 8), Column("status", 15, numeric=False)]
     world = first.schema.world_size if first.schema is not None else len(ranks)
     head = f"{clean(first.schema.name if first.schema else first.run)}: {len(same)} of {world} ranks"
     groups = [(head, 1), ("std across ranks", 3), ("grad norm across ranks", 3), ("", 2)]

@@ -48,6 +48,6 @@ class CompareScreen(Screen[None]):
         kinds = {"ranks": "every rank of one job", "runs": "runs side by side", "one": "one run"}
         alerts = sum(len(self.feed.active_alerts(s)) for s in self.feed.streams())
         header.update(
-            f" {self.app.title}  ·  {kinds[table.mode]}  ·  {alerts} alerts active  (c: back, tab: next)"
+            f" {self.app.title}  ·  {kinds[table.mode]}  ·  {alerts} alerts active  (c: back, n: next run or rank)"
         )
         grid.show(table)

@@ -1,0 +1,170 @@
+"""``icsmon relay``: one endpoint for many jobs, ZeroMQ's own proxy between the agents and the viewers.
+
+The relay's XSUB socket connects to the agents (every job on this machine, followed as they come
+and go; or the endpoints and SSH hosts named), and its XPUB socket is bound where viewers connect:
+a viewer then needs one connection for a whole cluster's jobs. The XPUB is verbose, so every new
+viewer's subscription reaches the agents, which answer with their schema and short history, as they
+do for a viewer connected to them directly. Nothing is decoded or stored on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from icsmon.commands.common import error, note
+from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
+from icsmon_agent import discovery
+
+DEFAULT_BIND = "tcp://127.0.0.1:5599"
+#: How often the jobs on this machine are listed again (a new job joins the relay within this).
+RELIST_S = 2.0
+CONTROL = "inproc://icsmon-relay-control"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "relay",
+        help="forward many jobs to one endpoint for viewers (ZeroMQ proxy)",
+        description="Subscribe to many jobs and publish them all on one endpoint: run it on a login or "
+        "head node, point viewers at it (`icsmon attach tcp://HEAD:PORT`). Nothing is stored or "
+        "decoded on the way.",
+        epilog="TARGET: nothing (every job on this machine, followed as jobs start and end), PIDs, run "
+        "ids or names, endpoints (ipc://PATH, tcp://HOST:PORT), or SSH hosts (their newest job, every "
+        "rank, through the SSH connection). Exit status: 0 on Ctrl-C or SIGTERM, 1 if the endpoint "
+        "cannot be bound or a host cannot be reached, 2 for bad usage.",
+    )
+    p.add_argument("target", nargs="*", metavar="TARGET", help="what to relay; default: every local job")
+    p.add_argument(
+        "--bind",
+        default=DEFAULT_BIND,
+        metavar="ENDPOINT",
+        help=f"where viewers connect (default {DEFAULT_BIND})",
+    )
+    p.set_defaults(func=run)
+
+
+def local_sources(targets: list[str]) -> Callable[[], set[str]]:
+    """The endpoints of the named local targets, or of every local job, as of now."""
+
+    def endpoints() -> set[str]:
+        if not targets:
+            return {job.endpoint for job in discovery.read_jobs()}
+        try:
+            return set(resolve_targets(targets).endpoints)
+        except TargetError:
+            return set()  # the named jobs are not (or no longer) running: relay nothing for now
+
+    return endpoints
+
+
+class Relay:
+    """An XSUB/XPUB proxy whose upstream set is re-read every :data:`RELIST_S` seconds."""
+
+    def __init__(self, bind: str, sources: Callable[[], set[str]], static: set[str]) -> None:
+        self.ctx = zmq.Context()
+        self.front = self.ctx.socket(zmq.XSUB)
+        self.back = self.ctx.socket(zmq.XPUB)
+        self.back.setsockopt(zmq.XPUB_VERBOSE, 1)  # each new viewer's subscription reaches the agents
+        self.back.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.back.bind(bind)
+        self.endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sources = sources
+        self.static = static
+        self.connected: set[str] = set()
+        self._control = self.ctx.socket(zmq.PAIR)
+        self._control.bind(CONTROL)
+        self._steer = self.ctx.socket(zmq.PAIR)
+        self._steer.connect(CONTROL)
+        self._stop = threading.Event()
+        self._wanted: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _watch(self) -> None:
+        """Thread: list the sources again; when they changed, stop the proxy so it reconnects."""
+        while not self._stop.wait(RELIST_S):
+            wanted = self.sources() | self.static
+            with self._lock:
+                changed = wanted != self.connected
+                self._wanted = wanted
+            if changed:
+                self._steer.send(b"TERMINATE")
+
+    def _reconnect(self, wanted: set[str]) -> None:
+        for endpoint in sorted(wanted - self.connected):
+            with contextlib.suppress(zmq.ZMQError):
+                self.front.connect(endpoint)
+        for endpoint in sorted(self.connected - wanted):
+            with contextlib.suppress(zmq.ZMQError):
+                self.front.disconnect(endpoint)
+        if wanted != self.connected:
+            note(f"relaying {len(wanted)} endpoint(s) on {self.endpoint}")
+        self.connected = set(wanted)
+
+    def serve(self) -> None:
+        """Until interrupted: proxy, and reconnect whenever the watcher says the sources changed."""
+        self._reconnect(self.sources() | self.static)
+        watcher = threading.Thread(target=self._watch, name="icsmon-relay-watch", daemon=True)
+        watcher.start()
+        try:
+            while True:
+                zmq.proxy_steerable(self.front, self.back, None, self._control)
+                with self._lock:
+                    wanted = set(self._wanted)
+                self._reconnect(wanted)
+        finally:
+            self._stop.set()
+            watcher.join(timeout=RELIST_S + 1)
+            for sock in (self.front, self.back, self._control, self._steer):
+                sock.close(linger=0)
+            self.ctx.term()
+
+
+def run(args: argparse.Namespace) -> int:
+    from icsmon.commands.remote import exits_cleanly
+    from icsmon.ssh_target import RemoteTarget
+
+    targets = [as_endpoint(t) for t in args.target]
+    remote = [t for t in targets if is_ssh_host(t)]
+    local = [t for t in targets if t not in remote]
+    if args.bind.startswith("tcp://") and not args.bind.startswith(
+        ("tcp://127.", "tcp://localhost", "tcp://[::1]")
+    ):
+        note(f"publishing on {args.bind}, beyond loopback: anyone who can reach it can read the figures")
+    hosts: list[RemoteTarget] = []
+    try:
+        with exits_cleanly():
+            static: set[str] = set()
+            for host in remote:
+                target = RemoteTarget(host)
+                hosts.append(target)
+                target.open()
+                static |= set(target.connect())
+                note(f"{host}: {len(target.ranks)} rank(s) of {target.job.run if target.job else '?'}")
+            sources = local_sources(local) if local or not remote else (lambda: set())
+            try:
+                relay = Relay(args.bind, sources, static)
+            except zmq.ZMQError as exc:
+                return error(f"cannot bind {args.bind}: {exc}")
+            note(f"viewers: icsmon attach {relay.endpoint}   (Ctrl-C stops the relay; the jobs go on)")
+            started = time.monotonic()
+            try:
+                relay.serve()
+            except KeyboardInterrupt:
+                note(f"relay stopped after {time.monotonic() - started:.0f} s")
+                return 0
+    except TargetError as exc:
+        return error(str(exc))
+    except SystemExit as exc:  # SIGTERM or SIGHUP, turned into an exit by exits_cleanly
+        return 0 if exc.code in (143, 129) else int(exc.code or 0)
+    finally:
+        for target in hosts:
+            target.close()
+    return 0

@@ -1,0 +1,94 @@
+"""``icsmon relay``: two local jobs, one relay, one viewer that needs one connection for both."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import start_script, wait_for_jobs
+
+JOB = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from torch import nn
+    import icsmon_agent
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    mon = icsmon_agent.watch(model, every=1, name=sys.argv[1])
+    for step in range(int(sys.argv[2])):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        mon.step(loss=loss)
+        time.sleep(0.02)
+    mon.close()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(120)
+def test_one_viewer_reads_two_jobs_through_the_relay(tmp_path: Path, env: dict[str, str]) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    first = start_script(script, env, "alpha", "100000")
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "icsmon", "relay", "--bind", endpoint],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    second = None
+    try:
+        wait_for_jobs(env, 1)
+        # A job that starts after the relay joins it (the relay lists the jobs again).
+        second = start_script(script, env, "beta", "100000")
+        wait_for_jobs(env, 2)
+        tail = subprocess.run(
+            [sys.executable, "-m", "icsmon", "tail", "--json", endpoint, "--count", "60", "--timeout", "60"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert tail.returncode == 0, tail.stderr
+        samples = [json.loads(line) for line in tail.stdout.splitlines()]
+        names = {s["run"].split("-")[0] for s in samples if s["type"] == "sample"}
+        assert names == {"alpha", "beta"}, names
+        assert relay.poll() is None
+        relay.send_signal(signal.SIGTERM)
+        _, err = relay.communicate(timeout=15)
+        assert relay.returncode == 0, err
+        assert "relaying 2 endpoint(s)" in err and f"icsmon attach {endpoint}" in err
+    finally:
+        for proc in (first, second, relay):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_a_relay_that_cannot_bind_says_so(env: dict[str, str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "icsmon", "relay", "--bind", "tcp://256.0.0.1:1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1 and "cannot bind tcp://256.0.0.1:1" in proc.stderr, proc.stderr
