@@ -229,8 +229,15 @@ class IcsmonApp(App[int]):
             log = self.main_screen.alert_log
         except LookupError:
             return
-        for _, _, change in changes:
-            log.add(change)
+        streams = self.feed.streams()
+        several = len(streams) > 1
+        names = {(s.run, s.rank): s.schema.name if s.schema and s.schema.name else s.run for s in streams}
+        for _, key, change in changes:
+            where = ""
+            if several:
+                world = len({s.rank for s in streams if s.run == key[0]})
+                where = names.get(key, key[0]) + (f" r{key[1]}" if world > 1 else "")
+            log.add(change, where)
         critical = [c.alert for _, _, c in changes if not c.cleared and c.alert.severity == "critical"]
         for alert in critical[:TOASTS_PER_TICK]:
             # Toasts are markup: a layer named "[/]" would raise, "[@click=...]" would be an action.

@@ -6,6 +6,7 @@ from rich.text import Text
 from textual.widgets import RichLog
 
 from icsmon.alerts.model import Alert, AlertChange
+from icsmon.render import clean
 
 SEVERITY_STYLE = {"critical": "bold red", "warning": "bold yellow"}
 
@@ -13,19 +14,21 @@ SEVERITY_STYLE = {"critical": "bold red", "warning": "bold yellow"}
 def alert_line(alert: Alert) -> Text:
     text = Text(no_wrap=True, overflow="ellipsis")
     text.append(f"{alert.severity.upper():<8} ", style=SEVERITY_STYLE.get(alert.severity, ""))
-    text.append(alert.message)
+    text.append(clean(alert.message))  # a Text: layer names are never markup
     if alert.hint:
         text.append(f" — {alert.hint}", style="dim")
     return text
 
 
-def change_line(change: AlertChange) -> Text:
+def change_line(change: AlertChange, where: str = "") -> Text:
+    """One change; ``where`` names the run (and rank) when several are watched."""
+    line = Text(f"[{clean(where)}] " if where else "", style="bold")
     if not change.cleared:
-        line = Text(f"step {change.alert.step:>7}  ", style="dim")
+        line.append(f"step {change.alert.step:>7}  ", style="dim")
         return line.append_text(alert_line(change.alert))
-    line = Text(f"step {change.step:>7}  ", style="dim")
+    line.append(f"step {change.step:>7}  ", style="dim")
     line.append("cleared  ", style="green")
-    line.append(f"{change.alert.rule.replace('_', ' ')} on {change.alert.layer}")
+    line.append(clean(f"{change.alert.rule.replace('_', ' ')} on {change.alert.layer}"))
     return line
 
 
@@ -41,6 +44,6 @@ class AlertLog(RichLog):
         self.can_focus = False
         self.lines_written = 0
 
-    def add(self, change: AlertChange) -> None:
-        self.write(change_line(change))
+    def add(self, change: AlertChange, where: str = "") -> None:
+        self.write(change_line(change, where))
         self.lines_written += 1
