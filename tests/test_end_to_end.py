@@ -199,9 +199,11 @@ def test_tail_human_lines_and_list_table(tmp_path: Path, env: dict[str, str]) ->
     finally:
         job.kill()
         job.wait()
-    # the killed job's discovery file is stale: list skips and deletes it
+    # the killed job's discovery file is stale: list skips and deletes it, and its socket file
+    assert list(Path(env["ICSMON_RUNTIME_DIR"]).glob("*.sock"))
     listing = icsmon("list", "--json", env=env, check=True)
     assert listing.stdout.strip() == "[]"
+    assert list(Path(env["ICSMON_RUNTIME_DIR"]).iterdir()) == []
 
 
 def test_tail_on_dead_or_wrong_targets_exits_1_with_a_message(env: dict[str, str], tmp_path: Path) -> None:

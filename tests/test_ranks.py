@@ -163,3 +163,32 @@ class _NoRules:
 
     def update(self, run: Any) -> list[Any]:
         return []
+
+
+@pytest.mark.timeout(180)
+async def test_the_app_on_a_real_ddp_job_shows_both_ranks_and_their_spread(env: dict[str, str]) -> None:
+    from icsmon.targets import resolve_local
+    from icsmon.tui.app import IcsmonApp
+    from tui.screen_text import screen_text
+
+    job = torchrun(env, "--steps", "400", "--delay", "0.03")
+    try:
+        wait_for_ranks(env, 2)
+        feed = Feed(lambda: resolve_local(None).endpoints)  # what `icsmon attach` does, no target
+        app = IcsmonApp(feed)
+        async with app.run_test(size=(160, 30)) as pilot:
+            deadline = time.monotonic() + 60
+            while len(feed.ranks_of(next(iter(feed.store.runs), ("", 0))[0])) < 2:
+                assert time.monotonic() < deadline, "both ranks did not arrive"
+                await pilot.pause(0.2)
+            await pilot.press("c")
+            await pilot.pause(0.5)
+            text = screen_text(app)
+            assert "every rank of one job" in text and "2 of 2 ranks" in text, text
+            await pilot.press("c", "n")
+            await pilot.pause(0.3)
+            assert {r.rank for r in feed.ranks_of(feed.streams()[0].run)} == {0, 1}
+            await pilot.press("q")
+    finally:
+        job.kill()
+        job.communicate(timeout=30)

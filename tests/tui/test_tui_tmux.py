@@ -191,6 +191,8 @@ def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
         left = _gone_within(pids, 20)
         assert not left, f"still running after the terminal closed: {left}"
         assert not list(scratch.glob("icsmon-demo-*")), "the demo did not leave the ordinary way"
+        # Its jobs were stopped by a signal; the demo removed their discovery and socket files.
+        assert not list(Path(env["ICSMON_RUNTIME_DIR"]).iterdir())
     finally:
         tmux.run("kill-server")
         _kill(pids)
