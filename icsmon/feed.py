@@ -183,6 +183,9 @@ class Feed:
         count_before = before.count if before is not None else 0
         was_ended = before is not None and before.ended
         new = self.store.add(msg)
+        if self.store.evicted:
+            self._forget(self.store.evicted)
+            self.store.evicted = []
         run = self.store.get(*key)
         assert run is not None
         self.lost.discard(key)
@@ -209,6 +212,17 @@ class Feed:
             else:
                 self._due.add(key)
         return new
+
+    def _forget(self, keys: list[RunKey]) -> None:
+        """Streams the store dropped to make room: their rule state goes too."""
+        for key in keys:
+            self.engines.pop(key, None)
+            self.lost.discard(key)
+            self.died.discard(key)
+            self._due.discard(key)
+            if not any(k[0] == key[0] for k in self.store.runs):
+                self.rank_checks.pop(key[0], None)
+        self.version += 1
 
     def run_rules(self) -> None:
         """Run the alert rules once for every stream that stored samples since the last call."""

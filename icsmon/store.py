@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,18 @@ from icsmon_agent.protocol import STAT_INDEX, STATS, Event, Message, Sample, Sch
 
 DEFAULT_CAPACITY = 512
 PENDING_MAX = 64
+#: Samples held before their schema, in bytes of figures per stream.
+PENDING_MAX_BYTES = 8 * 1024 * 1024
+#: The ring starts this many rows deep and doubles up to its capacity: memory follows what arrived,
+#: not what a schema announced.
+FIRST_ROWS = 8
 STALE_AFTER_S = 10.0
+#: Streams kept at once; past it the one heard from least recently goes (ended ones first).
+MAX_RUNS = 256
+#: Layers over all streams' tables (each a row of every sample held): past it, streams go as above.
+MAX_TOTAL_LAYERS = 200_000
+#: Bytes of figures over all rings: past it a ring stops growing and wraps at the rows it has.
+MAX_FIGURE_BYTES = 1024 * 1024 * 1024
 
 RunKey = tuple[str, int]
 
@@ -50,17 +62,35 @@ class RunState:
     losses: npt.NDArray[np.float64] = field(init=False)
     figures: npt.NDArray[np.float32] = field(init=False)  # (capacity, n_layers, n_stats)
     scalars: dict[str, float | None] = field(default_factory=dict)
-    pending: deque[Sample] = field(default_factory=lambda: deque(maxlen=PENDING_MAX))
+    pending: deque[Sample] = field(default_factory=deque)
+    pending_bytes: int = 0
 
     def __post_init__(self) -> None:
+        self.may_grow: Callable[[int], bool] = lambda extra: True  # the store's memory budget
         self._alloc(0)
 
     def _alloc(self, n_layers: int) -> None:
-        self.steps = np.zeros(self.capacity, dtype=np.int64)
-        self.times = np.zeros(self.capacity, dtype=np.float64)
-        self.losses = np.full(self.capacity, np.nan, dtype=np.float64)
-        self.figures = np.full((self.capacity, n_layers, len(STATS)), np.nan, dtype=np.float32)
+        rows = min(FIRST_ROWS, self.capacity)
+        self.steps = np.zeros(rows, dtype=np.int64)
+        self.times = np.zeros(rows, dtype=np.float64)
+        self.losses = np.full(rows, np.nan, dtype=np.float64)
+        self.figures = np.full((rows, n_layers, len(STATS)), np.nan, dtype=np.float32)
         self.count = 0
+        self.pending_bytes = 0
+
+    def _grow(self) -> None:
+        """Double the rows (up to the capacity); only before the ring first wraps, so rows stay in
+        order. Past the store's budget the ring keeps the rows it has and wraps there."""
+        rows = min(len(self.steps) * 2, self.capacity)
+        extra = rows - len(self.steps)
+        if not self.may_grow(extra * self.figures[0].nbytes):
+            self.capacity = len(self.steps)
+            return
+        self.steps = np.concatenate([self.steps, np.zeros(extra, dtype=np.int64)])
+        self.times = np.concatenate([self.times, np.zeros(extra, dtype=np.float64)])
+        self.losses = np.concatenate([self.losses, np.full(extra, np.nan)])
+        pad = np.full((extra, *self.figures.shape[1:]), np.nan, dtype=np.float32)
+        self.figures = np.concatenate([self.figures, pad])
 
     # ---------------------------------------------------------------- ingest
 
@@ -72,12 +102,21 @@ class RunState:
         self._alloc(len(schema.layers))
         waiting = [s for s in self.pending if s.schema_id == schema.schema_id]
         self.pending.clear()
+        self.pending_bytes = 0
         for sample in waiting:
             self._store(sample)
 
     def add_sample(self, sample: Sample) -> bool:
         if self.schema is None or sample.schema_id != self.schema.schema_id:
-            self.pending.append(sample)
+            # Held for a schema still on its way, bounded by count and by bytes.
+            size = sample.figures.nbytes
+            while self.pending and (
+                len(self.pending) >= PENDING_MAX or self.pending_bytes + size > PENDING_MAX_BYTES
+            ):
+                self.pending_bytes -= self.pending.popleft().figures.nbytes
+            if size <= PENDING_MAX_BYTES:
+                self.pending.append(sample)
+                self.pending_bytes += size
             return False
         return self._store(sample)
 
@@ -87,6 +126,8 @@ class RunState:
         fig = sample.figures
         if fig.shape[0] != n_layers:
             return False  # does not fit the table it claims; the decoder let it through, the store does not
+        if self.count >= len(self.steps) and len(self.steps) < self.capacity:
+            self._grow()
         i = self.count % self.capacity
         self.steps[i] = sample.step
         self.times[i] = sample.t
@@ -174,17 +215,46 @@ class RunState:
 class Store:
     """All runs the viewer has heard of, keyed by (run, rank)."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, max_runs: int = MAX_RUNS) -> None:
         self.capacity = capacity
+        self.max_runs = max_runs
         self.runs: dict[RunKey, RunState] = {}
         self.messages = 0
+        self.evicted: list[RunKey] = []  # streams dropped to make room, for the feed to forget too
 
     def _run(self, run: str, rank: int) -> RunState:
         key = (run, rank)
         state = self.runs.get(key)
         if state is None:
+            if len(self.runs) >= self.max_runs:
+                self._evict()
             state = self.runs[key] = RunState(run=run, rank=rank, capacity=self.capacity)
+            state.may_grow = self._may_grow
         return state
+
+    def _may_grow(self, extra: int) -> bool:
+        return sum(r.figures.nbytes for r in self.runs.values()) + extra <= MAX_FIGURE_BYTES
+
+    def _evict(self, keep: RunKey | None = None) -> None:
+        """Make room: the stream heard from least recently goes, an ended one before a live one."""
+        others = [k for k in self.runs if k != keep]
+        if not others:
+            return
+        key = min(others, key=lambda k: (not self.runs[k].ended, self.runs[k].last_recv))
+        del self.runs[key]
+        self.evicted.append(key)
+        del self.evicted[: -self.max_runs]
+
+    def _room_for(self, key: RunKey, schema: Schema) -> None:
+        """Evict other streams until the layer tables, this one's included, fit the total."""
+
+        def others() -> int:
+            return sum(
+                len(r.schema.layers) for k, r in self.runs.items() if r.schema is not None and k != key
+            )
+
+        while len(self.runs) > 1 and others() + len(schema.layers) > MAX_TOTAL_LAYERS:
+            self._evict(keep=key)
 
     def add(self, msg: Message) -> bool:
         """Take one message; True if it was new (a sample stored, a schema or event recorded)."""
@@ -192,6 +262,8 @@ class Store:
         state = self._run(msg.run, msg.rank)
         state.last_recv = time.monotonic()
         if isinstance(msg, Schema):
+            if state.schema is None or state.schema.schema_id != msg.schema_id:
+                self._room_for((msg.run, msg.rank), msg)
             state.set_schema(msg)
             return True
         if msg.seq <= state.last_seq:

@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from icsmon_agent.protocol import TOPIC_PREFIX, Message, ProtocolError, decode
+from icsmon_agent.protocol import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Message, ProtocolError, decode
 
 RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rather than grow without end
 
@@ -41,6 +41,8 @@ def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, RCVHWM)
+    # A peer that sends a bigger message is dropped before the message is allocated.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
     for ep in endpoints:
         sock.connect(ep)
