@@ -134,14 +134,16 @@ def sample_line(sample: Sample, schema: Schema) -> str:
         if nonfinite[i] > 0 or (not math.isnan(std[i]) and not math.isfinite(std[i]))
     ]
     if bad:
-        parts.append(f"NaN/Inf from {names[bad[0]]} ({len(bad)} layers)")
+        parts.append(f"NaN/Inf from {clean(names[bad[0]])} ({len(bad)} layers)")
     with np.errstate(all="ignore"):
         finite_std = np.where(np.isfinite(std), std, np.nan)
     if np.isfinite(finite_std).any():
         lo, hi = int(np.nanargmin(finite_std)), int(np.nanargmax(finite_std))
-        parts.append(f"std min {fmt(float(std[lo]))} @{names[lo]}  max {fmt(float(std[hi]))} @{names[hi]}")
+        parts.append(
+            f"std min {fmt(float(std[lo]))} @{clean(names[lo])}  max {fmt(float(std[hi]))} @{clean(names[hi])}"
+        )
     dead = fig[:, STATS.index("dead_frac")]
     if np.isfinite(dead).any() and np.nanmax(dead) > 0:
         d = int(np.nanargmax(dead))
-        parts.append(f"dead {dead[d] * 100:.0f}% @{names[d]}")
+        parts.append(f"dead {dead[d] * 100:.0f}% @{clean(names[d])}")
     return "  ".join(parts)

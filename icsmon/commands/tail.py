@@ -16,7 +16,7 @@ from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, t
 from icsmon.alerts.model import AlertChange
 from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents, default_engine_factory
-from icsmon.render import sample_json_line, sample_line
+from icsmon.render import clean, sample_json_line, sample_line
 from icsmon.store import RunKey, RunState
 from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
 from icsmon_agent.protocol import Event, Sample, Schema
@@ -66,10 +66,10 @@ def alert_lines(change: AlertChange, colour: bool = False) -> list[str]:
     alert = change.alert
     where = f" [{alert.run}{f' rank {alert.rank}' if alert.rank else ''}]" if alert.run else ""
     if change.cleared:
-        lines = [f"  ok {alert.rule} cleared at {alert.layer}, step {change.step}{where}"]
+        lines = [clean(f"  ok {alert.rule} cleared at {alert.layer}, step {change.step}{where}")]
         key = "cleared"
     else:
-        lines = [f"  !! {alert.severity:<8} {alert.message}{where}", f"     hint: {alert.hint}"]
+        lines = [clean(f"  !! {alert.severity:<8} {alert.message}{where}"), clean(f"     hint: {alert.hint}")]
         key = alert.severity
     if colour:
         lines[0] = _COLOURS[key] + lines[0] + _RESET
@@ -93,7 +93,7 @@ class Printer:
             self.out.write(sample_json_line(sample, schema) + "\n")
         else:
             rank = f" r{sample.rank}" if schema.world_size > 1 else ""
-            prefix = f"[{schema.name or sample.run}{rank}] " if self.label_runs else ""
+            prefix = f"[{clean(schema.name or sample.run)}{rank}] " if self.label_runs else ""
             self.out.write(prefix + sample_line(sample, schema) + "\n")
         self.samples += 1
         self.out.flush()

@@ -6,6 +6,9 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.content import Content
+
+from icsmon.tui.safe import clean, literal
 
 if TYPE_CHECKING:
     from icsmon.tui.app import IcsmonApp
@@ -25,12 +28,14 @@ class LayerCommands(Provider):
 
     async def discover(self) -> Hits:
         for i, name in enumerate(self._names()[:DISCOVER_MAX]):
-            yield DiscoveryHit(f"jump to layer {name}", partial(self._jump, i), help=f"layer {i}")
+            yield DiscoveryHit(literal(f"jump to layer {name}"), partial(self._jump, i), help=f"layer {i}")
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         for i, name in enumerate(self._names()):
-            command = f"jump to layer {name}"
+            command = clean(f"jump to layer {name}")  # a name is text: never markup, never a control code
             score = matcher.match(command)
             if score > 0:
-                yield Hit(score, matcher.highlight(command), partial(self._jump, i), help=f"layer {i}")
+                # highlight() reads its text as markup: a name with brackets is shown plain instead.
+                display = matcher.highlight(command) if "[" not in command else Content(command)
+                yield Hit(score, display, partial(self._jump, i), help=f"layer {i}")

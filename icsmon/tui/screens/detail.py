@@ -18,6 +18,7 @@ from icsmon.render import fmt
 from icsmon.store import RunState
 from icsmon.tui import view
 from icsmon.tui.plot import Series, plot
+from icsmon.tui.safe import clean
 from icsmon.tui.widgets.alerts import change_line
 from icsmon.tui.widgets.header import RunHeader, header_text
 from icsmon_agent.protocol import STAT_INDEX
@@ -97,8 +98,8 @@ class DetailScreen(Screen[None]):
         latest = run.latest()
         text = Text()
         text.append(f" layer {self.layer_index}: ", style="dim")
-        text.append(info.name, style="bold")
-        text.append(f"  {info.type}  {view.shape_text(info.shape)}  {info.kind}", style="dim")
+        text.append(clean(info.name), style="bold")
+        text.append(clean(f"  {info.type}  {view.shape_text(info.shape)}  {info.kind}"), style="dim")
         if latest is not None:
             row = latest[self.layer_index]
             peak, update = float(row[STAT_INDEX["peak_ratio"]]), float(row[STAT_INDEX["update_ratio"]])

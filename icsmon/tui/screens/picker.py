@@ -130,7 +130,9 @@ class PickerScreen(ModalScreen[list[JobInfo] | None]):
             if group is None:
                 return
             if group[0].run in self.ended:
-                self.notify(f"{group[0].name} has ended: nothing left to watch", severity="warning")
+                self.notify(
+                    f"{group[0].name} has ended: nothing left to watch", severity="warning", markup=False
+                )
                 return
             chosen = group
         self.dismiss(chosen)

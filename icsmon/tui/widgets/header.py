@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from icsmon.feed import Feed
-from icsmon.render import fmt
+from icsmon.render import clean, fmt
 from icsmon.store import RunState
 from icsmon.tui import view
 
@@ -32,8 +32,8 @@ def header_text(
             text.append(f"  {feed.endpoint}", style="dim")
         return text
     s = run.schema
-    text.append(f" {s.name or run.run}", style="bold")
-    text.append(f"  {s.host or '?'}  pid {s.pid}  rank {run.rank}/{s.world_size}")
+    text.append(f" {clean(s.name or run.run)}", style="bold")
+    text.append(f"  {clean(s.host or '?')}  pid {s.pid}  rank {run.rank}/{s.world_size}")
     step = run.latest_step
     text.append(f"  step {step if step is not None else '-'}", style="bold")
     text.append(f"  {view.steps_rate(run)} steps/s")

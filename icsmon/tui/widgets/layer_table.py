@@ -27,6 +27,7 @@ from textual.strip import Strip
 
 from icsmon.store import RunState
 from icsmon.tui import view
+from icsmon.tui.safe import clean
 from icsmon_agent.protocol import STAT_INDEX
 
 BADGE_STYLE = {
@@ -184,7 +185,7 @@ class LayerTable(ScrollView, can_focus=True):
             fig = latest[i]
             badge = badges[i]
             values: dict[str, Cell] = {
-                "name": (view.shorten(layers[i].name, widths["name"]), None),
+                "name": (view.shorten(clean(layers[i].name), widths["name"]), None),
                 "spark": (sparks[pos] if sparks else "", SPARK_STYLE),
                 "mean": (view.num(fig[STAT_INDEX["mean"]]), None),
                 "std": (view.num(fig[STAT_INDEX["std"]]), None),
@@ -193,7 +194,7 @@ class LayerTable(ScrollView, can_focus=True):
                 "status": (badge.text, BADGE_STYLE.get(badge.level)),
             }
             if "type" in keys:
-                values["type"] = (layers[i].type, None)
+                values["type"] = (clean(layers[i].type), None)
             if "shape" in keys:
                 values["shape"] = (view.shape_text(layers[i].shape), None)
             if "sat" in keys:
