@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,20 @@ def pick_job(
     return Resolved([j.endpoint for j in chosen], chosen, note)
 
 
+def check_socket(path: str) -> None:
+    """A socket that this user may connect to, or a TargetError that says what is wrong with it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise TargetError(f"no socket at {path}: the job has ended or the endpoint is wrong") from None
+    except PermissionError:
+        raise TargetError(f"permission denied: {path} is in another user's directory") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise TargetError(f"{path} is not a socket (a job's socket is listed by `icsmon list`)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise TargetError(f"permission denied: the socket {path} belongs to another user (uid {st.st_uid})")
+
+
 def resolve_local(
     target: str | None,
     *,
@@ -111,10 +126,14 @@ def resolve_local(
 ) -> Resolved:
     if target and is_endpoint(target):
         if target.startswith("ipc://"):
-            path = target[len("ipc://") :]
-            if not os.path.exists(path):
-                raise TargetError(f"no socket at {path}: the job has ended or the endpoint is wrong")
+            check_socket(target[len("ipc://") :])
         return Resolved([target])
+    directory = runtime or discovery.runtime_dir()
+    if directory.exists():
+        try:
+            discovery.check_private_dir(directory)
+        except OSError as exc:
+            raise TargetError(f"not reading the jobs in {directory}: {exc}") from None
     jobs = discovery.read_jobs(runtime)
     where = "on this machine"
     if target is None:

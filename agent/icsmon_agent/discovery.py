@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,8 +44,9 @@ REMOTE_LIST_SCRIPT = r"""
 d="${ICSMON_RUNTIME_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/icsmon/runtime}"
 here=$(uname -n)
 printf 'ICSMON-DIR %s\n' "$d"
+[ -d "$d" ] && [ ! -L "$d" ] && [ -O "$d" ] || { printf 'ICSMON-DONE\n'; exit 0; }
 for f in "$d"/*.json; do
-  [ -f "$f" ] || continue
+  [ -f "$f" ] && [ ! -L "$f" ] && [ -O "$f" ] || continue
   pid=$(sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p' "$f" | head -n 1)
   host=$(sed -n 's/.*"host": *"\([^"]*\)".*/\1/p' "$f" | head -n 1)
   [ -n "$pid" ] || continue
@@ -53,7 +55,7 @@ for f in "$d"/*.json; do
     printf 'ICSMON-FILE %s\n' "$f"; cat "$f" 2>/dev/null; printf '\nICSMON-END\n'
   else
     sock=$(sed -n 's|.*"endpoint": *"ipc://\([^"]*\)".*|\1|p' "$f" | head -n 1)
-    case "$sock" in "$d"/*) rm -f "$sock" ;; esac
+    case "$sock" in "$d"/*|/tmp/icsmon-$(id -u)/*) rm -f "$sock" ;; esac
     rm -f "$f"
   fi
 done
@@ -107,13 +109,44 @@ class JobInfo:
             raise ValueError(f"discovery file is malformed: {exc}") from None
 
 
+class UntrustedDirectory(OSError):
+    """A runtime directory that another user could read from or write into: not used."""
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise :class:`UntrustedDirectory` unless ``path`` is a real directory (not a symlink) owned by
+    this user and writable by nobody else; a directory like that is where another local user could
+    swap a job's discovery file for one that points at their own socket."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UntrustedDirectory(f"{path} is a symbolic link; icsmon wants a real directory of its own there")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UntrustedDirectory(f"{path} is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise UntrustedDirectory(f"{path} belongs to another user (uid {st.st_uid}); set ICSMON_RUNTIME_DIR")
+    if st.st_mode & 0o022:
+        raise UntrustedDirectory(
+            f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); `chmod 700 {path}`"
+        )
+
+
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700; tighten it if it already exists and is ours."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid == os.getuid() and st.st_mode & 0o077:
-        path.chmod(0o700)
+    """Create ``path`` (parents as usual, itself 0700) or check the one that is there; never chmod
+    what this process did not create. Raises :class:`UntrustedDirectory` for a directory that fails
+    :func:`check_private_dir`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    check_private_dir(path)
     return path
+
+
+def trusted(directory: Path) -> bool:
+    try:
+        check_private_dir(directory)
+    except OSError:
+        return False
+    return True
 
 
 def write(info: JobInfo, directory: Path | None = None, *, stem: str | None = None) -> Path:
@@ -137,12 +170,16 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+#: The private directory of sockets whose runtime-dir path is too long (publisher.default_endpoint).
+SHORT_SOCKET_DIR = Path("/tmp") / f"icsmon-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
 def remove_leftovers(info: JobInfo, path: Path) -> None:
     """What a job that died without closing left: its discovery file and its socket file (only one
     that lies beside the discovery file: a path elsewhere is not ours to delete)."""
     if info.endpoint.startswith("ipc://"):
         sock = Path(info.endpoint[len("ipc://") :])
-        if sock.parent == path.parent:
+        if sock.parent in (path.parent, SHORT_SOCKET_DIR):
             remove(sock)
     remove(path)
 
@@ -172,13 +209,19 @@ def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobI
         entries = sorted(directory.glob(f"*{SUFFIX}"))
     except OSError:
         return []
+    if not trusted(directory):
+        return []  # someone else could have written these files (see check_private_dir)
     here = socket.gethostname()
+    uid = os.getuid() if hasattr(os, "getuid") else None
     for path in entries:
         if path.name.startswith("."):
             continue
         try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+                continue  # a link, or a file another user put there: not a job of ours
             info = JobInfo.from_json(json.loads(path.read_text()), str(path))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue  # half-written or foreign file: skip, never crash the viewer
         if info.host != here:
             continue

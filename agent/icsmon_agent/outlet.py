@@ -100,6 +100,12 @@ def resolve_endpoint(endpoint: str | None, runtime: Path, key: str) -> str:
     if endpoint is None or endpoint == "ipc":
         return default_endpoint(runtime, key)
     if endpoint == "tcp":
+        warnings.warn(
+            "icsmon: publishing on tcp://127.0.0.1 as asked: every local user can connect to a loopback "
+            "port (the default ipc:// socket is private to you)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
         return "tcp://127.0.0.1:*"
     if endpoint.startswith("tcp://") and not endpoint.startswith(
         ("tcp://127.", "tcp://localhost", "tcp://[::1]")

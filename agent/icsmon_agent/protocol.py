@@ -346,7 +346,9 @@ def _decode_sample(header: dict[str, Any], body: bytes) -> Sample:
     raw_scalars = header.get("scalars", {})
     if not isinstance(raw_scalars, dict) or len(raw_scalars) > 256:
         raise ProtocolError("sample 'scalars' is not an object of at most 256 numbers")
-    scalars = {_text(k, "sample scalar name"): _opt_float(raw_scalars, k, "sample scalar") for k in raw_scalars}
+    scalars = {
+        _text(k, "sample scalar name"): _opt_float(raw_scalars, k, "sample scalar") for k in raw_scalars
+    }
     dropped = _int(header, "dropped", "sample", default=0)
     t_measured = _opt_float(header, "t_measured", "sample") or 0.0
     if not math.isfinite(t_measured) or abs(t_measured) > MAX_TIME:

@@ -14,9 +14,11 @@ mark with linger 0: a slow, stuck or dead viewer costs the job nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -26,6 +28,7 @@ from typing import Any
 import zmq
 
 from . import protocol
+from .discovery import SHORT_SOCKET_DIR
 from .protocol import Event, Schema
 
 SNDHWM = 100
@@ -36,6 +39,7 @@ POLL_MS = 20
 READY_POLL_S = 0.0005  # a sampled step's copy lands within a step; polling costs the GIL ~nothing
 READY_TIMEOUT_S = 30.0  # a wedged device: give up on that sample, never on the thread
 IPC_PATH_MAX = 100  # sockaddr_un holds 107 bytes; keep a margin
+
 #: Events that say what state the job is in (Monitor.pause/resume): re-sent with the history.
 STATE_EVENTS = ("paused", "resumed")
 
@@ -54,11 +58,36 @@ class Work:
     host_scalars: dict[str, float | None] = field(default_factory=dict)
 
 
+def short_socket_dir() -> Path:
+    """A private directory with a short path for sockets whose runtime-dir path is too long:
+    ``/tmp/icsmon-UID``, created 0700 and checked like the runtime directory."""
+    from .discovery import ensure_private_dir
+
+    return ensure_private_dir(SHORT_SOCKET_DIR)
+
+
 def default_endpoint(runtime: Path, run: str) -> str:
-    path = runtime / f"{run}.sock"
-    if len(str(path)) > IPC_PATH_MAX or not zmq.has("ipc"):
+    """An ipc:// socket beside the discovery file; where that path would pass the unix-socket
+    limit, one with a short name in a private directory under /tmp (never TCP by surprise: a
+    loopback port is open to every local user)."""
+    if not zmq.has("ipc"):
+        warnings.warn(
+            "icsmon: this ZeroMQ has no ipc://; publishing on tcp://127.0.0.1, which every local user "
+            "can reach",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return "tcp://127.0.0.1:*"
-    return f"ipc://{path}"
+    path = runtime / f"{run}.sock"
+    if len(str(path)) <= IPC_PATH_MAX:
+        return f"ipc://{path}"
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    short = short_socket_dir() / f"{digest}.sock"
+    if len(str(short)) > IPC_PATH_MAX:
+        raise OSError(
+            f"no socket path under {IPC_PATH_MAX} bytes: set ICSMON_RUNTIME_DIR to a short directory"
+        )
+    return f"ipc://{short}"
 
 
 class Publisher:

@@ -1,0 +1,151 @@
+"""Nobody else can read or steer a job: the socket stays private, the runtime directory is checked,
+and nothing that the agent did not create is ever chmod-ed."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import icsmon_agent
+from helpers import icsmon, start_script, wait_for_jobs
+from icsmon_agent import discovery
+from icsmon_agent.discovery import SHORT_SOCKET_DIR
+
+NOBODY = 65534
+as_root = pytest.mark.skipif(
+    not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to play another user"
+)
+
+JOB = textwrap.dedent(
+    """
+    import time, torch
+    from torch import nn
+    import icsmon_agent
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = icsmon_agent.watch(model, every=1, name="private-job")
+    for step in range(100_000):
+        model(torch.randn(2, 4)).sum().backward(); mon.step()
+        time.sleep(0.02)
+    """
+)
+
+
+def watch_quietly(model: nn.Module, runtime: Path) -> tuple[icsmon_agent.Monitor, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = icsmon_agent.watch(model, runtime_dir=runtime)
+    return mon, [str(w.message) for w in caught]
+
+
+def test_a_socket_path_too_long_goes_to_a_short_private_directory_not_to_tcp(tmp_path: Path) -> None:
+    runtime = tmp_path / ("r" * 90)  # with the run id, past the unix-socket limit
+    model = nn.Sequential(nn.Linear(4, 4))
+    mon, said = watch_quietly(model, runtime)
+    try:
+        assert mon.endpoint is not None and mon.endpoint.startswith(f"ipc://{SHORT_SOCKET_DIR}/"), (
+            mon.endpoint
+        )
+        assert not any("tcp" in s for s in said), said
+        st = os.lstat(SHORT_SOCKET_DIR)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        (job,) = discovery.read_jobs(runtime)
+        assert job.endpoint == mon.endpoint
+    finally:
+        mon.close()
+    assert not Path(mon.endpoint[len("ipc://") :]).exists()
+
+
+@pytest.mark.parametrize("kind", ["world-writable", "symlink", "another user's"])
+def test_an_untrusted_runtime_directory_is_refused_and_left_as_it_was(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "target"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    runtime = tmp_path / "runtime"
+    if kind == "world-writable":
+        runtime.mkdir()
+        runtime.chmod(0o777)
+    elif kind == "symlink":
+        runtime.symlink_to(target)  # someone's directory (a web root, say) behind a link
+    else:
+        if os.getuid() != 0:
+            pytest.skip("needs root to play another user")
+        runtime.mkdir(mode=0o700)
+        os.chown(runtime, NOBODY, NOBODY)
+    before = os.lstat(runtime).st_mode, os.stat(target).st_mode
+    model = nn.Sequential(nn.Linear(4, 4))
+    mon, said = watch_quietly(model, runtime)
+    try:
+        assert mon.endpoint is None and any("training continues unmonitored" in s for s in said), said
+        # The job trains on as it would without us.
+        model(torch.randn(2, 4)).sum().backward()
+        mon.step()
+    finally:
+        mon.close()
+    assert (os.lstat(runtime).st_mode, os.stat(target).st_mode) == before  # nothing chmod-ed
+    assert list(target.iterdir()) == []
+    listing = icsmon("list", env=dict(os.environ, ICSMON_RUNTIME_DIR=str(runtime)))
+    assert listing.returncode == 0 and "no icsmon job" in listing.stdout
+    tail = icsmon("tail", env=dict(os.environ, ICSMON_RUNTIME_DIR=str(runtime)))
+    assert tail.returncode == 1 and "not reading the jobs in" in tail.stderr, tail.stderr
+
+
+@as_root
+def test_a_discovery_file_another_user_put_there_is_not_read(env: dict[str, str]) -> None:
+    runtime = Path(env["ICSMON_RUNTIME_DIR"])
+    forged = runtime / "forged.r0.json"
+    forged.write_text(
+        json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "run": "forged", "name": "forged",
+                    "rank": 0, "world_size": 1, "endpoint": "tcp://127.0.0.1:9", "started": 1.0})
+    )  # fmt: skip
+    os.chown(forged, NOBODY, NOBODY)
+    listing = icsmon("list", "--json", env=env, check=True)
+    assert json.loads(listing.stdout) == []
+
+
+@as_root
+def test_what_another_local_user_sees_of_a_job(env: dict[str, str], tmp_path: Path) -> None:
+    """Run the viewer as another user: the runtime directory cannot be listed, the socket cannot
+    be reached, and each command says so rather than "no job" or "ended"."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    job = start_script(script, env)
+    try:
+        (found,) = wait_for_jobs(env, 1)
+        stranger = dict(env, HOME=str(tmp_path))
+
+        def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+            try:
+                return subprocess.run(
+                    [sys.executable, "-m", "icsmon", *args], env=stranger, capture_output=True, text=True,
+                    timeout=60, user=NOBODY, group=NOBODY, cwd="/",
+                )  # fmt: skip
+            except PermissionError:
+                pytest.skip("this Python is not readable by another user here")
+
+        listing = as_nobody("list", "--json")
+        assert listing.returncode in (0, 1) and "private-job" not in listing.stdout, listing
+        tail = as_nobody("tail", found["endpoint"], "--count", "1", "--timeout", "3")
+        assert tail.returncode == 1 and "permission denied" in tail.stderr, tail.stderr
+        assert "ended" not in tail.stderr
+    finally:
+        job.kill()
+        job.wait()
+
+
+def test_a_socket_path_typed_without_its_scheme_is_checked_as_a_socket(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    not_a_socket = icsmon("tail", str(tmp_path), env=env)
+    assert not_a_socket.returncode == 1 and f"{tmp_path} is not a socket" in not_a_socket.stderr
+    missing = icsmon("tail", "./no-such.sock", env=env)
+    assert missing.returncode == 1 and "no socket at" in missing.stderr and "SSH" not in missing.stderr
