@@ -100,15 +100,18 @@ def sample_json_line(sample: Sample, schema: Schema) -> str:
 
 
 def sample_json_head(sample: Sample) -> dict[str, Any]:
-    return {
+    head = {
         "type": "sample",
         "run": sample.run,
         "rank": sample.rank,
         "step": sample.step,
-        "t": sample.t,
+        "t": finite(sample.t),
         "loss": finite(sample.loss),
         "scalars": {k: finite(v) for k, v in sample.scalars.items()},
     }
+    if sample.replayed:
+        head["replayed"] = True  # history the job re-sent on connect, not a step that just ran
+    return head
 
 
 def fmt(value: float | None, digits: int = 3) -> str:

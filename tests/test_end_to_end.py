@@ -6,9 +6,11 @@ can be checked against float64 truth computed on the very same tensors.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +276,40 @@ def test_tail_ends_when_the_job_is_killed(tmp_path: Path, env: dict[str, str]) -
     finally:
         if job.poll() is None:
             job.kill()
+
+
+def test_tail_count_means_new_samples_and_history_is_marked(tmp_path: Path, env: dict[str, str]) -> None:
+    """`tail -n N` prints N samples of steps that ran after it connected; the recent history the job
+    re-sends on connect is printed only with --history, marked "replayed"."""
+    path = tmp_path / "steady.py"
+    path.write_text(
+        textwrap.dedent("""
+        import time, torch
+        from torch import nn
+        import icsmon_agent
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        mon = icsmon_agent.watch(model, every=1, name="steady")
+        for step in range(100_000):
+            model(torch.randn(4, 8)).sum().backward(); mon.step()
+            time.sleep(0.02)
+    """)
+    )
+    job = start_script(path, env)
+    try:
+        wait_for_jobs(env)
+        time.sleep(2.0)  # dozens of steps before the viewers come: a history to re-send
+        out = icsmon("tail", "--json", "-n", "3", env=env, check=True).stdout.splitlines()
+        new = [s for s in map(json.loads, out) if s["type"] == "sample"]
+        assert len(new) == 3 and not any(s.get("replayed") for s in new)
+        both = icsmon("tail", "--json", "--history", "-n", "3", env=env, check=True).stdout.splitlines()
+        lines = [s for s in map(json.loads, both) if s["type"] == "sample"]
+        replayed = [s for s in lines if s.get("replayed")]
+        assert len(replayed) >= 10 and lines[: len(replayed)] == replayed  # history first, marked
+        assert len(lines) - len(replayed) == 3
+        assert max(s["step"] for s in replayed) < min(s["step"] for s in lines[len(replayed) :])
+        readable = icsmon("tail", "--history", "-n", "1", env=env, check=True).stdout.splitlines()
+        assert readable[0].startswith("(history) step")
+        assert [line for line in readable if line.startswith("step")], readable
+    finally:
+        job.kill()
+        job.wait()

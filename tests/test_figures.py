@@ -119,7 +119,7 @@ def run_training(
     watched: Callable[[icsmon_agent.Monitor], None] | None = None,
 ) -> tuple[list[Sample], Capture]:
     torch.manual_seed(1)
-    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
+    mon = icsmon_agent.watch(model, every=1, runtime_dir=runtime_dir)
     if watched is not None:
         watched(mon)
     cap = Capture(model)

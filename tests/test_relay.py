@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,34 @@ def test_a_relay_that_cannot_bind_says_so(env: dict[str, str]) -> None:
         timeout=30,
     )
     assert proc.returncode == 1 and "cannot bind tcp://256.0.0.1:1" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_tail_on_a_relay_outlives_one_of_its_jobs(tmp_path: Path, env: dict[str, str]) -> None:
+    """A run that says goodbye on a shared endpoint ends that run, not the tail of the others."""
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    short = start_script(script, env, "short", "250")
+    long = start_script(script, env, "long", "100000")
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "icsmon", "relay", "--bind", endpoint], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_jobs(env, 2)
+        started = time.monotonic()
+        tail = subprocess.run(
+            [sys.executable, "-m", "icsmon", "tail", "--json", endpoint, "--timeout", "12"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert tail.returncode == 0, tail.stderr
+        assert "the job ended (run short" in tail.stderr
+        assert took > 11, f"tail stopped after {took:.1f} s, when the short job ended"
+        runs = [json.loads(line)["run"].split("-")[0] for line in tail.stdout.splitlines()]
+        assert runs[-1] == "long" and "short" in runs
+    finally:
+        for proc in (short, long, relay):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

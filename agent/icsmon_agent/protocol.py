@@ -120,6 +120,7 @@ class Sample:
     scalars: dict[str, float | None] = field(default_factory=dict)
     t_measured: float = 0.0  # when the training thread took the figures (hook-to-screen latency)
     dropped: int = 0  # samples the agent itself dropped before sending (queue full)
+    replayed: bool = False  # re-sent history (to a viewer that just subscribed), not news
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,13 @@ def encode_sample(sample: Sample) -> list[bytes]:
 def encode_event(event: Event) -> list[bytes]:
     header = _base(event) | {"event": event.event, "detail": event.detail}
     return [TOPIC_EVENT, _dumps(header), b""]
+
+
+def replayed(frames: list[bytes]) -> list[bytes]:
+    """A sample's frames again, its header marked ``"replayed": true`` (history sent to a new viewer)."""
+    header = json.loads(frames[1])
+    header["replayed"] = True
+    return [frames[0], _dumps(header), frames[2]]
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -365,6 +373,7 @@ def _decode_sample(header: dict[str, Any], body: bytes) -> Sample:
         scalars=scalars,
         t_measured=t_measured,
         dropped=dropped,
+        replayed=header.get("replayed") is True,
     )
 
 

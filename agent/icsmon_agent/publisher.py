@@ -177,7 +177,8 @@ class Publisher:
             return
         self._send(self._schema_frames)
         for frames in list(self._history):
-            self._send(frames)
+            # Marked, so a viewer can tell this step's news from the history it is being sent.
+            self._send(protocol.replayed(frames))
 
     def _read_subscriptions(self) -> None:
         while True:

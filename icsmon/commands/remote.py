@@ -153,6 +153,7 @@ def tail_remote(target: str, args: argparse.Namespace) -> int:
                         # the same alert thresholds as a local tail (flags checked by tail already)
                         thresholds=thresholds_from_args(args),
                         check_pids=False,  # the watchdog asks the remote host instead
+                        history=args.history,
                     )
                 finally:
                     watchdog.stop()

@@ -40,7 +40,12 @@ def register(sub: Any) -> None:
         help="PID, run, endpoint or SSH host (several: side by side); default: the local job",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line, flushed as written")
-    p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N samples")
+    p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N new samples")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help='first print the recent samples the job re-sends on connect, marked ("replayed": true)',
+    )
     p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds (1 if no sample arrived)")
     p.add_argument("--pid", type=int, help="with an SSH host: the job's pid there")
     p.add_argument("--run", help="the job's run id or name (when several run)")
@@ -84,6 +89,7 @@ class Printer:
         self.as_json = as_json
         self.engine = engine
         self.samples = 0
+        self.new_samples = 0  # not counting re-sent history
         self.alerts = 0  # alerts fired (not cleared) so far
         self.colour = not as_json and use_colour(out)
         self.label_runs = False  # several runs in one stream: say whose each line is
@@ -94,8 +100,10 @@ class Printer:
         else:
             rank = f" r{sample.rank}" if schema.world_size > 1 else ""
             prefix = f"[{clean(schema.name or sample.run)}{rank}] " if self.label_runs else ""
+            prefix += "(history) " if sample.replayed else ""
             self.out.write(prefix + sample_line(sample, schema) + "\n")
         self.samples += 1
+        self.new_samples += not sample.replayed
         self.out.flush()
 
     def alert(self, change: AlertChange) -> None:
@@ -111,8 +119,11 @@ class Printer:
 class TailListener(FeedEvents):
     """What ``tail`` does with what the feed hears: print it, and stop when it is done."""
 
-    def __init__(self, printer: Printer, feed: Feed, count: int | None, where: str) -> None:
+    def __init__(
+        self, printer: Printer, feed: Feed, count: int | None, where: str, history: bool = False
+    ) -> None:
         self.printer = printer
+        self.history = history
         self.feed = feed
         self.count = count
         self.where = where
@@ -121,11 +132,11 @@ class TailListener(FeedEvents):
         self.done = False  # count reached
 
     def sample(self, sample: Sample, run: RunState) -> None:
-        if self.done or run.schema is None:
-            return
+        if self.done or run.schema is None or (sample.replayed and not self.history):
+            return  # the history the job re-sends on connect: the rules have it, the output does not
         self.printer.label_runs = self.printer.label_runs or len(self.feed.store.runs) > 1
         self.printer.sample(sample, run.schema)
-        if self.count is not None and self.printer.samples >= self.count:
+        if self.count is not None and self.printer.new_samples >= self.count:
             self.done = True
             self.feed.stop()
 
@@ -170,6 +181,7 @@ def tail_endpoint(
     make_printer: Any = None,
     thresholds: Thresholds | None = None,
     check_pids: bool = True,
+    history: bool = False,
 ) -> int:
     """Print what ``endpoint`` (or several: the ranks of a job, runs side by side) publishes, with
     alerts, until done.
@@ -191,7 +203,7 @@ def tail_endpoint(
         reconnect=False,
         rules_per_sample=False,  # once a batch: a viewer behind catches up (see feed.py)
     )
-    listener = feed.listener = TailListener(printer, feed, count, where)
+    listener = feed.listener = TailListener(printer, feed, count, where, history)
     try:
         asyncio.run(asyncio.wait_for(feed.run(), timeout))
     except TimeoutError:
@@ -233,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             count=args.count,
             timeout=args.timeout,
             thresholds=thresholds,
+            history=args.history,
         )
     except KeyboardInterrupt:
         return 0
