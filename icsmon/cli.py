@@ -12,12 +12,17 @@ import sys
 from collections.abc import Sequence
 
 from icsmon import __version__
+from icsmon.errors import IcsmonError
 
 # Module names under icsmon.commands, in the order --help lists them.
 COMMANDS = ("list_cmd", "tail", "rules", "demo", "attach", "relay")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="icsmon",
         description="Watch every layer of a training network live: activation figures, internal covariate "
@@ -29,17 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"icsmon.commands.{name}").register(sub)
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser, commands = _build()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # The command's own usage for a flag it does not know, not the top-level one.
+        (commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
+    except IcsmonError as exc:
+        print(f"icsmon: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

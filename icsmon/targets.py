@@ -8,11 +8,12 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from icsmon.errors import IcsmonError
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
 
-class TargetError(Exception):
+class TargetError(IcsmonError):
     """The target cannot be resolved; the message says what to do."""
 
 

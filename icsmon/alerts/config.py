@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from icsmon.errors import IcsmonError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -25,7 +27,7 @@ CONFIG_NAME = "icsmon.toml"
 SECTION = "alerts"
 
 
-class ConfigError(ValueError):
+class ConfigError(IcsmonError, ValueError):
     """A config file or flag value that cannot be used; ``str()`` says which and why."""
 
 

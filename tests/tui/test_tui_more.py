@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +150,37 @@ def test_cli_rejects_bad_input_with_a_clear_message(env: dict[str, str], tmp_pat
     proc = icsmon("attach", f"ipc://{tmp_path}/nothing.sock", env=env)
     assert proc.returncode == 1 and "no socket at" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # A flag the command does not know: that command's usage, not the top-level one.
+    for command in ("attach", "tail", "list", "relay"):
+        proc = icsmon(command, "--bogus", env=env)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"usage: icsmon {command}"), proc.stderr
+        assert "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_a_malformed_config_file_is_one_line_of_error_for_every_command(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "icsmon.toml").write_text("[alerts]\ndead_frac = 'lots'\n")
+    for command in (
+        ["attach"],
+        ["tail", "--timeout", "1"],
+        ["rules"],
+        ["demo", "--headless", "--steps", "1"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "icsmon", *command],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 1, (command, proc.stderr)
+        assert (
+            proc.stderr.startswith("icsmon: ")
+            and "icsmon.toml" in proc.stderr
+            and "Traceback" not in proc.stderr
+        )
 
 
 async def test_a_quiet_job_shows_stale_then_a_sample_makes_it_live_again() -> None:
