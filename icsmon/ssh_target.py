@@ -12,6 +12,7 @@ import socket
 import threading
 
 from icsmon.ssh import PROBE_TIMEOUT_S, Connection, SSHError
+from icsmon.subscriber import remember_key
 from icsmon.targets import Resolved, TargetError, describe, pick_job
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
@@ -100,6 +101,7 @@ class RemoteTarget:
             endpoints = []
             for job in resolved.jobs:
                 local = self.conn.forward(job.endpoint)
+                remember_key(local, job.key)
                 if not probe(local):
                     raise self._why_unanswered(job)
                 endpoints.append(local)

@@ -36,16 +36,36 @@ class Decoding:
             return None
 
 
+#: CURVE public keys (Z85) of jobs that publish beyond loopback, by the endpoint this viewer
+#: connects to; filled where targets are resolved (discovery files, SSH forwards, --key).
+SERVER_KEYS: dict[str, str] = {}
+
+
+def remember_key(endpoint: str, key: str) -> None:
+    if key:
+        SERVER_KEYS[endpoint] = key
+
+
 def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
-    """A SUB socket on ``ctx`` (sync or asyncio), subscribed to icsmon's topics, connected."""
+    """A SUB socket on ``ctx`` (sync or asyncio), subscribed to icsmon's topics, connected; to a job
+    with a key, over CURVE (plain endpoints first: a socket's mechanism is set per connect)."""
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, RCVHWM)
     # A peer that sends a bigger message is dropped before the message is allocated.
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
+    secure = [ep for ep in endpoints if ep in SERVER_KEYS]
     for ep in endpoints:
-        sock.connect(ep)
+        if ep not in SERVER_KEYS:
+            sock.connect(ep)
+    if secure:
+        public, secret = zmq.curve_keypair()  # this viewer's own, for this socket only
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        for ep in secure:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, SERVER_KEYS[ep].encode())
+            sock.connect(ep)
     return sock
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icsmon.errors import IcsmonError
+from icsmon.subscriber import remember_key
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -100,6 +101,8 @@ def pick_job(
             f"{len(groups)} jobs running {where}; taking the most recent: {describe(chosen[0])}. "
             "Name one by PID or --run to choose."
         )
+    for job in chosen:
+        remember_key(job.endpoint, job.key)
     return Resolved([j.endpoint for j in chosen], chosen, note)
 
 

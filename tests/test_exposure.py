@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -149,3 +151,42 @@ def test_a_socket_path_typed_without_its_scheme_is_checked_as_a_socket(
     assert not_a_socket.returncode == 1 and f"{tmp_path} is not a socket" in not_a_socket.stderr
     missing = icsmon("tail", "./no-such.sock", env=env)
     assert missing.returncode == 1 and "no socket at" in missing.stderr and "SSH" not in missing.stderr
+
+
+def test_beyond_loopback_the_job_speaks_only_to_viewers_with_its_key(env: dict[str, str]) -> None:
+    """An endpoint on every interface is encrypted (CURVE); the key is in the private discovery
+    file, so `icsmon tail` with no target gets in, and a subscriber without it gets nothing."""
+    from icsmon.subscriber import Subscriber
+
+    runtime = Path(env["ICSMON_RUNTIME_DIR"])
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = icsmon_agent.watch(model, every=1, endpoint="tcp://0.0.0.0:*", runtime_dir=runtime)
+    assert any("CURVE" in str(w.message) for w in caught)
+    try:
+        (job,) = discovery.read_jobs(runtime)
+        assert len(job.key) == 40 and mon.endpoint == job.endpoint
+        port = job.endpoint.rsplit(":", 1)[1]
+        stop = threading.Event()
+
+        def train() -> None:
+            while not stop.is_set():
+                model(torch.randn(2, 4)).sum().backward()
+                mon.step()
+                time.sleep(0.02)
+
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        with Subscriber(f"tcp://127.0.0.1:{port}") as stranger:  # no key: the handshake fails
+            assert not [m for _ in range(10) for m in stranger.poll(0.1)]
+        keyed = icsmon("tail", "--json", "-n", "2", "--timeout", "30", env=env)
+        assert keyed.returncode == 0 and len(keyed.stdout.splitlines()) >= 2, keyed.stderr
+        by_hand = icsmon(
+            "tail", f"tcp://127.0.0.1:{port}", "--key", job.key, "-n", "1", "--timeout", "30", env=env
+        )
+        assert by_hand.returncode == 0, by_hand.stderr
+        stop.set()
+        trainer.join(5)
+    finally:
+        mon.close()

@@ -78,6 +78,7 @@ class JobInfo:
     cmd: list[str] = field(default_factory=list)
     version: int = 1
     local_rank: int = 0
+    key: str = ""  # the job's CURVE public key (Z85) when it publishes beyond loopback
     path: str = ""  # where the file was found (not written into it)
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +104,7 @@ class JobInfo:
                 cmd=[str(c) for c in cmd] if isinstance(cmd, list) else [str(cmd)],
                 version=int(data.get("version", 1)),
                 local_rank=int(data.get("local_rank", 0)),
+                key=str(data.get("key", "")),
                 path=path,
             )
         except (KeyError, TypeError, ValueError) as exc:

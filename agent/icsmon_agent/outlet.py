@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from . import discovery, protocol
 from .publisher import Publisher, Work, default_endpoint
 
@@ -107,15 +109,21 @@ def resolve_endpoint(endpoint: str | None, runtime: Path, key: str) -> str:
             stacklevel=5,
         )
         return "tcp://127.0.0.1:*"
-    if endpoint.startswith("tcp://") and not endpoint.startswith(
-        ("tcp://127.", "tcp://localhost", "tcp://[::1]")
-    ):
+    if not is_loopback(endpoint):
         warnings.warn(
-            f"icsmon: publishing on {endpoint}, beyond loopback: anyone who can reach it can read the figures",
+            f"icsmon: publishing on {endpoint}, beyond loopback, encrypted (CURVE): a viewer needs the "
+            "job's key, which only its discovery file holds (`icsmon list --json`, field 'key')",
             RuntimeWarning,
             stacklevel=5,
         )
     return endpoint
+
+
+def is_loopback(endpoint: str) -> bool:
+    """ipc:// (a file) and loopback TCP stay on this machine; anything else can be reached from off it."""
+    return not endpoint.startswith("tcp://") or endpoint.startswith(
+        ("tcp://127.", "tcp://localhost", "tcp://[::1]")
+    )
 
 
 class Outlet:
@@ -134,9 +142,9 @@ class Outlet:
         key = f"{who.run}.r{who.rank}"
         runtime = Path(runtime_dir) if runtime_dir is not None else discovery.runtime_dir()
         discovery.ensure_private_dir(runtime)
-        self.publisher = Publisher(
-            resolve_endpoint(endpoint, runtime, key), run=who.run, rank=who.rank, on_error=on_error
-        )
+        where = resolve_endpoint(endpoint, runtime, key)
+        public, secret = (None, None) if is_loopback(where) else zmq.curve_keypair()
+        self.publisher = Publisher(where, run=who.run, rank=who.rank, on_error=on_error, curve_secret=secret)
         try:
             info = discovery.JobInfo(
                 pid=who.pid,
@@ -147,6 +155,7 @@ class Outlet:
                 world_size=who.world_size,
                 local_rank=who.local_rank,
                 endpoint=self.endpoint,
+                key=public.decode() if public is not None else "",
                 started=who.started,
                 cmd=list(sys.argv),
             )

@@ -98,12 +98,16 @@ class Publisher:
         run: str,
         rank: int,
         on_error: Callable[[str, BaseException], None] | None = None,
+        curve_secret: bytes | None = None,
     ) -> None:
         self.run = run
         self.rank = rank
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.XPUB)
         try:
+            if curve_secret is not None:  # encrypted, and only for viewers that know the job's key
+                self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+                self._sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
             self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)

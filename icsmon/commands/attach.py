@@ -9,6 +9,7 @@ from typing import Any
 
 from icsmon.alerts.config import ConfigError, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error
+from icsmon.subscriber import remember_key
 from icsmon.targets import TargetError, as_endpoint, is_endpoint, is_ssh_host, resolve_local, resolve_targets
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
@@ -32,6 +33,7 @@ def register(sub: Any) -> None:
     p.add_argument("--pid", type=int, help="the job's pid (on the SSH host, with a host)")
     p.add_argument("--run", help="the job's run id or name (when several run)")
     p.add_argument("--rank", type=int, metavar="N", help="rank N only (default: every rank of the job)")
+    p.add_argument("--key", metavar="KEY", help="the job's CURVE key, for a tcp:// endpoint beyond loopback")
     p.add_argument("--theme", help="a colour theme, e.g. nord, gruvbox, dracula, textual-light")
     p.add_argument("--bell", action="store_true", help="ring the terminal bell on every new critical alert")
     add_threshold_flags(p)
@@ -75,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return error(str(exc))
     targets: list[str] = [as_endpoint(t) for t in args.target]
+    for target in targets:
+        if args.key and target.startswith("tcp://"):
+            remember_key(target, args.key)
     remote = [t for t in targets if is_ssh_host(t)]
     if remote:
         if len(targets) > 1:

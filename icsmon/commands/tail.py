@@ -18,6 +18,7 @@ from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents, default_engine_factory
 from icsmon.render import clean, sample_json_line, sample_line
 from icsmon.store import RunKey, RunState
+from icsmon.subscriber import remember_key
 from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
 from icsmon_agent.protocol import Event, Sample, Schema
 
@@ -52,6 +53,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--rank", type=int, metavar="N", help="follow rank N only (default: every rank of the job)"
     )
+    p.add_argument("--key", metavar="KEY", help="the job's CURVE key, for a tcp:// endpoint beyond loopback")
     add_threshold_flags(p)
     p.set_defaults(func=run)
 
@@ -225,6 +227,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return error(str(exc))
     targets: list[str] = [as_endpoint(t) for t in args.target]
+    for target in targets:
+        if args.key and target.startswith("tcp://"):
+            remember_key(target, args.key)
     try:
         remote = [t for t in targets if is_ssh_host(t)]
         if remote:
