@@ -7,13 +7,15 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup system-deps demo test lint pytest bench clean
 
-# The editable install compiles the agent's C kernel in place: rebuild when it changes.
-$(VENV)/.ready: pyproject.toml setup.py agent/icsmon_agent/_fused.c
+# Two distributions: the agent (agent/, what a training job installs) and the viewer, which
+# depends on it. The agent's editable install compiles its C kernel in place: rebuild when it changes.
+$(VENV)/.ready: pyproject.toml agent/pyproject.toml agent/setup.py agent/icsmon_agent/_fused.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# An old build would hide a kernel that no longer compiles (the extension is optional).
 	rm -f agent/icsmon_agent/_fused.*.so
-	$(PY) -m pip install -q "$(TORCH)" -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH)" -e ./agent
+	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.ready

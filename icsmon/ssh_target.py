@@ -1,7 +1,7 @@
 """A job on a GPU box reached over SSH: list the jobs there, pick one, forward its socket here.
 
 The remote side needs only ``sh`` and the job's agent: the listing is
-:data:`icsmon_agent.discovery.REMOTE_LIST_SCRIPT`, and the agent's socket is forwarded through the
+:data:`icsmon_agent.REMOTE_LIST_SCRIPT`, and the agent's socket is forwarded through the
 SSH master, so no TCP port opens on the box.
 """
 
@@ -11,10 +11,10 @@ import shlex
 import socket
 import threading
 
+from icsmon.remote_listing import REMOTE_LIST_SCRIPT, parse_remote_listing
 from icsmon.ssh import PROBE_TIMEOUT_S, Connection, SSHError
 from icsmon.subscriber import remember_key
 from icsmon.targets import Resolved, TargetError, describe, pick_job
-from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
 # The first bytes a ZeroMQ peer sends on a fresh connection (the ZMTP signature starts with 0xFF).
@@ -51,11 +51,11 @@ class RemoteTarget:
 
     def jobs(self) -> list[JobInfo]:
         """The live jobs on the host, newest first."""
-        proc = self.conn.run_script(discovery.REMOTE_LIST_SCRIPT)
+        proc = self.conn.run_script(REMOTE_LIST_SCRIPT)
         if proc.returncode == 255:  # ssh's own failure, not the script's
             raise SSHError(f"listing the jobs on {self.host} failed (ssh said: {_last(proc.stderr)})")
         try:
-            self.directory, jobs = discovery.parse_remote_listing(proc.stdout)
+            self.directory, jobs = parse_remote_listing(proc.stdout)
         except ValueError:
             raise SSHError(
                 f"could not list the jobs on {self.host}: `sh -s` there printed no listing"

@@ -13,7 +13,8 @@ from typing import Any
 
 import zmq
 
-from icsmon_agent.protocol import MAX_MESSAGE_BYTES, TOPIC_PREFIX, Message, ProtocolError, decode
+from icsmon.wire import MAX_MESSAGE_BYTES, ProtocolError, decode
+from icsmon_agent.protocol import TOPIC_PREFIX, Message
 
 RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rather than grow without end
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from icsmon.feed import Feed
 from icsmon.store import MAX_RUNS, MAX_TOTAL_LAYERS, PENDING_MAX_BYTES, Store
 from icsmon.subscriber import Decoding
+from icsmon.wire import MAX_LAYERS
 from icsmon_agent.protocol import (
-    MAX_LAYERS,
     STATS,
     TOPIC_EVENT,
     TOPIC_SAMPLE,
@@ -158,7 +158,8 @@ from test_fuzz import big_schema, ingest_everywhere
 from icsmon.feed import Feed
 from icsmon.store import MAX_RUNS
 from icsmon.subscriber import Decoding
-from icsmon_agent.protocol import MAX_LAYERS, STATS, Sample, encode
+from icsmon.wire import MAX_LAYERS
+from icsmon_agent.protocol import STATS, Sample, encode
 
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

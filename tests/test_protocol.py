@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
+from icsmon.wire import ProtocolError, decode
 from icsmon_agent import protocol
-from icsmon_agent.protocol import STATS, Event, LayerInfo, ProtocolError, Sample, Schema, decode, encode
+from icsmon_agent.protocol import STATS, Event, LayerInfo, Sample, Schema, encode
 
 LAYERS = (LayerInfo("fc1", "Linear", (32, 64), "linear"), LayerInfo("act", "ReLU", (32, 64), "relu"))
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from icsmon.remote_listing import REMOTE_LIST_SCRIPT, parse_remote_listing
 from icsmon.ssh import SSHError, base_command, check_host, explain_failure, remote_tcp_target
 from icsmon_agent import discovery
-from icsmon_agent.discovery import JobInfo, parse_remote_listing
+from icsmon_agent.discovery import JobInfo
 
 
 def job(pid: int, run: str, started: float, host: str | None = None) -> JobInfo:
@@ -40,7 +41,7 @@ def dead_pid() -> int:
 def run_script(runtime: Path, shell: str = "sh") -> str:
     env = {"PATH": os.environ["PATH"], "HOME": str(runtime), "ICSMON_RUNTIME_DIR": str(runtime)}
     proc = subprocess.run(
-        [shell, "-s"], input=discovery.REMOTE_LIST_SCRIPT, env=env, capture_output=True, text=True, check=True
+        [shell, "-s"], input=REMOTE_LIST_SCRIPT, env=env, capture_output=True, text=True, check=True
     )
     return proc.stdout
 
@@ -77,13 +78,13 @@ def test_default_runtime_dir_matches_the_agent(tmp_path: Path, monkeypatch: pyte
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     out = subprocess.run(
-        ["sh", "-s"], input=discovery.REMOTE_LIST_SCRIPT, env=env, capture_output=True, text=True
+        ["sh", "-s"], input=REMOTE_LIST_SCRIPT, env=env, capture_output=True, text=True
     ).stdout
     assert parse_remote_listing(out)[0] == str(discovery.runtime_dir())
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     out = subprocess.run(
-        ["sh", "-s"], input=discovery.REMOTE_LIST_SCRIPT, env=env, capture_output=True, text=True
+        ["sh", "-s"], input=REMOTE_LIST_SCRIPT, env=env, capture_output=True, text=True
     ).stdout
     assert parse_remote_listing(out)[0] == str(discovery.runtime_dir())
 

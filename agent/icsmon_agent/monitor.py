@@ -233,6 +233,11 @@ class Monitor:
         return self._outlet.publisher.dropped if self._outlet is not None else 0
 
     @property
+    def nonfinite_step(self) -> int | None:
+        """The first sampled step whose loss or layer figures held NaN/Inf, once it was encoded."""
+        return self._outlet.publisher.nonfinite_step if self._outlet is not None else None
+
+    @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self._capture.layers]
 

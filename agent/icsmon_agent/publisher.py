@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from . import protocol
@@ -127,6 +129,7 @@ class Publisher:
         self._stop = threading.Event()
         self._resend = False
         self.dropped = 0  # samples dropped on this side (queue full)
+        self.nonfinite_step: int | None = None  # the first sampled step with NaN/Inf (loss or figures)
         self.sent = 0
         self.errors = 0
         self._thread = threading.Thread(target=self._run, name="icsmon-publisher", daemon=True)
@@ -219,6 +222,11 @@ class Publisher:
         for name, value in zip(work.tensor_scalars, tail.tolist(), strict=True):
             scalars[name] = value
         loss = scalars.pop("loss", None)
+        if self.nonfinite_step is None and (
+            (loss is not None and not math.isfinite(loss))
+            or bool(np.nan_to_num(figures[:, protocol.STAT_INDEX["nonfinite"]]).max(initial=0) > 0)
+        ):
+            self.nonfinite_step = work.step  # read by stop_on of the framework callbacks
         sample = protocol.Sample(
             run=self.run,
             rank=self.rank,

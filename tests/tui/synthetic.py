@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from icsmon.feed import Feed
 from icsmon.targets import TargetError
+from icsmon.wire import decode
 from icsmon_agent.protocol import (
     STAT_INDEX,
     STATS,
@@ -22,7 +23,6 @@ from icsmon_agent.protocol import (
     Message,
     Sample,
     Schema,
-    decode,
     encode,
     schema_id_for,
 )

@@ -16,7 +16,7 @@ setup(
     ext_modules=[
         Extension(
             "icsmon_agent._fused",
-            ["agent/icsmon_agent/_fused.c"],
+            ["icsmon_agent/_fused.c"],
             extra_compile_args=flags,
             optional=True,
         )

@@ -1,0 +1,62 @@
+"""Lightning: ``Trainer(callbacks=[IcsmonCallback()])`` (``lightning.pytorch`` or ``pytorch_lightning``).
+
+Watches the LightningModule when training starts, marks a step after each optimizer step with the
+loss the training step returned, and closes at the end or on an exception. ``stop_on=("nonfinite",)``
+stops training cleanly through ``trainer.should_stop``, decided across ranks as Lightning's own
+early stopping does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The class a Trainer accepts is its own package's: `lightning` (lightning.pytorch) where installed,
+# else the older `pytorch_lightning`.
+try:
+    from lightning.pytorch.callbacks import Callback  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,unused-ignore]
+
+from . import check_stop_on, loss_value, nonfinite
+
+
+class IcsmonCallback(Callback):  # type: ignore[misc]
+    def __init__(self, *, stop_on: tuple[str, ...] = (), **watch_kwargs: Any) -> None:
+        super().__init__()
+        self.stop_on = check_stop_on(stop_on)
+        self.watch_kwargs = watch_kwargs
+        self.monitor: Any = None
+        self.stopped_at: int | None = None
+        self._seen_step = -1
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        import icsmon_agent
+
+        if self.monitor is None:
+            self.watch_kwargs.setdefault("name", type(pl_module).__name__)
+            self.monitor = icsmon_agent.watch(pl_module, **self.watch_kwargs)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is None or trainer.global_step == self._seen_step:
+            return  # a micro-batch of gradient accumulation: the step ends with the optimizer's
+        self._seen_step = trainer.global_step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.monitor.step(loss=loss)
+        if "nonfinite" in self.stop_on:
+            bad = nonfinite(loss_value(loss), self.monitor)
+            if trainer.strategy.reduce_boolean_decision(bad, all=False):
+                self.stopped_at = int(trainer.global_step)
+                trainer.should_stop = True
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
