@@ -15,7 +15,7 @@ from icsmon import __version__
 from icsmon.errors import IcsmonError
 
 # Module names under icsmon.commands, in the order --help lists them.
-COMMANDS = ("list_cmd", "tail", "rules", "demo", "attach", "relay")
+COMMANDS = ("list_cmd", "tail", "attach", "record", "replay", "export", "relay", "rules", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,9 @@ def default_engine_factory(thresholds: Any = None) -> EngineFactory | None:
 class FeedEvents:
     """What a printer hears from the feed, in arrival order; every method may be left as it is."""
 
+    def message(self, msg: Message, new: bool) -> None:
+        """Every decoded message, before it is stored (``new``: not a repeat by seq)."""
+
     def sample(self, sample: Sample, run: RunState) -> None:
         """A new sample was stored (its run's schema is known)."""
 
@@ -155,6 +158,11 @@ class Feed:
         self.stopped = False  # stop() was called: run() returns at its next turn
 
     @property
+    def banner(self) -> str:
+        """A word for the header about where the data comes from (a replay says where it is)."""
+        return ""
+
+    @property
     def endpoint(self) -> str:
         """Where the feed listens, for display."""
         return " ".join(self.endpoints)
@@ -183,6 +191,7 @@ class Feed:
         count_before = before.count if before is not None else 0
         was_ended = before is not None and before.ended
         new = self.store.add(msg)
+        self.listener.message(msg, new)
         if self.store.evicted:
             self._forget(self.store.evicted)
             self.store.evicted = []

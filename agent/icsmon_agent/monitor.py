@@ -61,6 +61,7 @@ class Monitor:
         include: Selector | Iterable[Selector] | None = None,
         exclude: Selector | Iterable[Selector] | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
+        record: str | os.PathLike[str] | None = None,
     ) -> None:
         model = _unwrap(model)
         self.model = model
@@ -96,7 +97,7 @@ class Monitor:
             )
             return
         try:
-            self._outlet = Outlet(self.who, endpoint, runtime_dir, self._on_publisher_error)
+            self._outlet = Outlet(self.who, endpoint, runtime_dir, self._on_publisher_error, record)
         except Exception as exc:
             self._warn("setup", f"icsmon: cannot publish ({exc}); training continues unmonitored")
             return
@@ -470,6 +471,7 @@ def watch(
     include: Selector | Iterable[Selector] | None = None,
     exclude: Selector | Iterable[Selector] | None = None,
     runtime_dir: str | os.PathLike[str] | None = None,
+    record: str | os.PathLike[str] | None = None,
 ) -> Monitor:
     """Watch every layer of ``model`` and publish its figures; see the package docstring.
 
@@ -490,4 +492,5 @@ def watch(
         include=include,
         exclude=exclude,
         runtime_dir=runtime_dir,
+        record=record,
     )

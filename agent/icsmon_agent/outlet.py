@@ -24,6 +24,7 @@ import zmq
 
 from . import discovery, protocol
 from .publisher import Publisher, Work, default_endpoint
+from .recording import Recorder
 
 
 def _default_name() -> str:
@@ -135,6 +136,7 @@ class Outlet:
         endpoint: str | None,
         runtime_dir: str | os.PathLike[str] | None,
         on_error: Callable[[str, BaseException], None],
+        record: str | os.PathLike[str] | None = None,
     ) -> None:
         self.who = who
         self._seq = itertools.count(1)
@@ -144,7 +146,21 @@ class Outlet:
         discovery.ensure_private_dir(runtime)
         where = resolve_endpoint(endpoint, runtime, key)
         public, secret = (None, None) if is_loopback(where) else zmq.curve_keypair()
-        self.publisher = Publisher(where, run=who.run, rank=who.rank, on_error=on_error, curve_secret=secret)
+        recorder = None
+        record = record if record is not None else os.environ.get("ICSMON_RECORD") or None
+        if record is not None:
+            path = Path(record)
+            if who.world_size > 1:  # one file a rank: name.r<rank>.icsrec
+                path = path.with_name(f"{path.stem}.r{who.rank}{path.suffix}")
+            try:
+                recorder = Recorder(path)
+            except OSError as exc:
+                warnings.warn(
+                    f"icsmon: cannot record to {path} ({exc}); publishing only", RuntimeWarning, stacklevel=5
+                )
+        self.publisher = Publisher(
+            where, run=who.run, rank=who.rank, on_error=on_error, curve_secret=secret, recorder=recorder
+        )
         try:
             info = discovery.JobInfo(
                 pid=who.pid,

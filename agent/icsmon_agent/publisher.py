@@ -32,6 +32,7 @@ import zmq
 from . import protocol
 from .discovery import SHORT_SOCKET_DIR
 from .protocol import Event, Schema
+from .recording import Recorder
 
 SNDHWM = 100
 HISTORY = 64
@@ -101,8 +102,11 @@ class Publisher:
         rank: int,
         on_error: Callable[[str, BaseException], None] | None = None,
         curve_secret: bytes | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.run = run
+        self._recorder = recorder  # the job's own recording (watch(record=...)), on this thread only
+        self._recorded_schema = ""
         self.rank = rank
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.XPUB)
@@ -139,7 +143,8 @@ class Publisher:
 
     @property
     def watching(self) -> bool:
-        return bool(self._topics)
+        """A viewer is subscribed, or the job records itself: sample at the full cadence."""
+        return bool(self._topics) or self._recorder is not None
 
     def set_schema(self, schema: Schema) -> None:
         self._schema_frames = protocol.encode_schema(schema)
@@ -186,6 +191,20 @@ class Publisher:
         for frames in list(self._history):
             # Marked, so a viewer can tell this step's news from the history it is being sent.
             self._send(protocol.replayed(frames))
+
+    def _record(self, frames: list[bytes]) -> None:
+        if self._recorder is None:
+            return
+        try:
+            if self._schema_frames is not None and self._recorded_schema != self._schema_id:
+                self._recorder.write(self._schema_frames)  # the table first, as for a viewer
+                self._recorded_schema = self._schema_id
+            self._recorder.write(frames)
+        except Exception as exc:  # a full disk stops the recording, never the job
+            self._error("record", exc)
+            with contextlib.suppress(Exception):
+                self._recorder.close()
+            self._recorder = None
 
     def _read_subscriptions(self) -> None:
         while True:
@@ -253,6 +272,7 @@ class Publisher:
                     # Stamp events from the same counter as samples: a viewer drops any seq it has
                     # already seen, so an event numbered by another counter would be taken for a repeat.
                     frames = protocol.encode_event(replace(item, seq=self.next_seq()))
+                    self._record(frames)
                     if item.event in STATE_EVENTS:
                         # Kept with the samples, in order: a viewer that joins during a pause is
                         # told of it by the history it is sent, as one watching all along was.
@@ -269,6 +289,7 @@ class Publisher:
                 self._send_schema_and_history()
                 self._resend = False
             self._history.append(frames)
+            self._record(frames)
             if self._topics:
                 self._send(frames)
 
@@ -297,6 +318,9 @@ class Publisher:
                     time.sleep(POLL_MS / 1000)
             self._drain()  # the closing event and any last sample
         finally:
+            if self._recorder is not None:
+                with contextlib.suppress(Exception):
+                    self._recorder.close()
             with contextlib.suppress(Exception):
                 self._sock.close(linger=0)
             with contextlib.suppress(Exception):

@@ -54,3 +54,12 @@ def run_app(
     )
     app.run()
     return app.return_code or 0
+
+
+def run_feed(feed: Any, *, title: str = "", theme: str | None = None) -> int:
+    """Run the app on a feed that fills itself (a replay); return the exit status."""
+    from icsmon.tui.app import IcsmonApp
+
+    app = IcsmonApp(feed, title=title, theme=theme)
+    app.run()
+    return app.return_code or 0

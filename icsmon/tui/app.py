@@ -26,6 +26,7 @@ from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from icsmon.feed import Feed, Sources
+from icsmon.replay import SPEEDS, ReplayFeed
 from icsmon.targets import live_endpoints
 from icsmon.tui.commands import LayerCommands
 from icsmon.tui.safe import clean
@@ -60,6 +61,13 @@ class IcsmonApp(App[int]):
         Binding("N", "next_stream(-1)", "Previous run/rank", show=False),
         Binding("c", "compare", "Compare", tooltip="Runs or ranks side by side"),
         Binding("o", "pick", "Jobs", tooltip="Pick the jobs to watch", show=False),
+        # A replay's controls (shown only when replaying):
+        Binding("space", "play", "Play/pause", tooltip="Play or pause the recording"),
+        Binding("plus,equals_sign", "speed(1)", "Faster", key_display="+"),
+        Binding("minus", "speed(-1)", "Slower", key_display="-"),
+        Binding("greater_than_sign", "seek(1)", "Seek on", key_display=">", show=False),
+        Binding("less_than_sign", "seek(-1)", "Seek back", key_display="<", show=False),
+        Binding("0", "seek(0)", "Restart", show=False),
     ]
 
     def __init__(
@@ -178,6 +186,33 @@ class IcsmonApp(App[int]):
             rank = f" rank {chosen.rank}/{world}" if world > 1 else ""
             name = chosen.schema.name if chosen.schema is not None and chosen.schema.name else chosen.run
             self.notify(escape(clean(f"showing {name}{rank}")), timeout=1.5)
+            self._tick(force=True)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("play", "speed", "seek"):
+            return isinstance(self.feed, ReplayFeed)  # replay keys exist in a replay only
+        return True
+
+    def action_play(self) -> None:
+        if isinstance(self.feed, ReplayFeed):
+            self.feed.playing = not self.feed.playing
+            self._tick(force=True)
+
+    def action_speed(self, step: int) -> None:
+        feed = self.feed
+        if isinstance(feed, ReplayFeed):
+            at = min(range(len(SPEEDS)), key=lambda i: abs(SPEEDS[i] - feed.speed))
+            feed.speed = SPEEDS[max(0, min(len(SPEEDS) - 1, at + step))]
+            self._tick(force=True)
+
+    def action_seek(self, direction: int) -> None:
+        feed = self.feed
+        if isinstance(feed, ReplayFeed):
+            total = len(feed.recorded)
+            feed.seek(0 if direction == 0 else feed.position + direction * max(1, total // 10))
+            self._seen_change = 0
+            with contextlib.suppress(LookupError):
+                self.main_screen.alert_log.clear()  # the log is rebuilt from the changes replayed
             self._tick(force=True)
 
     def action_compare(self) -> None:

@@ -30,6 +30,8 @@ def header_text(
         text.append(f"  {state.upper()}", style=STATE_STYLE[state])
         if feed.endpoint:
             text.append(f"  {feed.endpoint}", style="dim")
+        if feed.banner:
+            text.append(f"  {feed.banner}", style="bold reverse cyan")
         return text
     s = run.schema
     text.append(f" {clean(s.name or run.run)}", style="bold")
@@ -48,6 +50,8 @@ def header_text(
         text.append(f"  rejected {feed.rejected}", style="bold red")
     if run.forward_steps:
         text.append("  steps = forwards", style="yellow")  # no optimizer step or mon.step() seen
+    if feed.banner:
+        text.append(f"  {feed.banner}", style="bold reverse cyan")
     if paused:
         text.append("  PAUSED", style="bold reverse yellow")
     if extra:

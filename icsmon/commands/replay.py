@@ -1,0 +1,59 @@
+"""``icsmon replay``: a recording in the terminal app (play, pause, speed, seek), or printed as
+``icsmon tail`` would have printed it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from icsmon.alerts.config import add_threshold_flags, thresholds_from_args
+from icsmon.commands.common import note
+from icsmon.commands.tail import Printer, TailListener
+from icsmon.feed import Feed, default_engine_factory
+from icsmon.replay import ReplayFeed, load, messages
+from icsmon.subscriber import Decoding
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay a recording in the app, or print it as tail would",
+        description="Open the terminal app on a recording (space play/pause, + and - speed, < and > "
+        "seek, 0 restart), or with --json (or no terminal) print exactly what `icsmon tail --json` "
+        "printed live, alerts included.",
+        epilog="FILE: written by `icsmon record` or by a job's watch(model, record=PATH). Several files "
+        "play one after the other (a rotated set: oldest first). Exit status: 0, 1 if a file is not a "
+        "recording or holds nothing.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print JSON lines, as `icsmon tail --json`")
+    p.add_argument("--speed", type=float, default=1.0, help="the app's starting speed (default 1)")
+    p.add_argument("--history", action="store_true", help="print re-sent history too, as `tail --history`")
+    add_threshold_flags(p)
+    p.set_defaults(func=run)
+
+
+def print_recording(files: list[str], as_json: bool, thresholds: Any, history: bool) -> int:
+    """Every message through the feed and tail's printer, alerts after the sample that tripped them."""
+    printer = Printer(sys.stdout, as_json)
+    feed = Feed(lambda: [], engine_factory=default_engine_factory(thresholds), rules_per_sample=True)
+    feed.listener = TailListener(printer, feed, None, files[0], history)
+    decoding = Decoding()
+    for _, msg in messages(files, decoding):
+        feed.ingest(msg, rules=True)
+    if decoding.rejected:
+        note(f"{decoding.rejected} damaged records skipped ({decoding.last_error})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    thresholds = thresholds_from_args(args)
+    if args.json or not sys.stdout.isatty():
+        return print_recording(args.files, args.json, thresholds, args.history)
+    from icsmon import tui
+
+    recorded = load(args.files)
+    feed = ReplayFeed(recorded, engine_factory=default_engine_factory(thresholds))
+    feed.speed = args.speed
+    return tui.run_feed(feed, title=f"icsmon replay {args.files[0]}")

@@ -1,0 +1,140 @@
+"""Record, replay, export: a job that records itself (no viewer) and `icsmon record` leave files
+that replay as the live stream was printed, survive a kill mid-write, and export to CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import icsmon, start_script, wait_for_jobs
+
+JOB = textwrap.dedent(
+    """
+    import sys, time, torch
+    from torch import nn
+    import icsmon_agent
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    record = sys.argv[1] if sys.argv[1] != "-" else None
+    mon = icsmon_agent.watch(model, every=1, name="recorded", record=record)
+    time.sleep(float(sys.argv[3]))  # room for a live viewer to subscribe before step 0
+    for step in range(int(sys.argv[2])):
+        x = torch.randn(4, 8) * (float("nan") if step >= 40 else 1.0)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step(); mon.step(loss=loss)
+        time.sleep(0.05)
+    mon.close()
+    """
+)
+STEPS = 50
+N_LAYERS = 3
+
+
+def lines_of(out: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.timeout(180)
+def test_a_job_records_itself_and_the_replay_prints_what_tail_printed_live(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    recording = tmp_path / "run.icsrec"
+    job = start_script(script, env, str(recording), str(STEPS), "3")
+    try:
+        wait_for_jobs(env)
+        live = icsmon("tail", "--json", env=env, timeout=120)
+    finally:
+        _, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err
+    assert live.returncode == 0, live.stderr
+    replayed = icsmon("replay", str(recording), "--json", env=env, check=True)
+    assert replayed.stdout == live.stdout  # samples and alerts, line for line
+    lines = lines_of(replayed.stdout)
+    samples = [s for s in lines if s["type"] == "sample"]
+    assert [s["step"] for s in samples] == list(range(STEPS))
+    assert any(a["type"] == "alert" and a["rule"] == "nonfinite" for a in lines)
+    assert icsmon("replay", str(recording), "--json", env=env, check=True).stdout == replayed.stdout
+
+    # Export: one row per (step, rank, layer), readable by any CSV reader.
+    table = tmp_path / "run.csv"
+    icsmon("export", str(recording), "--csv", "-o", str(table), env=env, check=True)
+    with table.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == STEPS * N_LAYERS
+    assert rows[0]["layer"] == "0" and rows[0]["type"] == "Linear" and float(rows[0]["std"]) > 0
+    assert rows[-1]["step"] == str(STEPS - 1) and rows[-1]["std"] == ""  # NaN: an empty cell
+
+    # A kill mid-write: the file is readable up to its last whole record.
+    data = recording.read_bytes()
+    cut = tmp_path / "cut.icsrec"
+    cut.write_bytes(data[: len(data) - 200])
+    partial = icsmon("replay", str(cut), "--json", env=env, check=True)
+    got = [s for s in lines_of(partial.stdout) if s["type"] == "sample"]
+    assert 0 < len(got) < STEPS and [s["step"] for s in got] == list(range(len(got)))
+
+    not_one = icsmon("replay", str(script), "--json", env=env)
+    assert not_one.returncode == 1 and "is not an icsmon recording" in not_one.stderr
+
+
+@pytest.mark.timeout(180)
+def test_icsmon_record_writes_what_it_received(tmp_path: Path, env: dict[str, str]) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    job = start_script(script, env, "-", "100000", "0")
+    recording = tmp_path / "viewer.icsrec"
+    try:
+        wait_for_jobs(env)
+        done = icsmon("record", "-o", str(recording), "--count", "20", env=env, timeout=60)
+        assert done.returncode == 0 and "recorded 20 samples" in done.stderr, done.stderr
+    finally:
+        job.kill()
+        job.wait()
+    out = icsmon("replay", str(recording), "--json", "--history", env=env, check=True)
+    samples = [s for s in lines_of(out.stdout) if s["type"] == "sample"]
+    steps = [s["step"] for s in samples]
+    assert len(samples) == 20 and steps == sorted(steps) and len(set(steps)) == 20
+
+
+def test_replay_opens_the_app_on_a_recording(tmp_path: Path, env: dict[str, str]) -> None:
+    """The app on a recording: it plays, pauses, seeks; checked with Textual's pilot."""
+    import asyncio
+
+    from icsmon.feed import default_engine_factory
+    from icsmon.replay import ReplayFeed, load
+    from icsmon.tui.app import IcsmonApp
+
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    recording = tmp_path / "run.icsrec"
+    subprocess.run([sys.executable, str(script), str(recording), "45", "0"], env=env, check=True, timeout=120)
+    feed = ReplayFeed(load([str(recording)]), engine_factory=default_engine_factory())
+    feed.speed = 64.0
+
+    async def drive() -> None:
+        app = IcsmonApp(feed)
+        async with app.run_test(size=(140, 30)) as pilot:
+            deadline = time.monotonic() + 30
+            while feed.position < len(feed.recorded) and time.monotonic() < deadline:
+                await pilot.pause(0.1)
+            assert feed.position == len(feed.recorded)
+            run = feed.current()
+            assert run is not None and run.latest_step == 44 and run.ended
+            await pilot.press("space", "0")  # pause, back to the start
+            await pilot.pause(0.5)
+            assert feed.position == 0 and not feed.store.runs and not feed.playing  # paused: nothing moves
+            assert "REPLAY" in str(app.screen.query_one("#header").render())
+            await pilot.press(">")  # a tenth of the recording on, at once
+            await pilot.pause()
+            assert feed.position == len(feed.recorded) // 10 and feed.current() is not None
+
+    asyncio.run(drive())
