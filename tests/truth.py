@@ -1,4 +1,4 @@
-"""Independent float64 reference implementation of DESIGN.md's figures, for the tests.
+"""Independent float64 reference implementation of the figures (README's table, docs/design.md), for the tests.
 
 Written from the definitions, not from the agent's code: numpy, float64, one layer at a time.
 """

@@ -38,7 +38,7 @@ from icsmon.tui.state import ViewState
 from icsmon.tui.terminal import HANGUP_EXIT, hangup_safe, hung_up, input_tty
 from icsmon_agent.discovery import JobInfo
 
-REFRESH_HZ = 10.0  # DESIGN: 4-10 Hz; a 1,000-layer redraw costs ~11 ms, so 10 Hz fits
+REFRESH_HZ = 10.0  # a 1,000-layer redraw fits many times a second (benchmarks/viewer.py)
 #: How often the app checks that its terminal is still there (see _watch_terminal).
 TERMINAL_CHECK_S = 1.0
 TOASTS_PER_TICK = 3
