@@ -11,3 +11,7 @@ class IcsmonError(Exception):
     """A failure the person can act on; the message says what to do."""
 
     exit_code = 1
+
+
+class TargetError(IcsmonError):
+    """The target cannot be resolved or reached; the message says what to do."""

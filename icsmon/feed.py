@@ -85,7 +85,11 @@ class AsyncSubscriber(Decoding):
         super().__init__()
         self.endpoints = list(endpoints)
         self._ctx = zmq.asyncio.Context()
-        self._sock: zmq.asyncio.Socket = sub_socket(self._ctx, self.endpoints)
+        try:
+            self._sock: zmq.asyncio.Socket = sub_socket(self._ctx, self.endpoints)
+        except BaseException:
+            self._ctx.term()
+            raise
 
     async def poll(self, timeout_s: float, limit: int = BATCH) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then take what is queued (at most ``limit``)."""
@@ -372,6 +376,7 @@ class Feed:
                 # In a thread: over SSH, connecting runs ssh subprocesses that can take seconds,
                 # and the app must keep drawing meanwhile.
                 endpoints = as_endpoints(await asyncio.to_thread(self.connect))
+                subscriber = AsyncSubscriber(endpoints)
             except TargetError as exc:
                 if not self.reconnect:
                     raise
@@ -385,7 +390,7 @@ class Feed:
             self.error = ""
             self.version += 1
             backoff = BACKOFF_MIN_S
-            everything_closed = await self._follow(AsyncSubscriber(endpoints))
+            everything_closed = await self._follow(subscriber)
             if not self.reconnect:
                 return
             if everything_closed:

@@ -13,6 +13,7 @@ from typing import Any
 
 import zmq
 
+from icsmon.errors import TargetError
 from icsmon.wire import MAX_MESSAGE_BYTES, ProtocolError, decode
 from icsmon_agent.protocol import TOPIC_PREFIX, Message
 
@@ -57,17 +58,28 @@ def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
     secure = [ep for ep in endpoints if ep in SERVER_KEYS]
-    for ep in endpoints:
-        if ep not in SERVER_KEYS:
-            sock.connect(ep)
-    if secure:
-        public, secret = zmq.curve_keypair()  # this viewer's own, for this socket only
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        for ep in secure:
-            sock.setsockopt(zmq.CURVE_SERVERKEY, SERVER_KEYS[ep].encode())
-            sock.connect(ep)
+    try:
+        for ep in endpoints:
+            if ep not in SERVER_KEYS:
+                _connect(sock, ep)
+        if secure:
+            public, secret = zmq.curve_keypair()  # this viewer's own, for this socket only
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            for ep in secure:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, SERVER_KEYS[ep].encode())
+                _connect(sock, ep)
+    except BaseException:
+        sock.close(linger=0)
+        raise
     return sock
+
+
+def _connect(sock: Any, endpoint: str) -> None:
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:  # a malformed endpoint (tcp://host with no port): say so, in one line
+        raise TargetError(f"cannot connect to {endpoint}: {exc}") from None
 
 
 class Subscriber(Decoding):
@@ -82,7 +94,12 @@ class Subscriber(Decoding):
         self.endpoint = " ".join(self.endpoints)
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self._sock: zmq.Socket[bytes] = sub_socket(self._ctx, self.endpoints)
+        try:
+            self._sock: zmq.Socket[bytes] = sub_socket(self._ctx, self.endpoints)
+        except BaseException:
+            if self._own_ctx:
+                self._ctx.term()
+            raise
 
     def poll(self, timeout_s: float, limit: int = 10_000) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``limit``)."""

@@ -8,14 +8,10 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icsmon.errors import IcsmonError
+from icsmon.errors import TargetError as TargetError  # where the commands have always found it
 from icsmon.subscriber import remember_key
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
-
-
-class TargetError(IcsmonError):
-    """The target cannot be resolved; the message says what to do."""
 
 
 @dataclass

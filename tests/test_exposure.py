@@ -151,6 +151,9 @@ def test_a_socket_path_typed_without_its_scheme_is_checked_as_a_socket(
     assert not_a_socket.returncode == 1 and f"{tmp_path} is not a socket" in not_a_socket.stderr
     missing = icsmon("tail", "./no-such.sock", env=env)
     assert missing.returncode == 1 and "no socket at" in missing.stderr and "SSH" not in missing.stderr
+    malformed = icsmon("tail", "tcp://foo", env=env)
+    assert malformed.returncode == 1 and malformed.stderr.startswith("icsmon: cannot connect to tcp://foo")
+    assert "Traceback" not in malformed.stderr
 
 
 def test_beyond_loopback_the_job_speaks_only_to_viewers_with_its_key(env: dict[str, str]) -> None:

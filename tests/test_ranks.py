@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -192,3 +193,39 @@ async def test_the_app_on_a_real_ddp_job_shows_both_ranks_and_their_spread(env: 
     finally:
         job.kill()
         job.communicate(timeout=30)
+
+
+def test_ranks_sampled_at_different_steps_are_compared_only_at_a_step_both_hold() -> None:
+    """The adaptive cadence samples each rank at its own moments: rank 0 at steps 0, 7, 14, 21 (NaN
+    at 21), rank 1 at 0, 8, 16, 24 (NaN at 24). They share step 0 only: no divergence to name."""
+    store = Store()
+    for rank in range(2):
+        store.add(dataclasses.replace(schema(rank), world_size=2))
+    for rank, steps in ((0, (0, 7, 14, 21)), (1, (0, 8, 16, 24))):
+        for step in steps:
+            store.add(sample(rank, step, nan_layer=1 if step in (21, 24) else None))
+    ranks = [store.get("job-1", r) for r in range(2)]
+    assert find(ranks) is None  # type: ignore[arg-type]
+    store.add(sample(1, 21, nan_layer=1))  # now both hold step 21, NaN on both: not one rank's
+    assert find(ranks) is None  # type: ignore[arg-type]
+
+
+def test_single_process_jobs_under_one_launcher_id_keep_their_own_run_and_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from icsmon_agent.outlet import Identity
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for var in ("ICSMON_RUN", "TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    one, two = Identity.from_environment("train"), Identity.from_environment("train")
+    assert one.run != two.run  # two runs in one sbatch script are two jobs
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranked = Identity.from_environment("train")
+    assert ranked.run == "train-4242" and ranked.rank == 1 and ranked.world_size == 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "sweep-lr-0.001-and-a-long-tail")
+    a = Identity.from_environment("train").run
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "sweep-lr-0.003-and-a-long-tail")
+    b = Identity.from_environment("train").run
+    assert a != b and len(a) <= len("train-") + 12  # whole ids, hashed short

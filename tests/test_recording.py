@@ -138,3 +138,27 @@ def test_replay_opens_the_app_on_a_recording(tmp_path: Path, env: dict[str, str]
             assert feed.position == len(feed.recorded) // 10 and feed.current() is not None
 
     asyncio.run(drive())
+
+
+def test_a_recorder_rotates_on_new_data_only_and_keeps_each_file_whole(tmp_path: Path) -> None:
+    from icsmon.replay import records
+    from icsmon_agent.protocol import LayerInfo, Schema, encode, schema_id_for
+    from icsmon_agent.recording import Recorder
+
+    layers = tuple(LayerInfo(f"layer.{i}", "Linear", (4, 4)) for i in range(2000))  # a big table
+    schema = encode(Schema(run="r", rank=0, seq=1, t=1.0, layers=layers, schema_id=schema_id_for(layers)))
+    small = [b"icsmon.v1.event", b"{}", b""]
+    path = tmp_path / "rot.icsrec"
+    rec = Recorder(path, max_bytes=2000, keep=2)  # the table alone is far past the limit
+    rec.write(schema)
+    for _ in range(300):
+        rec.write(small)
+    rec.close()
+    files = [path, path.with_name("rot.icsrec.1"), path.with_name("rot.icsrec.2")]
+    assert all(f.exists() for f in files) and not path.with_name("rot.icsrec.3").exists()
+    for f in files:
+        assert next(iter(records(f)))[1][0].endswith(b".schema")  # each file replays alone
+    # Rotation counts new data only: a file is not one table and one record (a loop).
+    assert len(list(records(path.with_name("rot.icsrec.1")))) > 20
+    with pytest.raises(ValueError):
+        Recorder(tmp_path / "x", keep=0)

@@ -65,11 +65,17 @@ def _job_id(name: str, world_size: int) -> str:
     """
     for variable in JOB_ID_VARIABLES:
         value = os.environ.get(variable, "")
-        if value and value != "none":
-            if variable == "SLURM_JOB_ID" and os.environ.get("SLURM_STEP_ID"):
-                value += "." + os.environ["SLURM_STEP_ID"]
-            # Short: the run id names the socket file, whose path has a length limit.
-            return value if variable == "ICSMON_RUN" else f"{name}-{value[:12]}"
+        if not value or value == "none":
+            continue
+        if variable == "ICSMON_RUN":
+            return value
+        if world_size <= 1:
+            break  # one process: a launcher's id may be shared by several (an sbatch of two runs)
+        if variable == "SLURM_JOB_ID" and os.environ.get("SLURM_STEP_ID"):
+            value += "." + os.environ["SLURM_STEP_ID"]
+        # Short (it names the socket file, whose path has a length limit) but whole: hashed.
+        short = value if len(value) <= 12 else value[:6] + hashlib.sha1(value.encode()).hexdigest()[:6]
+        return f"{name}-{short}"
     master = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     if world_size > 1 and all(master):
         digest = hashlib.sha1(":".join(master).encode()).hexdigest()[:6]
@@ -141,7 +147,7 @@ class Outlet:
         self.who = who
         self._seq = itertools.count(1)
         self._discovery_path: Path | None = None
-        key = f"{who.run}.r{who.rank}"
+        key = f"{who.run}.r{who.rank}.{who.pid}"  # the pid too: two processes never share a file
         runtime = Path(runtime_dir) if runtime_dir is not None else discovery.runtime_dir()
         discovery.ensure_private_dir(runtime)
         where = resolve_endpoint(endpoint, runtime, key)
@@ -158,9 +164,14 @@ class Outlet:
                 warnings.warn(
                     f"icsmon: cannot record to {path} ({exc}); publishing only", RuntimeWarning, stacklevel=5
                 )
-        self.publisher = Publisher(
-            where, run=who.run, rank=who.rank, on_error=on_error, curve_secret=secret, recorder=recorder
-        )
+        try:
+            self.publisher = Publisher(
+                where, run=who.run, rank=who.rank, on_error=on_error, curve_secret=secret, recorder=recorder
+            )
+        except BaseException:
+            if recorder is not None:  # opened both or neither
+                recorder.close()
+            raise
         try:
             info = discovery.JobInfo(
                 pid=who.pid,

@@ -36,9 +36,12 @@ class Recorder:
     def __init__(
         self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP
     ) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.keep = keep
+        self._preamble = 0  # bytes at the top of the file (magic, the tables again) before new data
         self.schemas: dict[tuple[str, int], list[bytes]] = {}  # per stream, again at the top of a new file
         self._file = self._open()
 
@@ -63,7 +66,7 @@ class Recorder:
         record += b"".join(FRAME_HEAD.pack(len(f)) + f for f in data)
         self._file.write(record)
         self._file.flush()
-        if self._file.tell() > self.max_bytes:
+        if self._file.tell() - self._preamble > self.max_bytes:
             self._rotate()
 
     def _rotate(self) -> None:
@@ -78,6 +81,7 @@ class Recorder:
             record = RECORD_HEAD.pack(time.time(), len(frames))
             self._file.write(record + b"".join(FRAME_HEAD.pack(len(f)) + f for f in frames))
         self._file.flush()
+        self._preamble = self._file.tell()  # a new file rotates on new data only, never on its tables
 
     def close(self) -> None:
         self._file.close()

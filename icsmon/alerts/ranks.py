@@ -46,20 +46,23 @@ class Divergence:
 
 def aligned(ranks: list[RunState]) -> tuple[np.ndarray, int] | None:
     """Every rank's sample of one step, (ranks, layers, stats), and that step: the newest step that
-    every rank has sent. Ranks run at their own pace, and a NaN batch on one rank reaches the others
-    within a step (DDP averages the gradients), so only samples of the same step can be compared."""
-    common = min((r.latest_step for r in ranks if r.latest_step is not None), default=None)
-    if common is None or any(r.count == 0 for r in ranks):
+    every rank holds a sample of. Ranks sample at their own moments (the adaptive cadence) and a NaN
+    batch on one rank reaches the others within a step (DDP averages the gradients), so only
+    samples of the very same step can be compared; None when the ranks share no step."""
+    if not ranks or any(r.count == 0 for r in ranks):
         return None
+    held = [r.step_series() for r in ranks]
+    common = held[0]
+    for steps in held[1:]:
+        common = np.intersect1d(common, steps)
+    if common.size == 0:
+        return None
+    step = int(common.max())
     rows = []
-    for run in ranks:
-        held = run.step_series()
-        at = np.flatnonzero(held <= common)
-        if at.size == 0:
-            return None
+    for run, steps in zip(ranks, held, strict=True):
         order = np.arange(run.count - run.size, run.count) % run.capacity
-        rows.append(run.figures[order[at[-1]]])
-    return np.stack(rows).astype(np.float64), int(common)
+        rows.append(run.figures[order[np.flatnonzero(steps == step)[-1]]])
+    return np.stack(rows).astype(np.float64), step
 
 
 def spread(ranks: list[RunState], stat: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

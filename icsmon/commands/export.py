@@ -39,6 +39,10 @@ def rows(files: list[str], decoding: Decoding) -> Iterator[list[Any]]:
     seen: set[tuple[str, int, int]] = set()
     for _, msg in messages(files, decoding):
         if isinstance(msg, Schema):
+            before = tables.get((msg.run, msg.rank))
+            if before is not None and before.started != msg.started:
+                # The same run id from a restarted process: its seq starts again at 1.
+                seen = {k for k in seen if k[:2] != (msg.run, msg.rank)}
             tables[(msg.run, msg.rank)] = msg
             continue
         if not isinstance(msg, Sample) or (msg.run, msg.rank, msg.seq) in seen:

@@ -9,6 +9,7 @@ from typing import Any
 
 from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents
+from icsmon.render import clean
 from icsmon.store import RunState
 from icsmon.subscriber import remember_key
 from icsmon.targets import TargetError, as_endpoint, resolve_targets
@@ -47,16 +48,25 @@ class Writer(FeedEvents):
         self.feed = feed
         self.count = count
         self.samples = 0
-        self.tables: dict[tuple[str, int], str] = {}
+        self.tables: dict[tuple[str, int], tuple[str, float]] = {}
+        self.failed = ""  # why writing stopped (a full disk), if it did
 
     def message(self, msg: Message, new: bool) -> None:
+        if self.failed:
+            return
         if isinstance(msg, Schema):
-            if self.tables.get((msg.run, msg.rank)) == msg.schema_id:
+            table = (msg.schema_id, msg.started)  # a restarted process sends its table again
+            if self.tables.get((msg.run, msg.rank)) == table:
                 return  # the periodic re-send of a table already written
-            self.tables[(msg.run, msg.rank)] = msg.schema_id
+            self.tables[(msg.run, msg.rank)] = table
         elif not new:
             return
-        self.recorder.write(encode(msg))
+        try:
+            self.recorder.write(encode(msg))
+        except OSError as exc:
+            self.failed = f"writing {self.recorder.path} failed: {exc.strerror or exc}"
+            self.feed.stop()
+            return
         if isinstance(msg, Sample):
             self.samples += 1
             if self.count is not None and self.samples >= self.count:
@@ -64,11 +74,11 @@ class Writer(FeedEvents):
 
     def event(self, event: Event, run: RunState) -> None:
         if event.event == "closing":
-            note(f"the job ended (run {event.run}, rank {event.rank})")
+            note(clean(f"the job ended (run {event.run}, rank {event.rank})"))
 
 
 async def _record(feed: Feed, timeout: float | None) -> None:
-    with contextlib.suppress(TimeoutError):  # --timeout: the recording so far is the result
+    with contextlib.suppress(asyncio.TimeoutError):  # --timeout: the recording so far is the result
         await asyncio.wait_for(feed.run(), timeout)
 
 
@@ -93,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        recorder.close()
+        with contextlib.suppress(OSError):
+            recorder.close()
+    if writer.failed:
+        return error(f"{writer.failed} (after {writer.samples} samples; the file holds them)")
     if not writer.samples:
         return error(f"no sample arrived from {' '.join(endpoints)}; {args.output} holds none")
     note(f"recorded {writer.samples} samples to {args.output}")

@@ -19,10 +19,12 @@ from typing import Any
 import zmq
 
 from icsmon.commands.common import error, note
+from icsmon.subscriber import SERVER_KEYS, remember_key
 from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
 from icsmon_agent import discovery
 
-DEFAULT_BIND = "tcp://127.0.0.1:5599"
+#: Private like a job's own socket; a TCP bind is asked for, and warned about.
+DEFAULT_BIND = "ipc://{runtime}/relay.sock"
 #: How often the jobs on this machine are listed again (a new job joins the relay within this).
 RELIST_S = 2.0
 CONTROL = "inproc://icsmon-relay-control"
@@ -43,9 +45,9 @@ def register(sub: Any) -> None:
     p.add_argument("target", nargs="*", metavar="TARGET", help="what to relay; default: every local job")
     p.add_argument(
         "--bind",
-        default=DEFAULT_BIND,
         metavar="ENDPOINT",
-        help=f"where viewers connect (default {DEFAULT_BIND})",
+        help="where viewers connect (default: ipc://RUNTIME_DIR/relay.sock, private to you; a tcp:// "
+        "endpoint is reachable by every local user on loopback, by anyone who can route to it beyond)",
     )
     p.set_defaults(func=run)
 
@@ -55,7 +57,10 @@ def local_sources(targets: list[str]) -> Callable[[], set[str]]:
 
     def endpoints() -> set[str]:
         if not targets:
-            return {job.endpoint for job in discovery.read_jobs()}
+            jobs = discovery.read_jobs()
+            for job in jobs:
+                remember_key(job.endpoint, job.key)  # so that an encrypted one is known (and skipped)
+            return {job.endpoint for job in jobs}
         try:
             return set(resolve_targets(targets).endpoints)
         except TargetError:
@@ -79,6 +84,7 @@ class Relay:
         self.sources = sources
         self.static = static
         self.connected: set[str] = set()
+        self.skipped: set[str] = set()  # jobs speaking CURVE: one XSUB cannot mix them with plain ones
         self._control = self.ctx.socket(zmq.PAIR)
         self._control.bind(CONTROL)
         self._steer = self.ctx.socket(zmq.PAIR)
@@ -98,6 +104,11 @@ class Relay:
                 self._steer.send(b"TERMINATE")
 
     def _reconnect(self, wanted: set[str]) -> None:
+        keyed = {e for e in wanted - self.connected if e in SERVER_KEYS}
+        for endpoint in sorted(keyed - self.skipped):
+            note(f"not relaying {endpoint}: it is encrypted (CURVE); connect a viewer to it directly")
+        self.skipped |= keyed
+        wanted = wanted - self.skipped
         for endpoint in sorted(wanted - self.connected):
             with contextlib.suppress(zmq.ZMQError):
                 self.front.connect(endpoint)
@@ -134,10 +145,17 @@ def run(args: argparse.Namespace) -> int:
     targets = [as_endpoint(t) for t in args.target]
     remote = [t for t in targets if is_ssh_host(t)]
     local = [t for t in targets if t not in remote]
-    if args.bind.startswith("tcp://") and not args.bind.startswith(
-        ("tcp://127.", "tcp://localhost", "tcp://[::1]")
-    ):
-        note(f"publishing on {args.bind}, beyond loopback: anyone who can reach it can read the figures")
+    bind = args.bind or DEFAULT_BIND.format(runtime=discovery.runtime_dir())
+    if bind.startswith("tcp://"):
+        if bind.startswith(("tcp://127.", "tcp://localhost", "tcp://[::1]")):
+            note(f"relaying on {bind}: every local user can connect to a loopback port")
+        else:
+            note(f"relaying on {bind}, beyond loopback: anyone who can reach it can read the figures")
+    elif bind.startswith("ipc://"):
+        try:
+            discovery.ensure_private_dir(discovery.runtime_dir())
+        except OSError as exc:
+            return error(str(exc))
     hosts: list[RemoteTarget] = []
     try:
         with exits_cleanly():
@@ -150,9 +168,9 @@ def run(args: argparse.Namespace) -> int:
                 note(f"{host}: {len(target.ranks)} rank(s) of {target.job.run if target.job else '?'}")
             sources = local_sources(local) if local or not remote else (lambda: set())
             try:
-                relay = Relay(args.bind, sources, static)
+                relay = Relay(bind, sources, static)
             except zmq.ZMQError as exc:
-                return error(f"cannot bind {args.bind}: {exc}")
+                return error(f"cannot bind {bind}: {exc}")
             note(f"viewers: icsmon attach {relay.endpoint}   (Ctrl-C stops the relay; the jobs go on)")
             started = time.monotonic()
             try:

@@ -149,15 +149,15 @@ class TailListener(FeedEvents):
     def event(self, event: Event, run: RunState) -> None:
         # On stderr, like every note: --json output stays one sample a line.
         if event.event == "forward_steps":
-            note(f"the job marks no step (run {event.run}): each training forward counts as one")
+            note(clean(f"the job marks no step (run {event.run}): each training forward counts as one"))
         elif event.event in ("paused", "resumed"):
             step = event.detail.get("step", "?")
-            note(f"the job {event.event} sampling (run {event.run}, {_rank(run)}step {step})")
+            note(clean(f"the job {event.event} sampling (run {event.run}, {_rank(run)}step {step})"))
 
     def gone(self, run: RunState, how: str) -> None:
         step = run.latest_step if run.latest_step is not None else "?"
         if how == "closed":
-            note(f"the job ended (run {run.run}, {_rank(run)}step {step})")
+            note(clean(f"the job ended (run {run.run}, {_rank(run)}step {step})"))
         elif how == "died":
             pid = run.schema.pid if run.schema is not None else "?"
             note(f"the job's process (pid {pid}) is gone: it died without closing")
@@ -208,7 +208,7 @@ def tail_endpoint(
     listener = feed.listener = TailListener(printer, feed, count, where, history)
     try:
         asyncio.run(asyncio.wait_for(feed.run(), timeout))
-    except TimeoutError:
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
         if printer.samples:
             return 0
         extra = f" ({feed.rejected} malformed frames: {feed.last_reject})" if feed.rejected else ""

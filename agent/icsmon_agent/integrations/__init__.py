@@ -32,6 +32,22 @@ def loss_value(loss: Any) -> float | None:
         return None
 
 
+def any_rank(flag: bool, model: Any = None) -> bool:
+    """``flag`` on any rank of an initialised process group (every rank must call this at the same
+    step, as a framework's step-end hook does); ``flag`` itself without one."""
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def nonfinite(loss: float | None, monitor: Any) -> bool:
     """NaN/Inf in this step's loss, or in a sampled step's figures (the agent saw it)."""
     if loss is not None and not math.isfinite(loss):

@@ -35,12 +35,13 @@ class IcsmonCallback(Callback):  # type: ignore[misc]
         if self.monitor is None:
             self.watch_kwargs.setdefault("name", type(pl_module).__name__)
             self.monitor = icsmon_agent.watch(pl_module, **self.watch_kwargs)
+        self._seen_step = trainer.global_step  # the first micro-batch of accumulation is no step yet
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.monitor is None or trainer.global_step == self._seen_step:
-            return  # a micro-batch of gradient accumulation: the step ends with the optimizer's
+            return  # a micro-batch of gradient accumulation: no optimizer step happened
         self._seen_step = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.monitor.step(loss=loss)

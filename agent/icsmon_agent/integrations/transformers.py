@@ -1,8 +1,10 @@
 """Hugging Face ``Trainer``: ``trainer = Trainer(..., callbacks=[IcsmonCallback()])``.
 
-Watches the model when training begins, marks each optimizer step with the framework's own step
-counter and the latest logged loss, and closes at the end. ``stop_on=("nonfinite",)`` stops
-training cleanly (``control.should_training_stop``) once the loss or a layer's figures hold NaN/Inf.
+Watches the model when training begins, marks a step at each of the framework's optimizer steps
+(``on_step_end``) with the latest logged loss (``logging_steps=1`` for every step's), and closes at
+the end. ``stop_on=("nonfinite",)`` stops training cleanly (``control.should_training_stop``) once
+the loss or a layer's figures hold NaN/Inf on any rank: the ranks agree, or one would wait for the
+others in the next all-reduce.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from . import check_stop_on, loss_value, nonfinite
+from . import any_rank, check_stop_on, loss_value, nonfinite
 
 
 class IcsmonCallback(TrainerCallback):
@@ -39,7 +41,7 @@ class IcsmonCallback(TrainerCallback):
         if self.monitor is None:
             return
         self.monitor.step(loss=self._loss)
-        if "nonfinite" in self.stop_on and nonfinite(self._loss, self.monitor):
+        if "nonfinite" in self.stop_on and any_rank(nonfinite(self._loss, self.monitor), kwargs.get("model")):
             self.stopped_at = int(state.global_step)
             control.should_training_stop = True
 
