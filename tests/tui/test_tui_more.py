@@ -78,7 +78,7 @@ async def test_picker_chooses_among_several_jobs() -> None:
         await pilot.press("down", "enter")
         await pilot.pause(0.3)
         assert isinstance(app.screen, MainScreen)
-        assert chosen == ["a-1"]
+        assert chosen and set(chosen) == {"a-1"}  # connect is retried while nothing answers
 
 
 async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence() -> None:
