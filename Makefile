@@ -41,4 +41,5 @@ bench: setup
 	$(PY) benchmarks/viewer.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info agent/icsmon_agent/_fused.*.so
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist *.egg-info \
+		agent/build agent/*.egg-info agent/icsmon_agent/_fused.*.so

@@ -135,6 +135,7 @@ def test_the_named_killers_are_rejections() -> None:
         hostile_header(encode(SAMPLE), "seq", 10**300),  # OverflowError in float()/int64
         hostile_header(encode(SAMPLE), "step", 2**64),  # OverflowError in the store
         hostile_header(encode(SAMPLE), "t", 10**400),
+        hostile_header(encode(SAMPLE), "t", float("inf")),  # JSON's Infinity: tail printed invalid JSON
         [TOPIC_EVENT, b'{"v":1,"run":"r","rank":0,"seq":1,"t":1,"event":"x","detail":' + b"[" * 5000 + b"]" * 5000 + b"}", b""],
         hostile_header(encode(SAMPLE), "v", True),  # True == 1, but not a version
         hostile_header(encode(SCHEMA), "layers", [{"name": "x", "type": "y", "shape": []}] * (MAX_LAYERS + 1)),
