@@ -39,6 +39,16 @@ def as_endpoint(target: str) -> str:
     return target
 
 
+def typed_targets(typed: list[str], key: str | None = None) -> list[str]:
+    """The targets as typed, socket paths made endpoints; a ``--key`` given is the key of each
+    tcp:// one (a job beyond loopback speaks CURVE)."""
+    targets = [as_endpoint(t) for t in typed]
+    for target in targets:
+        if key and target.startswith("tcp://"):
+            remember_key(target, key)
+    return targets
+
+
 def is_local_run(target: str, runtime: Path | None = None) -> bool:
     return any(target in (job.run, job.name) for job in discovery.read_jobs(runtime))
 

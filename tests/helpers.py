@@ -30,15 +30,17 @@ def start_script(path: Path, env: dict[str, str], *args: str) -> subprocess.Pope
     )
 
 
-def wait_for_jobs(env: dict[str, str], n: int = 1, timeout: float = 60) -> list[dict[str, Any]]:
-    """Poll ``icsmon list --json`` until ``n`` jobs show up."""
+def wait_for_jobs(
+    env: dict[str, str], n: int = 1, timeout: float = 60, ranks: int = 1
+) -> list[dict[str, Any]]:
+    """Poll ``icsmon list --json`` until ``n`` jobs show up, the newest with ``ranks`` ranks."""
     deadline = time.monotonic() + timeout
     jobs: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         proc = icsmon("list", "--json", env=env)
         if proc.returncode == 0:
             jobs = json.loads(proc.stdout)
-            if len(jobs) >= n:
+            if len(jobs) >= n and len(jobs[0]["ranks"]) >= ranks:
                 return jobs
         time.sleep(0.2)
     raise AssertionError(f"{n} job(s) did not appear within {timeout}s; saw {jobs}")

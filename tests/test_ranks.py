@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import icsmon
+from helpers import icsmon, wait_for_jobs
 from icsmon.alerts.ranks import RankCheck, find
 from icsmon.feed import Feed
 from icsmon.store import Store
@@ -29,19 +29,6 @@ def torchrun(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_ranks(env: dict[str, str], n: int, timeout: float = 90) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    jobs: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        proc = icsmon("list", "--json", env=env)
-        if proc.returncode == 0:
-            jobs = json.loads(proc.stdout)
-            if jobs and len(jobs[0]["ranks"]) >= n:
-                return jobs[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no job with {n} ranks within {timeout} s; saw {jobs}")
-
-
 @pytest.mark.timeout(180)
 def test_a_ddp_job_is_one_job_and_one_tail_follows_every_rank(env: dict[str, str]) -> None:
     job = torchrun(
@@ -49,7 +36,7 @@ def test_a_ddp_job_is_one_job_and_one_tail_follows_every_rank(env: dict[str, str
         "--nan-steps", str(NAN_STEPS),
     )  # fmt: skip
     try:
-        listed = wait_for_ranks(env, 2)
+        (listed,) = wait_for_jobs(env, ranks=2, timeout=90)
         # One job: the ranks share the launcher's run id.
         assert listed["world_size"] == 2 and sorted(r["rank"] for r in listed["ranks"]) == [0, 1]
         table = icsmon("list", env=env, check=True).stdout.splitlines()
@@ -174,7 +161,7 @@ async def test_the_app_on_a_real_ddp_job_shows_both_ranks_and_their_spread(env: 
 
     job = torchrun(env, "--steps", "400", "--delay", "0.03")
     try:
-        wait_for_ranks(env, 2)
+        wait_for_jobs(env, ranks=2, timeout=90)
         feed = Feed(lambda: resolve_local(None).endpoints)  # what `icsmon attach` does, no target
         app = IcsmonApp(feed)
         async with app.run_test(size=(160, 30)) as pilot:

@@ -65,15 +65,17 @@ def aligned(ranks: list[RunState]) -> tuple[np.ndarray, int] | None:
     return np.stack(rows).astype(np.float64), step
 
 
-def spread(ranks: list[RunState], stat: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per layer, across the ranks' newest samples: (min, median, max, rank farthest from the median
-    in log scale). NaN where no rank has a finite value. The ranks must share one layer table."""
-    col = STAT_INDEX[stat]
-    both = aligned(ranks)
-    if both is None:
-        values = np.stack([_latest(r)[:, col] for r in ranks]).astype(np.float64)
-    else:
-        values = both[0][:, :, col]  # (ranks, layers)
+def newest(ranks: list[RunState]) -> np.ndarray:
+    """Each rank's newest sample, (ranks, layers, stats): what to show where they share no step."""
+    return np.stack([_latest(r) for r in ranks]).astype(np.float64)
+
+
+def spread(
+    ranks: list[RunState], stat: str, samples: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer, across ``samples`` (:func:`aligned`'s, else :func:`newest`): (min, median, max, rank farthest
+    from the median in log scale). NaN where no rank has a finite value."""
+    values = samples[:, :, STAT_INDEX[stat]]  # (ranks, layers)
     finite = np.where(np.isfinite(values), values, np.nan)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
@@ -90,13 +92,14 @@ def _latest(run: RunState) -> np.ndarray:
     return latest
 
 
-def find(ranks: list[RunState]) -> Divergence | None:
-    """The first divergence in depth order (a one-rank NaN before a scale gap), or None."""
+def find(ranks: list[RunState], both: tuple[np.ndarray, int] | None = None) -> Divergence | None:
+    """The first divergence in depth order (a one-rank NaN before a scale gap), or None.
+    ``both``: what :func:`aligned` gave for these ranks, if the caller has it already."""
     if len(ranks) < 2 or any(r.schema is None or r.count == 0 for r in ranks):
         return None
     if len({r.schema.schema_id for r in ranks if r.schema is not None}) != 1:
         return None  # different layer tables: different models, nothing to compare
-    both = aligned(ranks)
+    both = both if both is not None else aligned(ranks)
     if both is None:
         return None
     latest, step = both  # (ranks, layers, stats)
@@ -156,7 +159,7 @@ class RankCheck:
         if both is None or both[1] == self._last_step:
             return []  # each step is judged once, when every rank has sent it
         step = self._last_step = both[1]
-        found = find(ranks)
+        found = find(ranks, both)
         changes: list[AlertChange] = []
         if found is None:
             self._holding = 0

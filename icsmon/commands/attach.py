@@ -9,8 +9,14 @@ from typing import Any
 
 from icsmon.alerts.config import ConfigError, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error
-from icsmon.subscriber import remember_key
-from icsmon.targets import TargetError, as_endpoint, is_endpoint, is_ssh_host, resolve_local, resolve_targets
+from icsmon.targets import (
+    TargetError,
+    is_endpoint,
+    is_ssh_host,
+    resolve_local,
+    resolve_targets,
+    typed_targets,
+)
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -76,10 +82,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds = _thresholds(args)
     except ConfigError as exc:
         return error(str(exc))
-    targets: list[str] = [as_endpoint(t) for t in args.target]
-    for target in targets:
-        if args.key and target.startswith("tcp://"):
-            remember_key(target, args.key)
+    targets = typed_targets(args.target, args.key)
     remote = [t for t in targets if is_ssh_host(t)]
     if remote:
         if len(targets) > 1:

@@ -11,8 +11,7 @@ from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents
 from icsmon.render import clean
 from icsmon.store import RunState
-from icsmon.subscriber import remember_key
-from icsmon.targets import TargetError, as_endpoint, resolve_targets
+from icsmon.targets import TargetError, resolve_targets, typed_targets
 from icsmon_agent.protocol import Event, Message, Sample, Schema, encode
 from icsmon_agent.recording import DEFAULT_KEEP, DEFAULT_MAX_BYTES, Recorder
 
@@ -83,10 +82,7 @@ async def _record(feed: Feed, timeout: float | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    targets = [as_endpoint(t) for t in args.target]
-    for target in targets:
-        if args.key and target.startswith("tcp://"):
-            remember_key(target, args.key)
+    targets = typed_targets(args.target, args.key)
     try:
         resolved = resolve_targets(targets, run=args.run, rank=args.rank)
     except TargetError as exc:

@@ -18,8 +18,7 @@ from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents, default_engine_factory
 from icsmon.render import clean, sample_json_line, sample_line
 from icsmon.store import RunKey, RunState
-from icsmon.subscriber import remember_key
-from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
+from icsmon.targets import TargetError, is_ssh_host, resolve_targets, typed_targets
 from icsmon_agent.protocol import Event, Sample, Schema
 
 WAIT_NOTE_S = 5.0
@@ -226,10 +225,7 @@ def run(args: argparse.Namespace) -> int:
         thresholds = thresholds_from_args(args)
     except ConfigError as exc:
         return error(str(exc))
-    targets: list[str] = [as_endpoint(t) for t in args.target]
-    for target in targets:
-        if args.key and target.startswith("tcp://"):
-            remember_key(target, args.key)
+    targets = typed_targets(args.target, args.key)
     try:
         remote = [t for t in targets if is_ssh_host(t)]
         if remote:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from icsmon.alerts.ranks import aligned, spread
+from icsmon.alerts.ranks import aligned, newest, spread
 from icsmon.feed import Feed
 from icsmon.store import RunState
 from icsmon.tui import view
@@ -84,12 +84,13 @@ def rank_table(feed: Feed, ranks: list[RunState]) -> Table:
         for r in ranks
         if r.schema is not None and first.schema is not None and r.schema.schema_id == first.schema.schema_id
     ]
-    std_lo, std_mid, std_hi, outlier = spread(same, "std")
-    grad_lo, grad_mid, grad_hi, _ = spread(same, "grad_norm")
+    both = aligned(same)  # one step that every rank holds, read once for every column
+    samples = both[0] if both is not None else newest(same)
+    std_lo, std_mid, std_hi, outlier = spread(same, "std", samples)
+    grad_lo, grad_mid, grad_hi, _ = spread(same, "grad_norm", samples)
     badges = view.badges(first, feed.active_alerts(first))
-    both = aligned(same)
     nonfinite = (
-        np.nan_to_num(both[0][:, :, STAT_INDEX["nonfinite"]]) > 0
+        np.nan_to_num(samples[:, :, STAT_INDEX["nonfinite"]]) > 0
         if both is not None
         else np.zeros((len(same), len(std_mid)), dtype=bool)
     )
