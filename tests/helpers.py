@@ -57,3 +57,12 @@ def wait_watching(mon: Any, sub: Any, timeout: float = 10) -> bool:
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def first_sample_line(stream: Any) -> str:
+    """The first sample line `icsmon tail` writes to ``stream``. Alert lines may come before it: the
+    rules see the history a job re-sends on connect, which tail prints only with --history."""
+    line = stream.readline()
+    while line.startswith(("  !!", "     hint:", "  ok")):
+        line = stream.readline()
+    return str(line)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import icsmon, json_lines, start_script, wait_for_jobs
+from helpers import first_sample_line, icsmon, json_lines, start_script, wait_for_jobs
 from truth import close, figures, grad_norm, per_unit, published, update_ratio
 
 SCRIPT_HEAD = """
@@ -267,7 +267,7 @@ def test_tail_ends_when_the_job_is_killed(tmp_path: Path, env: dict[str, str]) -
             text=True,
         )
         assert tail.stdout is not None
-        assert tail.stdout.readline().startswith("step")  # following it live
+        assert first_sample_line(tail.stdout).startswith("step")  # following it live
         job.kill()
         job.wait()
         _, err = tail.communicate(timeout=30)  # without a closing event, tail notices the pid is gone

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import icsmon, json_lines
+from helpers import first_sample_line, icsmon, json_lines
 from sshd import (
     Sshd,
     SshdUnavailable,
@@ -236,7 +236,7 @@ def test_several_jobs_pick_by_pid_run_or_newest_then_one_is_killed(
         # the job dies without a goodbye while tail follows it: tail notices and says so
         follower = viewer.start("tail", "gpu-box", "--run", "second")
         assert follower.stdout is not None
-        assert follower.stdout.readline().startswith("step")
+        assert first_sample_line(follower.stdout).startswith("step")
         second.kill()
         second.wait()  # reaped, as a remote job's parent would: a zombie still answers kill -0
         _, err = follower.communicate(timeout=60)
@@ -292,7 +292,7 @@ def test_sshd_that_forbids_forwarding(viewer: Viewer) -> None:
 def test_interrupted_tail_leaves_nothing(viewer: Viewer, lab: Lab, sig: int) -> None:
     follower = viewer.start("tail", "gpu-box")
     assert follower.stdout is not None
-    assert follower.stdout.readline().startswith("step")
+    assert first_sample_line(follower.stdout).startswith("step")
     assert len(lab.open_box.sessions()) > 0
     assert processes_mentioning(str(viewer.tmp)), "the ssh master runs (in the private dir) meanwhile"
     follower.send_signal(sig)
@@ -315,7 +315,7 @@ def test_dropped_connection_ends_tail_with_an_error(
         viewer = make_viewer(lab, tmp_path / "v", job[1], extra)
         follower = viewer.start("tail", "flaky-box")
         assert follower.stdout is not None
-        assert follower.stdout.readline().startswith("step")
+        assert first_sample_line(follower.stdout).startswith("step")
         flaky.stop()  # the server and every session of it: the link is gone
         _, err = follower.communicate(timeout=60)
         assert follower.returncode == 1, err
