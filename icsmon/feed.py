@@ -22,12 +22,12 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from icsmon.alerts.engine import AlertEngine
-from icsmon.alerts.model import Alert, AlertChange
 from icsmon.alerts.ranks import RankCheck
 from icsmon.store import RunKey, RunState, Store
 from icsmon.subscriber import Decoding, sub_socket
 from icsmon.targets import TargetError
+from icsmon_agent.alerts.engine import AlertEngine
+from icsmon_agent.alerts.model import Alert, AlertChange
 from icsmon_agent.discovery import pid_alive
 from icsmon_agent.protocol import Event, Message, Sample, Schema
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from icsmon_agent.alerts.model import fmt as fmt  # one definition, the alert lines' own
 from icsmon_agent.protocol import STATS, Sample, Schema
 
 #: C0 and C1 control characters and DEL; tab and newline too, since a name is one line.
@@ -112,16 +113,6 @@ def sample_json_head(sample: Sample) -> dict[str, Any]:
     if sample.replayed:
         head["replayed"] = True  # history the job re-sent on connect, not a step that just ran
     return head
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-        return f"{value:.{max(digits - 1, 1)}e}"
-    return f"{value:.{digits}g}"
 
 
 def sample_line(sample: Sample, schema: Schema) -> str:

@@ -176,6 +176,23 @@ class RunState:
         value = float(self.losses[(self.count - 1) % self.capacity])
         return None if np.isnan(value) else value
 
+    # The alert engine's view (``icsmon_agent.alerts.engine.Recent``).
+
+    def recent_figures(self, n: int) -> npt.NDArray[np.float64]:
+        return self.figures[self._order(n)].astype(np.float64)
+
+    def recent_steps(self, n: int) -> npt.NDArray[np.int64]:
+        return self.steps[self._order(n)]
+
+    def recent_losses(self, n: int) -> npt.NDArray[np.float64]:
+        return self.losses[self._order(n)]
+
+    def oldest_figures(self, n: int) -> npt.NDArray[np.float64] | None:
+        if self.size < n:
+            return None
+        first = self.count - self.size
+        return self.figures[np.arange(first, first + n) % self.capacity].astype(np.float64)
+
     def series(self, stat: str, layer: int | None = None, n: int | None = None) -> npt.NDArray[np.float32]:
         """Oldest-to-newest values of ``stat``: shape (n,) for one layer, (n, n_layers) for all."""
         idx = self._order(n)

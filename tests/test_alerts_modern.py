@@ -20,10 +20,10 @@ from torch import nn
 
 import icsmon_agent
 from helpers import wait_watching
-from icsmon.alerts.engine import AlertEngine
-from icsmon.alerts.model import AlertChange
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
+from icsmon_agent.alerts.engine import AlertEngine
+from icsmon_agent.alerts.model import AlertChange
 from icsmon_agent.protocol import Sample
 from public_models import (
     GPT,
@@ -209,7 +209,9 @@ def gpt_hot() -> tuple[nn.Module, Step]:
 
 
 SICK = {
-    "ResNet-18 at 20x its learning rate": (resnet_run(True, lr=1.0), {"exploding", "dead_relu"}),
+    # What follows the explosion (dead ReLUs, or vanished gradients) hangs on the CPU's rounding;
+    # the explosion itself, named before the first NaN, does not.
+    "ResNet-18 at 20x its learning rate": (resnet_run(True, lr=1.0), {"exploding"}),
     # No clipping to save it.
     "RNN-ReLU language model at 10x its learning rate": (
         language_model_run("RNN_RELU", 50.0, None),

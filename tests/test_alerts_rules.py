@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icsmon.alerts import rules
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, load, thresholds_from_args
-from icsmon.alerts.engine import AlertEngine
-from icsmon.alerts.rules import Window
 from icsmon.store import Store
+from icsmon_agent.alerts import config as job_config
+from icsmon_agent.alerts import rules
+from icsmon_agent.alerts.engine import AlertEngine
+from icsmon_agent.alerts.rules import Window
 from icsmon_agent.protocol import STAT_INDEX, STATS, LayerInfo, Sample, Schema, schema_id_for
 
 T = Thresholds()
@@ -336,7 +337,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, says: str) -> No
 def test_hints_are_written_from_the_network_they_are_about() -> None:
     """The same rule, two networks: a 3-layer ReLU MLP without normalisation is told to normalise
     and of He init, with its depth; a BatchNorm net is not told to add what it has."""
-    from icsmon.alerts.hints import hint
+    from icsmon_agent.alerts.hints import hint
 
     figs = series(12)
     plain = hint("exploding", window(figs, ("linear", "relu", "linear", "relu", "linear")), "")
@@ -385,5 +386,5 @@ def test_the_early_scale_is_the_oldest_samples_held_even_when_history_arrives_at
 
 
 def test_thresholds_refuse_a_history_longer_than_its_window() -> None:
-    with pytest.raises(ConfigError, match="shift_min_history"):
+    with pytest.raises(job_config.ConfigError, match="shift_min_history"):
         Thresholds(shift_min_history=30, shift_window=20).validate()

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from icsmon.alerts.model import Alert, AlertChange
 from icsmon.render import fmt
 from icsmon.store import RunState
+from icsmon_agent.alerts.model import Alert, AlertChange
 from icsmon_agent.protocol import STAT_INDEX
 
 RULE = "rank_divergence"

@@ -15,8 +15,8 @@ from icsmon.alerts.config import (
     descriptions,
     thresholds_from_args,
 )
-from icsmon.alerts.rules import RULES
 from icsmon.commands.common import error
+from icsmon_agent.alerts.rules import RULES
 
 
 def register(sub: Any) -> None:

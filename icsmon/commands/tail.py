@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
-from icsmon.alerts.model import AlertChange
 from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents, default_engine_factory
 from icsmon.render import clean, sample_json_line, sample_line
 from icsmon.store import RunKey, RunState
 from icsmon.targets import TargetError, is_ssh_host, resolve_targets, typed_targets
+from icsmon_agent.alerts.model import AlertChange
 from icsmon_agent.protocol import Event, Sample, Schema
 
 WAIT_NOTE_S = 5.0

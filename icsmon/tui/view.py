@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from icsmon.alerts.model import Alert
 from icsmon.render import fmt
 from icsmon.store import RunState
+from icsmon_agent.alerts.model import Alert
 from icsmon_agent.protocol import STAT_INDEX
 
 BLOCKS = "▁▂▃▄▅▆▇█"

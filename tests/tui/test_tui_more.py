@@ -7,14 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from screen_text import screen_text
 from synthetic import filled_feed, messages, no_job
 from textual.command import CommandPalette
 from textual.widgets import OptionList
 
 from helpers import icsmon
-from icsmon.feed import Feed
+from icsmon.feed import Feed, default_engine_factory
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
@@ -122,8 +121,7 @@ async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence
 
 
 async def test_alerts_reach_the_log_the_badges_and_a_toast() -> None:
-    pytest.importorskip("icsmon.alerts.engine")
-    feed = Feed(no_job, engine_factory=__import__("icsmon.feed", fromlist=["x"]).default_engine_factory())
+    feed = Feed(no_job, engine_factory=default_engine_factory())
     app = IcsmonApp(feed, live=False, bell=True)
     rang: list[bool] = []
     app.bell = lambda: rang.append(True)  # type: ignore[method-assign]

@@ -8,11 +8,11 @@ import numpy as np
 from screen_text import screen_text
 from synthetic import filled_feed, messages
 
-from icsmon.alerts.model import Alert, AlertChange
 from icsmon.commands.tail import alert_lines
 from icsmon.render import sample_line
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.screens.main import MainScreen
+from icsmon_agent.alerts.model import Alert, AlertChange
 from icsmon_agent.protocol import LayerInfo, Sample, Schema
 
 HOSTILE = ("[/]", "[b]bold[/b]", "[@click=app.quit]x", "evil\x1b]0;pwned\x07", "cr\rlf\n")

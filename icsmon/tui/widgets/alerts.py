@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import RichLog
 
-from icsmon.alerts.model import Alert, AlertChange
 from icsmon.render import clean
+from icsmon_agent.alerts.model import Alert, AlertChange
 
 SEVERITY_STYLE = {"critical": "bold red", "warning": "bold yellow"}
 

@@ -18,16 +18,16 @@ import dataclasses
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
-from icsmon.alerts import hints
-from icsmon.alerts.config import Thresholds
-from icsmon.alerts.model import Alert, AlertChange
-from icsmon.alerts.rules import RULES, RUN_FIGURES, Finding, Window
-from icsmon.render import fmt
-from icsmon.store import RunState
-from icsmon_agent.protocol import STAT_INDEX
+from ..protocol import STAT_INDEX, Schema
+from . import hints
+from .config import Thresholds
+from .model import Alert, AlertChange, fmt
+from .rules import RULES, RUN_FIGURES, Finding, FloatArray, Window
 
 HISTORY = 500  # alert changes kept for the history view
 #: The run's early scale (see rules._jump) is the median of this many first samples.
@@ -49,21 +49,46 @@ class _RunAlerts:
     early: np.ndarray | None = None  # the median of the run's first EARLY_SAMPLES samples held
 
 
-def window_of(run: RunState, n: int, history: int = 0) -> Window | None:
+class Recent(Protocol):
+    """What the engine reads of a stream: the viewer's ring (``icsmon.store.RunState``) and the
+    job's own (:class:`icsmon_agent.alerts.judge.Recent`) both answer it."""
+
+    run: str
+    rank: int
+    optimizer: str  # the type of the optimizer that marks the steps ("" if not known)
+    scalars: dict[str, float | None]  # the newest sample's scalars (lr, ...)
+
+    @property
+    def schema(self) -> Schema | None: ...
+
+    @property
+    def count(self) -> int: ...  # samples taken so far
+
+    def recent_figures(self, n: int) -> FloatArray:
+        """The last ``n`` samples held (fewer if fewer): (m, n_layers, n_stats), oldest first."""
+        ...
+
+    def recent_steps(self, n: int) -> npt.NDArray[np.int64]: ...
+
+    def recent_losses(self, n: int) -> FloatArray: ...
+
+    def oldest_figures(self, n: int) -> FloatArray | None:
+        """The ``n`` oldest samples held, or None while fewer are held."""
+        ...
+
+
+def window_of(run: Recent, n: int, history: int = 0) -> Window | None:
     """The last ``n`` samples of ``run`` as a rule :class:`Window` (None before the first sample),
     with the last ``history`` losses."""
     if run.schema is None or run.count == 0:
         return None
-    longer = np.arange(run.count - min(max(history, n), run.size), run.count) % run.capacity
-    take = min(n, run.size)
-    idx = np.arange(run.count - take, run.count) % run.capacity
     return Window(
-        names=tuple(run.layer_names),
+        names=tuple(run.schema.layer_names),
         kinds=tuple(layer.kind for layer in run.schema.layers),
-        figures=run.figures[idx].astype(np.float64),
-        step=int(run.steps[idx[-1]]),
+        figures=run.recent_figures(n),
+        step=int(run.recent_steps(1)[-1]),
         types=tuple(layer.type for layer in run.schema.layers),
-        losses=run.losses[longer].astype(np.float64),
+        losses=run.recent_losses(max(history, n)),
     )
 
 
@@ -93,7 +118,7 @@ class AlertEngine:
         self._runs: dict[tuple[str, int], _RunAlerts] = {}
         self._history: deque[AlertChange] = deque(maxlen=HISTORY)
 
-    def update(self, run: RunState) -> list[AlertChange]:
+    def update(self, run: Recent) -> list[AlertChange]:
         """Call once after each new sample was stored in ``run``; returns alerts fired/cleared now."""
         key = (run.run, run.rank)
         state = self._runs.get(key)
@@ -107,15 +132,15 @@ class AlertEngine:
         window = window_of(run, max(t.window, t.shift_window) + 1, history=t.spike_window + 1)
         if window is None:
             return []
-        if state.early is None and run.size >= EARLY_SAMPLES:
+        if state.early is None:
             # The oldest samples held: the run's start, or as near it as a viewer that joined late
-            # was sent (its history arrives in one batch, so rows are taken from the store, not
-            # one per update).
-            first = run.count - run.size
-            idx = np.arange(first, first + EARLY_SAMPLES) % run.capacity
-            with np.errstate(all="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
-                state.early = np.nanmedian(run.figures[idx].astype(np.float64), axis=0)
+            # was sent (its history arrives in one batch, so rows are taken as held, not one per
+            # update).
+            oldest = run.oldest_figures(EARLY_SAMPLES)
+            if oldest is not None:
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
+                    state.early = np.nanmedian(oldest, axis=0)
         window = dataclasses.replace(window, early=state.early)
         latest = window.figures[-1]
         has_nonfinite = bool(
@@ -146,7 +171,7 @@ class AlertEngine:
         self._history.extend(changes)
         return changes
 
-    def _alert(self, rule: str, finding: Finding, window: Window, run: RunState, hint: str) -> Alert:
+    def _alert(self, rule: str, finding: Finding, window: Window, run: Recent, hint: str) -> Alert:
         names = window.names
         return Alert(
             rule=rule,
@@ -165,6 +190,23 @@ class AlertEngine:
             layers=tuple(names[i] for i in finding.layers),
         )
 
+    def take(self, change: AlertChange) -> bool:
+        """An alert the job fired or cleared itself (its own engine judged it), held as if fired
+        here. False for what changes nothing: an alert already active, a clear of none."""
+        alert = change.alert
+        state = self._runs.setdefault((alert.run, alert.rank), _RunAlerts())
+        rs = state.rules.setdefault(alert.rule, _RuleState())
+        if change.cleared:
+            if rs.active is None:
+                return False
+            rs.active = None
+        else:
+            if rs.active == alert:
+                return False
+            rs.active = alert
+        self._history.append(change)
+        return True
+
     def forget(self, run: str, rank: int = 0) -> None:
         """Drop a run's state (it ended or was replaced); its alerts leave ``active``."""
         self._runs.pop((run, rank), None)
@@ -173,7 +215,8 @@ class AlertEngine:
     def active(self) -> list[Alert]:
         """Currently firing alerts, in depth order (then by run)."""
         out = [rs.active for st in self._runs.values() for rs in st.rules.values() if rs.active is not None]
-        return sorted(out, key=lambda a: (a.layer_index, a.run, a.rank, list(RULES).index(a.rule)))
+        order = {name: i for i, name in enumerate(RULES)}  # a newer job's rule goes last
+        return sorted(out, key=lambda a: (a.layer_index, a.run, a.rank, order.get(a.rule, len(order))))
 
     @property
     def history(self) -> list[AlertChange]:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from icsmon.alerts.config import Thresholds
-from icsmon.alerts.model import Severity
-from icsmon_agent.protocol import STAT_INDEX
+from ..protocol import STAT_INDEX
+from .config import Thresholds
+from .model import Severity
 
 FloatArray = npt.NDArray[np.float64]
 

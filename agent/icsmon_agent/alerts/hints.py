@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icsmon.alerts.rules import Window
+from .rules import Window
 
 
 @dataclass(frozen=True)
