@@ -301,6 +301,8 @@ class Store:
         if isinstance(msg, Event):
             if state.first_sample_seq:
                 state.last_seq = msg.seq
+            if msg.event in ("alert", "alert_cleared"):  # the job's judgement: the feed holds it
+                return True
             if msg.event == "forward_steps":  # notes about the job, not changes of its state
                 state.forward_steps = True
                 return True

@@ -163,6 +163,7 @@ def _decode_schema(header: dict[str, Any], body: bytes) -> Schema:
         started=started,
         stats=tuple(stats),
         schema_id=_text(header.get("schema_id", ""), "schema id"),
+        alerts=header.get("alerts") is True,
     )
 
 
@@ -223,6 +224,7 @@ def _decode_event(header: dict[str, Any], body: bytes) -> Event:
         t=header["t"],
         event=name,
         detail=detail,
+        replayed=header.get("replayed") is True,
     )
 
 

@@ -18,8 +18,6 @@ from collections import deque
 BUDGET = 0.005
 #: At most 20 samples a second: what a viewer can draw, and what the wire is sized for.
 MIN_INTERVAL_S = 0.05
-#: With nobody subscribed, sample this many times less often: enough history for a late viewer.
-IDLE_FACTOR = 10
 #: The cadence follows the low median of this many samples' costs (the first ones go at the floor).
 COST_WINDOW = 5
 
@@ -35,11 +33,12 @@ class Cadence:
         self._paused_at = 0.0
         self._busy_seen: float | None = None  # the offload thread's busy seconds already counted
 
-    def due(self, step: int, watching: bool) -> bool:
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is sampled. Watched or not: the job judges every sample itself, so a
+        job nobody watches is sampled as often as a watched one."""
         if self.every is not None:
-            period = self.every if watching else self.every * IDLE_FACTOR
-            return step % period == 0
-        interval = max(MIN_INTERVAL_S, self.cost / BUDGET) * (1 if watching else IDLE_FACTOR)
+            return step % self.every == 0
+        interval = max(MIN_INTERVAL_S, self.cost / BUDGET)
         return time.monotonic() - self._last_sample >= interval
 
     def sampled(self, began: float, spent: float, offload_busy: float | None, first: bool) -> None:

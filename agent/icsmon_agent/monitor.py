@@ -20,17 +20,22 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .actions import Actions
+from .alerts import config as alert_config
+from .alerts.judge import Judge
+from .alerts.model import Alert
 from .cadence import Cadence
 from .capture import Capture
+from .guard import LossGuard
 from .layers import Selector, candidate_modules
-from .outlet import Identity, Outlet
+from .outlet import Identity, Outlet, Record
 from .sample import Early, Grads, Pending, Sampler, when_backward_ends
 from .steps import StepMarks
 
@@ -61,7 +66,11 @@ class Monitor:
         include: Selector | Iterable[Selector] | None = None,
         exclude: Selector | Iterable[Selector] | None = None,
         runtime_dir: str | os.PathLike[str] | None = None,
-        record: str | os.PathLike[str] | None = None,
+        record: Record = None,
+        thresholds: alert_config.Thresholds | None = None,
+        stop_on: Iterable[str] = (),
+        on_alert: Callable[[Alert], object] | None = None,
+        quiet: bool | None = None,
     ) -> None:
         model = _unwrap(model)
         self.model = model
@@ -87,6 +96,11 @@ class Monitor:
         self._skipped_step = -1
         self._outlet: Outlet | None = None
         self._atexit: Any = None
+        self._actions = Actions.from_environment(quiet=quiet, on_alert=on_alert, stop_on=stop_on)
+        self._guard = LossGuard()
+        self._step_loss = False  # this step's loss was given to step() (a model's own is the fallback)
+        self._hurry = False  # sample the next step whatever the cadence says (a NaN loss was seen)
+        self._model_loss: torch.Tensor | None = None  # the loss the model itself returned this step
 
         modules = candidate_modules(model, include, exclude)
         self._capture = Capture(model, modules, self)
@@ -97,7 +111,15 @@ class Monitor:
             )
             return
         try:
-            self._outlet = Outlet(self.who, endpoint, runtime_dir, self._on_publisher_error, record)
+            self._outlet = Outlet(
+                self.who,
+                endpoint,
+                runtime_dir,
+                self._on_publisher_error,
+                record,
+                judge=Judge(thresholds or self._thresholds()),
+                actions=self._actions,
+            )
         except Exception as exc:
             self._warn("setup", f"icsmon: cannot publish ({exc}); training continues unmonitored")
             return
@@ -108,6 +130,7 @@ class Monitor:
             self._outlet.event("started", self._step, self.errors)
             self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
             atexit.register(self._atexit)
+            self._say_hello(len(modules))
         except Exception as exc:
             self._warn("setup", f"icsmon: cannot hook the model ({exc}); training continues unmonitored")
             self.close()
@@ -126,6 +149,8 @@ class Monitor:
             values = dict(scalars)
             if loss is not None:
                 values["loss"] = loss
+                self._check_loss(loss)
+                self._step_loss = True
             if self._marks.user_step():  # this step is already closed: do not count it twice
                 if self._pending is not None:
                     self._pending.scalars.update(values)
@@ -199,6 +224,7 @@ class Monitor:
             with contextlib.suppress(Exception):
                 self._outlet.event("closing", self._step, self.errors)
             self._outlet.close()
+        self._actions.close()
         if self._atexit is not None:
             atexit.unregister(self._atexit)
 
@@ -235,8 +261,30 @@ class Monitor:
 
     @property
     def nonfinite_step(self) -> int | None:
-        """The first sampled step whose loss or layer figures held NaN/Inf, once it was encoded."""
-        return self._outlet.publisher.nonfinite_step if self._outlet is not None else None
+        """The first step whose loss was NaN/Inf (every step's is checked), or the first sampled
+        step whose layer figures held NaN/Inf, once it was encoded."""
+        seen = [self._guard.first_nonfinite]
+        if self._outlet is not None:
+            seen.append(self._outlet.publisher.nonfinite_step)
+        return min((s for s in seen if s is not None), default=None)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert of a rule named in ``stop_on`` fired in the job (``"nonfinite"``: also
+        a NaN/Inf loss given to :meth:`step` or returned by the model); read it once a step and
+        stop the loop. The job's own judgement: no viewer needed."""
+        return self._actions.stop is not None
+
+    @property
+    def stop_reason(self) -> Alert | None:
+        """The alert that raised :attr:`should_stop` (None while it is False)."""
+        return self._actions.stop
+
+    @property
+    def history(self) -> str | None:
+        """The file where the job keeps its history (``icsmon replay PID`` plays it), if any."""
+        kept = self._outlet.kept if self._outlet is not None else None
+        return str(kept.recording) if kept is not None else None
 
     @property
     def layer_names(self) -> list[str]:
@@ -291,6 +339,13 @@ class Monitor:
         if self._eval_forward:
             return
         started = time.perf_counter()
+        if not self._step_loss and isinstance(output, Mapping):
+            # A model that returns its loss (Hugging Face's ModelOutput): the step's own loss
+            # tensor, checked each step when the script hands none to step().
+            loss = output.get("loss")
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self._check_loss(loss)
+                self._model_loss = loss.detach()
         capture = self._capture
         sampled = capture.armed
         capture.end_forward(output)
@@ -372,13 +427,16 @@ class Monitor:
             return True
         if self._outlet is None or self._paused:
             return False
+        if self._hurry:
+            self._hurry = False
+            return True
         offload = capture.offload
         if offload is not None and offload.pending > MAX_QUEUED_JOBS:
             if self._skipped_step != self._step:
                 self._skipped_step = self._step
                 self.skipped += 1
             return False
-        return self._cadence.due(self._step, self._outlet.watching)
+        return self._cadence.due(self._step)
 
     def _update_hooks(self) -> None:
         """The hooks are needed while sampling, to flush a held sample, or to find the steps."""
@@ -403,6 +461,8 @@ class Monitor:
             lr = self._marks.learning_rate()
             if lr is not None and "lr" not in scalars:  # the user's own "lr" wins
                 scalars = {**scalars, "lr": lr}
+            if self._model_loss is not None and "loss" not in scalars:  # the user's own loss wins
+                scalars = {**scalars, "loss": self._model_loss}
             pending = self._sampler.take(self._step, scalars, self._early, self._grads)
             self._spent += time.perf_counter() - started
             offload = capture.offload
@@ -412,6 +472,8 @@ class Monitor:
             self._spent = 0.0
         self._forward_t0 = None
         self._step += 1
+        self._step_loss = False
+        self._model_loss = None
         self._marks.boundary()
         self._early = None
         self._grads = None
@@ -443,6 +505,32 @@ class Monitor:
         self._sampler = Sampler(capture, self._outlet.publisher, self._warn)
         self._outlet.schema(capture.table(), self.every)
 
+    # ------------------------------------------------------------------ the job's own judgement
+
+    def _check_loss(self, loss: Any) -> None:
+        """Every step's loss, sampled or not: a NaN/Inf raises ``stop_on`` at once and has the
+        next step sampled, so the rules see where it starts."""
+        bad = self._guard.check(self._step, loss)
+        if bad is not None:
+            self._actions.stop_for_loss(bad)
+            self._hurry = True
+
+    def _thresholds(self) -> alert_config.Thresholds:
+        """The thresholds in force where the job runs (``icsmon.toml``); a bad file costs a warning."""
+        try:
+            return alert_config.load()
+        except alert_config.ConfigError as exc:
+            self._warn("config", f"icsmon: {exc}; judging with the default thresholds")
+            return alert_config.Thresholds()
+
+    def _say_hello(self, modules: int) -> None:
+        where = f"icsmon attach {self.who.pid}"
+        kept = f"; its history: icsmon replay {self.who.pid}" if self.history else ""
+        self._actions.say(
+            f"watching {modules} modules of {type(self.model).__name__} (run {self.who.run}); "
+            f"to look: {where}{kept}"
+        )
+
     # ------------------------------------------------------------------ plumbing
 
     def _warn(self, key: str, message: str) -> None:
@@ -471,7 +559,11 @@ def watch(
     include: Selector | Iterable[Selector] | None = None,
     exclude: Selector | Iterable[Selector] | None = None,
     runtime_dir: str | os.PathLike[str] | None = None,
-    record: str | os.PathLike[str] | None = None,
+    record: Record = None,
+    thresholds: alert_config.Thresholds | Mapping[str, float] | None = None,
+    stop_on: Iterable[str] = (),
+    on_alert: Callable[[Alert], object] | None = None,
+    quiet: bool | None = None,
 ) -> Monitor:
     """Watch every layer of ``model`` and publish its figures; see the package docstring.
 
@@ -484,6 +576,13 @@ def watch(
         )
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ValueError(f"every must be a positive integer or None (adaptive), got {every!r}")
+    if on_alert is not None and not callable(on_alert):
+        raise TypeError(f"on_alert must be callable, got {type(on_alert).__name__}")
+    if isinstance(thresholds, Mapping):  # {"explode_jump": 5}: over the defaults and icsmon.toml
+        unknown = set(thresholds) - set(alert_config.descriptions())
+        if unknown:
+            raise ValueError(f"thresholds: unknown {sorted(unknown)} (`icsmon rules` lists them)")
+        thresholds = alert_config.load(overrides=dict(thresholds))
     return Monitor(
         model,
         name=name,
@@ -493,4 +592,8 @@ def watch(
         exclude=exclude,
         runtime_dir=runtime_dir,
         record=record,
+        thresholds=thresholds,
+        stop_on=stop_on,
+        on_alert=on_alert,
+        quiet=quiet,
     )

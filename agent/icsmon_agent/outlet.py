@@ -22,9 +22,14 @@ from typing import Any
 
 import zmq
 
-from . import discovery, protocol
+from . import discovery, history, protocol
+from .actions import Actions
+from .alerts.judge import Judge
 from .publisher import Publisher, Work, default_endpoint
-from .recording import Recorder
+from .recording import DEFAULT_KEEP, DEFAULT_MAX_BYTES, Recorder
+
+#: What ``watch(record=...)`` takes: None (keep the history), False (keep nothing), or a path.
+Record = str | os.PathLike[str] | bool | None
 
 
 def _default_name() -> str:
@@ -142,31 +147,30 @@ class Outlet:
         endpoint: str | None,
         runtime_dir: str | os.PathLike[str] | None,
         on_error: Callable[[str, BaseException], None],
-        record: str | os.PathLike[str] | None = None,
+        record: Record = None,
+        judge: Judge | None = None,
+        actions: Actions | None = None,
     ) -> None:
         self.who = who
         self._seq = itertools.count(1)
         self._discovery_path: Path | None = None
+        self.kept: history.KeptJob | None = None
         key = f"{who.run}.r{who.rank}.{who.pid}"  # the pid too: two processes never share a file
         runtime = Path(runtime_dir) if runtime_dir is not None else discovery.runtime_dir()
         discovery.ensure_private_dir(runtime)
         where = resolve_endpoint(endpoint, runtime, key)
         public, secret = (None, None) if is_loopback(where) else zmq.curve_keypair()
-        recorder = None
-        record = record if record is not None else os.environ.get("ICSMON_RECORD") or None
-        if record is not None:
-            path = Path(record)
-            if who.world_size > 1:  # one file a rank: name.r<rank>.icsrec
-                path = path.with_name(f"{path.stem}.r{who.rank}{path.suffix}")
-            try:
-                recorder = Recorder(path)
-            except OSError as exc:
-                warnings.warn(
-                    f"icsmon: cannot record to {path} ({exc}); publishing only", RuntimeWarning, stacklevel=5
-                )
+        recorder, kept_in = _open_recorder(who, key, record)
         try:
             self.publisher = Publisher(
-                where, run=who.run, rank=who.rank, on_error=on_error, curve_secret=secret, recorder=recorder
+                where,
+                run=who.run,
+                rank=who.rank,
+                on_error=on_error,
+                curve_secret=secret,
+                recorder=recorder,
+                judge=judge,
+                actions=actions,
             )
         except BaseException:
             if recorder is not None:  # opened both or neither
@@ -190,6 +194,11 @@ class Outlet:
         except BaseException:
             self.close()
             raise
+        if recorder is not None and kept_in is not None:
+            try:
+                self.kept = history.start(info, key, recorder.path.absolute(), kept_in)
+            except OSError as exc:
+                warnings.warn(f"icsmon: cannot index the job's history ({exc})", RuntimeWarning, stacklevel=5)
 
     @property
     def endpoint(self) -> str:
@@ -229,6 +238,50 @@ class Outlet:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.publisher.close()
+        if self.kept is not None:
+            history.ended(self.kept)
+            self.kept = None
         if self._discovery_path is not None and os.getpid() == self.who.pid:
             discovery.remove(self._discovery_path)
             self._discovery_path = None
+
+
+def _open_recorder(who: Identity, key: str, record: Record) -> tuple[Recorder | None, Path | None]:
+    """The job's recording, and the history directory that indexes it (None: not indexed).
+
+    ``record=PATH`` (or ``ICSMON_RECORD``) records there, one file a rank; by default the job keeps
+    its history (:mod:`.history`); ``record=False`` or ``ICSMON_HISTORY=0`` keeps nothing. A place
+    that cannot be used costs the recording, never the job.
+    """
+    if record is False:
+        return None, None
+    chosen = record if record not in (None, True) else os.environ.get("ICSMON_RECORD") or None
+    if chosen is None and not history.enabled():
+        return None, None
+    try:
+        directory = history.prepare()
+    except OSError as exc:
+        directory = None
+        if chosen is None:
+            warnings.warn(
+                f"icsmon: cannot keep the job's history ({exc}); set {history.STATE_ENV} or record=PATH",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return None, None
+    if chosen is not None:
+        path = Path(chosen)  # type: ignore[arg-type]
+        if who.world_size > 1:  # one file a rank: name.r<rank>.icsrec
+            path = path.with_name(f"{path.stem}.r{who.rank}{path.suffix}")
+        max_bytes, keep = DEFAULT_MAX_BYTES, DEFAULT_KEEP
+    else:
+        assert directory is not None
+        path = directory / f"{key}{history.SUFFIX}"
+        max_bytes, keep = history.JOB_MAX_BYTES, history.JOB_KEEP
+    try:
+        return Recorder(path, max_bytes=max_bytes, keep=keep), directory
+    except OSError as exc:
+        warnings.warn(
+            f"icsmon: cannot record to {path} ({exc}); publishing only", RuntimeWarning, stacklevel=5
+        )
+        return None, None

@@ -83,6 +83,9 @@ class Schema:
     started: float = 0.0
     stats: tuple[str, ...] = STATS
     schema_id: str = ""
+    # The job runs the alert rules on its own samples and sends their events ("alert",
+    # "alert_cleared"): a viewer shows those and does not judge the stream again.
+    alerts: bool = False
 
     @property
     def layer_names(self) -> list[str]:
@@ -109,7 +112,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class Event:
-    """A life-cycle event: ``started``, ``closing`` or ``error`` with counters in ``detail``."""
+    """A life-cycle event (``started``, ``closing``, ``paused``, ...) with what it says in ``detail``;
+    ``alert`` and ``alert_cleared`` carry the job's own alert changes (``AlertChange.to_json``)."""
 
     run: str
     rank: int
@@ -117,6 +121,7 @@ class Event:
     t: float
     event: str
     detail: dict[str, Any] = field(default_factory=dict)
+    replayed: bool = False  # re-sent to a viewer that just subscribed (an alert it missed), not news
 
 
 Message = Schema | Sample | Event
@@ -151,6 +156,7 @@ def encode_schema(schema: Schema) -> list[bytes]:
         "started": schema.started,
         "stats": list(schema.stats),
         "schema_id": schema.schema_id,
+        "alerts": schema.alerts,
         "layers": [layer.to_json() for layer in schema.layers],
     }
     return [TOPIC_SCHEMA, _dumps(header), b""]
@@ -177,10 +183,12 @@ def encode_event(event: Event) -> list[bytes]:
     return [TOPIC_EVENT, _dumps(header), b""]
 
 
-def replayed(frames: list[bytes]) -> list[bytes]:
-    """A sample's frames again, its header marked ``"replayed": true`` (history sent to a new viewer)."""
+def replayed(frames: list[bytes], **extra: Any) -> list[bytes]:
+    """A message's frames again, its header marked ``"replayed": true`` (history sent to a new
+    viewer), with ``extra`` fields added."""
     header = json.loads(frames[1])
     header["replayed"] = True
+    header.update(extra)
     return [frames[0], _dumps(header), frames[2]]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import threading
@@ -30,12 +31,17 @@ import numpy as np
 import zmq
 
 from . import protocol
+from .actions import Actions
+from .alerts.judge import Judge
+from .alerts.model import AlertChange
 from .discovery import SHORT_SOCKET_DIR
 from .protocol import Event, Schema
 from .recording import Recorder
 
 SNDHWM = 100
 HISTORY = 64
+#: The job's recent alert changes, re-sent with the active ones to each new viewer.
+ALERT_HISTORY = 32
 QUEUE = 16
 SCHEMA_EVERY_S = 1.0  # re-sent so a viewer behind a relay (no subscription seen here) decodes within 2 s
 POLL_MS = 20
@@ -103,8 +109,13 @@ class Publisher:
         on_error: Callable[[str, BaseException], None] | None = None,
         curve_secret: bytes | None = None,
         recorder: Recorder | None = None,
+        judge: Judge | None = None,
+        actions: Actions | None = None,
     ) -> None:
         self.run = run
+        # The job's own alert rules, run on this thread for every sample (None: not judged here).
+        self.judge = judge
+        self.actions = actions
         self._recorder = recorder  # the job's own recording (watch(record=...)), on this thread only
         self._recorded_schema = ""
         self.rank = rank
@@ -126,6 +137,9 @@ class Publisher:
         self._on_error = on_error
         self._queue: deque[Work | Event] = deque()
         self._history: deque[list[bytes]] = deque(maxlen=HISTORY)
+        self._alert_history: deque[tuple[int, list[bytes]]] = deque(maxlen=ALERT_HISTORY)
+        self._active_alerts: dict[str, tuple[int, list[bytes]]] = {}  # rule -> its firing
+        self._schema: Schema | None = None
         self._schema_frames: list[bytes] | None = None
         self._schema_id = ""
         self._topics: set[bytes] = set()
@@ -143,10 +157,11 @@ class Publisher:
 
     @property
     def watching(self) -> bool:
-        """A viewer is subscribed, or the job records itself: sample at the full cadence."""
-        return bool(self._topics) or self._recorder is not None
+        """A viewer is subscribed."""
+        return bool(self._topics)
 
     def set_schema(self, schema: Schema) -> None:
+        self._schema = schema
         self._schema_frames = protocol.encode_schema(schema)
         self._schema_id = schema.schema_id
         self._resend = True
@@ -188,6 +203,11 @@ class Publisher:
         if self._schema_frames is None:
             return
         self._send(self._schema_frames)
+        # The alerts first: what is active now (however old) and the recent changes, in order.
+        active = {seq for seq, _ in self._active_alerts.values()}
+        alerts = dict(self._alert_history) | dict(self._active_alerts.values())
+        for seq in sorted(alerts):
+            self._send(_replayed_alert(alerts[seq], active=seq in active))
         for frames in list(self._history):
             # Marked, so a viewer can tell this step's news from the history it is being sent.
             self._send(protocol.replayed(frames))
@@ -221,7 +241,7 @@ class Publisher:
             elif msg[0] == 0:
                 self._topics.discard(topic)
 
-    def _encode(self, work: Work) -> list[bytes]:
+    def _encode(self, work: Work) -> protocol.Sample:
         if work.ready is not None:
             # Waits here, on the publisher thread, never in training. Polled rather than
             # ``synchronize()``d: the host's ``torch.cuda.set_sync_debug_mode`` is process-wide
@@ -259,7 +279,7 @@ class Publisher:
             t_measured=work.t_measured,
             dropped=self.dropped,
         )
-        return protocol.encode_sample(sample)
+        return sample
 
     def _drain(self) -> None:
         while True:
@@ -272,6 +292,8 @@ class Publisher:
                     # Stamp events from the same counter as samples: a viewer drops any seq it has
                     # already seen, so an event numbered by another counter would be taken for a repeat.
                     frames = protocol.encode_event(replace(item, seq=self.next_seq()))
+                    if item.event == "optimizer" and self.judge is not None:
+                        self.judge.optimizer = str(item.detail.get("type", ""))
                     self._record(frames)
                     if item.event in STATE_EVENTS:
                         # Kept with the samples, in order: a viewer that joins during a pause is
@@ -279,7 +301,8 @@ class Publisher:
                         self._history.append(frames)
                     self._send(frames)
                     continue
-                frames = self._encode(item)
+                sample = self._encode(item)
+                frames = protocol.encode_sample(sample)
             except Exception as exc:
                 self._error("encode", exc)
                 continue
@@ -292,6 +315,46 @@ class Publisher:
             self._record(frames)
             if self._topics:
                 self._send(frames)
+            self._judge(sample)
+
+    def _judge(self, sample: protocol.Sample) -> None:
+        """The rules on this sample; their changes go out after it, and to the job's actions."""
+        if self.judge is None or self._schema is None:
+            return
+        try:
+            self.judge.set_schema(self._schema)
+            changes = self.judge.judge(sample)
+        except Exception as exc:  # a rule's bug costs the job its alerts, never its training
+            self._error("rules", exc)
+            self.judge = None
+            return
+        for change in changes:
+            self._alert(change)
+
+    def _alert(self, change: AlertChange) -> None:
+        seq = self.next_seq()
+        event = Event(
+            run=self.run,
+            rank=self.rank,
+            seq=seq,
+            t=time.time(),
+            event="alert_cleared" if change.cleared else "alert",
+            detail=change.to_json(),
+        )
+        frames = protocol.encode_event(event)
+        if change.cleared:
+            self._active_alerts.pop(change.alert.rule, None)
+        else:
+            self._active_alerts[change.alert.rule] = (seq, frames)
+        self._alert_history.append((seq, frames))
+        self._record(frames)
+        if self._topics:
+            self._send(frames)
+        if self.actions is not None:
+            try:
+                self.actions.alert(change)
+            except Exception as exc:
+                self._error("actions", exc)
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -329,3 +392,14 @@ class Publisher:
                 # libzmq leaves the socket file behind; it is ours (the run id is unique), so remove it.
                 with contextlib.suppress(OSError):
                     os.unlink(self.endpoint[len("ipc://") :])
+
+
+def _replayed_alert(frames: list[bytes], *, active: bool) -> list[bytes]:
+    """An alert's frames again for a viewer that just subscribed: marked replayed, and, for one
+    still active now, ``"active": true`` in its detail (a printer says those without --history)."""
+    out = protocol.replayed(frames)
+    if not active:
+        return out
+    header = json.loads(out[1])
+    header["detail"]["active"] = True
+    return [out[0], json.dumps(header, separators=(",", ":")).encode(), out[2]]

@@ -47,7 +47,10 @@ class Recorder:
 
     def _open(self) -> BinaryIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "ab")  # noqa: SIM115 (kept open for the recording's life)
+        # 0600 like every file of ours, and never through a link: a recording appends to a file
+        # only it made, not to whatever a link there points at.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        fh = os.fdopen(os.open(self.path, flags, 0o600), "ab")
         if fh.tell() == 0:
             fh.write(MAGIC)
         return fh

@@ -6,9 +6,11 @@ import argparse
 import json
 from typing import Any
 
+from icsmon.errors import TargetError
+from icsmon.kept import ended_jobs
 from icsmon.render import age, clean
 from icsmon.targets import group_ranks
-from icsmon_agent import discovery
+from icsmon_agent import discovery, history
 from icsmon_agent.discovery import JobInfo
 
 
@@ -20,6 +22,11 @@ def register(sub: Any) -> None:
         "host", nargs="?", help="an SSH host (alias, user@host) to list jobs on; default: this machine"
     )
     p.add_argument("--json", action="store_true", help="print a JSON array, one object per job")
+    p.add_argument(
+        "--ended",
+        action="store_true",
+        help="list the jobs that ended and whose history is kept (`icsmon replay PID` plays one)",
+    )
     p.set_defaults(func=run)
 
 
@@ -56,7 +63,53 @@ def print_jobs(jobs: list[JobInfo], as_json: bool, where: str) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
 
 
+def print_ended(as_json: bool) -> None:
+    """One line (one JSON object) per ended job whose history is kept, newest first."""
+    groups = ended_jobs()
+    if as_json:
+        out = []
+        for g in groups:
+            item = g[0].to_json()
+            item["ranks"] = [k.to_json() for k in g]
+            out.append(item)
+        print(json.dumps(out, indent=1))
+        return
+    if not groups:
+        print(f"no ended job kept in {history.history_dir()}")
+        return
+    rows = [("PID", "NAME", "RANKS", "STARTED", "ENDED", "SIZE", "RUN")]
+    for g in groups:
+        first = g[0].job
+        ends = [k.ended for k in g]
+        how = "died" if any(e is None for e in ends) else age(max(e for e in ends if e is not None)) + " ago"
+        ranks = f"{len(g)}/{first.world_size}" if first.world_size > 1 else "1"
+        size = sum(k.size for k in g)
+        rows.append(
+            (
+                str(first.pid),
+                clean(first.name),
+                ranks,
+                age(first.started) + " ago",
+                how,
+                _mb(size),
+                clean(first.run),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.ended:
+        if args.host:
+            raise TargetError("--ended lists the jobs kept on this machine; run it on the host itself")
+        print_ended(args.json)
+        return 0
     if args.host:
         from icsmon.commands.remote import list_remote
 

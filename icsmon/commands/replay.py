@@ -4,15 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import heapq
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from icsmon.alerts.config import add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import note
 from icsmon.commands.tail import Printer, TailListener
+from icsmon.errors import TargetError
 from icsmon.feed import Feed, default_engine_factory
-from icsmon.replay import ReplayFeed, load, messages
+from icsmon.kept import recordings_of
+from icsmon.replay import RecordingError, ReplayFeed, messages
 from icsmon.subscriber import Decoding
+from icsmon_agent.protocol import Message
 
 
 def register(sub: Any) -> None:
@@ -23,10 +29,11 @@ def register(sub: Any) -> None:
         "seek, 0 restart), or with --json (or no terminal) print exactly what `icsmon tail --json` "
         "printed live, alerts included.",
         epilog="FILE: written by `icsmon record` or by a job's watch(model, record=PATH). Several files "
-        "play one after the other (a rotated set: oldest first). Exit status: 0, 1 if a file is not a "
-        "recording or holds nothing.",
+        "play one after the other (a rotated set: oldest first). PID, RUN or NAME: the history an ended "
+        "(or running) job kept (`icsmon list --ended`), every rank of it. Exit status: 0, 1 if a file is "
+        "not a recording or holds nothing.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE|PID|RUN|NAME")
     p.add_argument("--json", action="store_true", help="print JSON lines, as `icsmon tail --json`")
     p.add_argument("--speed", type=float, default=1.0, help="the app's starting speed (default 1)")
     p.add_argument("--history", action="store_true", help="print re-sent history too, as `tail --history`")
@@ -34,13 +41,39 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def print_recording(files: list[str], as_json: bool, thresholds: Any, history: bool) -> int:
+def resolve(targets: list[str]) -> list[list[str]]:
+    """Groups of files, each played in order, the groups interleaved by time: the files named by
+    path are one group (in the order given); a kept job's ranks are one group each."""
+    files: list[str] = []
+    kept: list[list[str]] = []
+    for target in targets:
+        if Path(target).exists():
+            files.append(target)
+            continue
+        try:
+            kept.extend(recordings_of(target))
+        except TargetError:
+            if "/" in target or Path(target).suffix:
+                files.append(target)  # a file that is not there: said as such when it is read
+                continue
+            raise
+    return ([files] if files else []) + kept
+
+
+def recorded(groups: list[list[str]], decoding: Decoding) -> Iterator[tuple[float, Message]]:
+    """The messages of every group, in the time they were received."""
+    if len(groups) == 1:
+        return messages(groups[0], decoding)
+    return heapq.merge(*(messages(g, decoding) for g in groups), key=lambda item: item[0])
+
+
+def print_recording(groups: list[list[str]], as_json: bool, thresholds: Any, history: bool) -> int:
     """Every message through the feed and tail's printer, alerts after the sample that tripped them."""
     printer = Printer(sys.stdout, as_json)
     feed = Feed(lambda: [], engine_factory=default_engine_factory(thresholds), rules_per_sample=True)
-    feed.listener = TailListener(printer, feed, None, files[0], history)
+    feed.listener = TailListener(printer, feed, None, groups[0][0], history)
     decoding = Decoding()
-    for _, msg in messages(files, decoding):
+    for _, msg in recorded(groups, decoding):
         feed.ingest(msg, rules=True)
     if decoding.rejected:
         note(f"{decoding.rejected} damaged records skipped ({decoding.last_error})")
@@ -49,11 +82,14 @@ def print_recording(files: list[str], as_json: bool, thresholds: Any, history: b
 
 def run(args: argparse.Namespace) -> int:
     thresholds = thresholds_from_args(args)
+    groups = resolve(args.files)
     if args.json or not sys.stdout.isatty():
-        return print_recording(args.files, args.json, thresholds, args.history)
+        return print_recording(groups, args.json, thresholds, args.history)
     from icsmon import tui
 
-    recorded = load(args.files)
-    feed = ReplayFeed(recorded, engine_factory=default_engine_factory(thresholds))
+    held = list(recorded(groups, Decoding()))
+    if not held:
+        raise RecordingError(f"no message in {', '.join(f for g in groups for f in g)}")
+    feed = ReplayFeed(held, engine_factory=default_engine_factory(thresholds))
     feed.speed = args.speed
     return tui.run_feed(feed, title=f"icsmon replay {args.files[0]}")

@@ -142,7 +142,9 @@ class TailListener(FeedEvents):
             self.feed.stop()
 
     def alert(self, key: RunKey, change: AlertChange) -> None:
-        if not self.done:
+        # Of the alerts a job re-sends on connect, those still in force are news to this reader;
+        # the rest of its recent alert history is printed with --history, as its samples are.
+        if not self.done and (not change.replayed or change.active or self.history):
             self.printer.alert(change)
 
     def event(self, event: Event, run: RunState) -> None:

@@ -58,23 +58,34 @@ class Alert:
 
 @dataclass(frozen=True)
 class AlertChange:
-    """An alert firing (``cleared`` False) or clearing (``cleared`` True, ``step`` = when it cleared)."""
+    """An alert firing (``cleared`` False) or clearing (``cleared`` True, ``step`` = when it cleared).
+
+    ``replayed``: re-sent by the job to a viewer that just subscribed (``active``: and still in
+    force), not news.
+    """
 
     alert: Alert
     cleared: bool = False
     step: int = 0
+    replayed: bool = False
+    active: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        if not self.cleared:
-            return self.alert.to_json()
-        return {
-            "type": "alert_cleared",
-            "rule": self.alert.rule,
-            "layer": self.alert.layer,
-            "step": self.step,
-            "run": self.alert.run,
-            "rank": self.alert.rank,
-        }
+        out = (
+            self.alert.to_json()
+            if not self.cleared
+            else {
+                "type": "alert_cleared",
+                "rule": self.alert.rule,
+                "layer": self.alert.layer,
+                "step": self.step,
+                "run": self.alert.run,
+                "rank": self.alert.rank,
+            }
+        )
+        if self.replayed:
+            out["replayed"] = True
+        return out
 
 
 def _text(obj: dict[str, Any], key: str) -> str:
@@ -91,7 +102,7 @@ def _whole(obj: dict[str, Any], key: str) -> int:
     return value
 
 
-def change_from_json(obj: dict[str, Any], layer_index: int = 0) -> AlertChange:
+def change_from_json(obj: dict[str, Any], layer_index: int = 0, replayed: bool = False) -> AlertChange:
     """The inverse of :meth:`AlertChange.to_json`, for what came over the wire: every field is
     checked, texts are cut to :data:`MAX_TEXT`; raises ValueError for what is not an alert."""
     kind = obj.get("type")
@@ -113,7 +124,7 @@ def change_from_json(obj: dict[str, Any], layer_index: int = 0) -> AlertChange:
             _text(obj, "run"),
             _whole(obj, "rank"),
         )
-        return AlertChange(gone, cleared=True, step=step)
+        return AlertChange(gone, cleared=True, step=step, replayed=replayed)
     severity = obj.get("severity")
     if severity not in SEVERITIES:
         raise ValueError(f"alert severity {severity!r}")
@@ -139,4 +150,4 @@ def change_from_json(obj: dict[str, Any], layer_index: int = 0) -> AlertChange:
         figure=_text(obj, "figure"),
         layers=tuple(x[:MAX_TEXT] for x in layers),
     )
-    return AlertChange(alert)
+    return AlertChange(alert, replayed=replayed, active=replayed and obj.get("active") is True)

@@ -3,33 +3,19 @@
 * :mod:`icsmon_agent.integrations.lightning`: ``IcsmonCallback`` for ``lightning.pytorch.Trainer``
   (or ``pytorch_lightning``).
 * :mod:`icsmon_agent.integrations.transformers`: ``IcsmonCallback`` for Hugging Face ``Trainer``.
+
+``stop_on`` is the job's own: it goes to ``watch()``, whose rules judge every sample and whose loss
+check sees every step's loss, with or without a viewer; the callback reads ``Monitor.should_stop``
+at each step's end and stops through the framework's own flag, agreed across ranks.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-#: What ``stop_on`` may name: ``"nonfinite"`` (NaN/Inf in the loss or in any layer's figures).
-STOP_REASONS = frozenset({"nonfinite"})
+from ..actions import check_stop_on
 
-
-def check_stop_on(stop_on: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    unknown = set(stop_on) - STOP_REASONS
-    if unknown:
-        raise ValueError(f"stop_on: unknown {sorted(unknown)}; choose from {sorted(STOP_REASONS)}")
-    return tuple(stop_on)
-
-
-def loss_value(loss: Any) -> float | None:
-    """A float of a loss (tensor, number or None), for the stop check only: the loss itself goes
-    to the agent as it is (a tensor is never synchronised here except by this one .item())."""
-    if loss is None:
-        return None
-    try:
-        return float(loss.detach().item()) if hasattr(loss, "detach") else float(loss)
-    except (TypeError, ValueError, RuntimeError):
-        return None
+__all__ = ["any_rank", "check_stop_on"]
 
 
 def any_rank(flag: bool, model: Any = None) -> bool:
@@ -46,10 +32,3 @@ def any_rank(flag: bool, model: Any = None) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-def nonfinite(loss: float | None, monitor: Any) -> bool:
-    """NaN/Inf in this step's loss, or in a sampled step's figures (the agent saw it)."""
-    if loss is not None and not math.isfinite(loss):
-        return True
-    return monitor is not None and monitor.nonfinite_step is not None

@@ -2,8 +2,8 @@
 
 Watches the LightningModule when training starts, marks a step after each optimizer step with the
 loss the training step returned, and closes at the end or on an exception. ``stop_on=("nonfinite",)``
-stops training cleanly through ``trainer.should_stop``, decided across ranks as Lightning's own
-early stopping does.
+(or any rule names) stops training cleanly through ``trainer.should_stop`` once the job's own
+judgement says so, decided across ranks as Lightning's own early stopping does.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ try:
 except ImportError:
     from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,unused-ignore]
 
-from . import check_stop_on, loss_value, nonfinite
+from . import check_stop_on
 
 
 class IcsmonCallback(Callback):  # type: ignore[misc]
     def __init__(self, *, stop_on: tuple[str, ...] = (), **watch_kwargs: Any) -> None:
         super().__init__()
-        self.stop_on = check_stop_on(stop_on)
+        self.stop_on = tuple(check_stop_on(stop_on))
         self.watch_kwargs = watch_kwargs
         self.monitor: Any = None
         self.stopped_at: int | None = None
@@ -34,7 +34,7 @@ class IcsmonCallback(Callback):  # type: ignore[misc]
 
         if self.monitor is None:
             self.watch_kwargs.setdefault("name", type(pl_module).__name__)
-            self.monitor = icsmon_agent.watch(pl_module, **self.watch_kwargs)
+            self.monitor = icsmon_agent.watch(pl_module, stop_on=self.stop_on, **self.watch_kwargs)
         self._seen_step = trainer.global_step  # the first micro-batch of accumulation is no step yet
 
     def on_train_batch_end(
@@ -45,11 +45,9 @@ class IcsmonCallback(Callback):  # type: ignore[misc]
         self._seen_step = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.monitor.step(loss=loss)
-        if "nonfinite" in self.stop_on:
-            bad = nonfinite(loss_value(loss), self.monitor)
-            if trainer.strategy.reduce_boolean_decision(bad, all=False):
-                self.stopped_at = int(trainer.global_step)
-                trainer.should_stop = True
+        if self.stop_on and trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False):
+            self.stopped_at = int(trainer.global_step)
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
