@@ -9,6 +9,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where every job a test starts keeps its history: a directory of the test's own, never the
+    user's (subprocesses inherit it through ``env``)."""
+    path = Path(tmp_path_factory.mktemp("state")) / "history"
+    monkeypatch.setenv("ICSMON_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def runtime_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private runtime dir for discovery files and ipc sockets, set in the environment."""

@@ -43,6 +43,10 @@ MAX_FAULTS = 50
 #: With this many offload jobs still queued (the thread starved of CPU), a step goes unsampled.
 #: A sample queues three (its reductions, its activation figures, its finish): about 8 samples.
 MAX_QUEUED_JOBS = 24
+#: A rising or non-finite loss has this many next steps sampled, at most once per ``HURRY_COOLDOWN``
+#: steps (a healthy run's heavy-tailed losses cost a burst of samples now and then, no more).
+HURRY_STEPS = 16
+HURRY_COOLDOWN = 256
 #: How long ``close()`` waits for the offload thread to finish the last samples.
 CLOSE_WAIT_S = 2.0
 
@@ -99,7 +103,8 @@ class Monitor:
         self._actions = Actions.from_environment(quiet=quiet, on_alert=on_alert, stop_on=stop_on)
         self._guard = LossGuard()
         self._step_loss = False  # this step's loss was given to step() (a model's own is the fallback)
-        self._hurry = False  # sample the next step whatever the cadence says (a NaN loss was seen)
+        self._hurry_until = -1  # every step before this one is sampled, whatever the cadence says
+        self._calm_from = 0  # a rising loss hurries the sampling again from this step on
         self._model_loss: torch.Tensor | None = None  # the loss the model itself returned this step
 
         modules = candidate_modules(model, include, exclude)
@@ -427,8 +432,7 @@ class Monitor:
             return True
         if self._outlet is None or self._paused:
             return False
-        if self._hurry:
-            self._hurry = False
+        if self._step < self._hurry_until:
             return True
         offload = capture.offload
         if offload is not None and offload.pending > MAX_QUEUED_JOBS:
@@ -508,12 +512,14 @@ class Monitor:
     # ------------------------------------------------------------------ the job's own judgement
 
     def _check_loss(self, loss: Any) -> None:
-        """Every step's loss, sampled or not: a NaN/Inf raises ``stop_on`` at once and has the
-        next step sampled, so the rules see where it starts."""
-        bad = self._guard.check(self._step, loss)
-        if bad is not None:
-            self._actions.stop_for_loss(bad)
-            self._hurry = True
+        """Every step's loss, sampled or not (:mod:`.guard`): a NaN/Inf raises ``stop_on`` at once;
+        a NaN/Inf or a sharply rising loss has the next steps sampled, so the rules see it grow."""
+        for verdict in self._guard.check(self._step, loss):
+            if verdict.nonfinite:
+                self._actions.stop_for_loss(verdict.step)
+            if self._step >= self._calm_from:
+                self._hurry_until = self._step + 1 + HURRY_STEPS
+                self._calm_from = self._step + HURRY_COOLDOWN
 
     def _thresholds(self) -> alert_config.Thresholds:
         """The thresholds in force where the job runs (``icsmon.toml``); a bad file costs a warning."""

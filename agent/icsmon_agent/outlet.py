@@ -232,6 +232,7 @@ class Outlet:
                 every=every or 0,  # 0: adaptive
                 started=who.started,
                 schema_id=protocol.schema_id_for(layers),
+                alerts=self.publisher.judge is not None,
             )
         )
 

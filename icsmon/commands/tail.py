@@ -111,7 +111,8 @@ class Printer:
         if self.as_json:
             self.out.write(json.dumps(change.to_json()) + "\n")
         else:
-            self.out.write("\n".join(alert_lines(change, self.colour)) + "\n")
+            prefix = "(history) " if change.replayed and not change.active else ""
+            self.out.write(prefix + "\n".join(alert_lines(change, self.colour)) + "\n")
         if not change.cleared:
             self.alerts += 1
         self.out.flush()

@@ -55,7 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     p.add_argument("--net", help="which run of a multi-run scenario (its label); default: the first")
     p.add_argument("--steps", type=int, help="training steps (default: the scenario's)")
-    p.add_argument("--every", type=int, default=1, help="sample every N steps (default 1: lively)")
+    p.add_argument(
+        "--every", type=int, default=1, help="sample every N steps (default 1: lively; 0: the agent's own cadence)"
+    )
     p.add_argument("--seed", type=int, default=0)
     # One thread: these nets are small, and on a shared machine more threads make them much slower.
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build(net)
     teacher = torch.randn(IN_FEATURES, CLASSES)
     opt = torch.optim.SGD(model.parameters(), lr=net.lr, momentum=0.9)
-    mon = icsmon_agent.watch(model, name=net.label, every=args.every)
+    mon = icsmon_agent.watch(model, name=net.label, every=args.every or None)
     deadline = time.monotonic() + args.wait_viewer
     while not mon.watching and time.monotonic() < deadline:
         time.sleep(0.02)
