@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
@@ -33,6 +34,16 @@ TITLES = {
 }
 
 
+class PlotBox(Static):
+    """A plot's box: says when its size changed, so the plot is drawn again at its new width."""
+
+    class Resized(Message):
+        pass
+
+    def on_resize(self) -> None:
+        self.post_message(self.Resized())
+
+
 class DetailScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back", tooltip="Back to the layer table"),
@@ -50,11 +61,16 @@ class DetailScreen(Screen[None]):
         yield Static(id="layer-title")
         with VerticalScroll(id="detail-body"), Grid(id="plots"):
             for key in PANELS:
-                yield Static(id=f"plot-{key}", classes="plot")
+                yield PlotBox(id=f"plot-{key}", classes="plot")
             yield Static(id="layer-alerts", classes="plot")
         yield Footer()
 
     def on_mount(self) -> None:
+        self.redraw(force=True)
+
+    def on_plot_box_resized(self) -> None:
+        # A plot is drawn at its box's width: once the layout settles (a scrollbar that came and
+        # went), the last width wins, not whichever the last tick saw.
         self.redraw(force=True)
 
     def on_resize(self) -> None:
@@ -86,7 +102,7 @@ class DetailScreen(Screen[None]):
         guess = (self.size.width - 1) // 2 - 4 if wide else self.size.width - 6
         plot_h = max(5, (self.size.height - 8) // 3 - 3) if wide else 7
         for key in PANELS:
-            box = self.query_one(f"#plot-{key}", Static)
+            box = self.query_one(f"#plot-{key}", PlotBox)
             box.border_title = TITLES[key]
             plot_w = box.content_size.width or guess
             box.update(self._plot(run, key, plot_w, plot_h))
