@@ -89,11 +89,18 @@ def test_dead_fires_on_relu_layers_not_vanishing(env: dict[str, str]) -> None:
 
 
 def test_normalization_plain_explodes_batchnorm_survives(env: dict[str, str]) -> None:
+    """At lr 2.0 the plain net gives way and the BatchNorm net trains on. Which way the plain one
+    goes hangs on the CPU's rounding (the same code, another machine): mostly it explodes, and then
+    `exploding` comes before its first NaN; else its ReLUs die first and it sits at chance, said by
+    dead_relu or vanishing. Either way it is named; the BatchNorm run never is."""
     lines = demo(env, "normalization", "--steps", "170")
     plain_nan = summary(lines, "plain")["first_nonfinite_loss_step"]
-    assert plain_nan is not None and summary(lines, "batchnorm")["first_nonfinite_loss_step"] is None
+    assert summary(lines, "batchnorm")["first_nonfinite_loss_step"] is None
     plain = {a["rule"]: a for a in reversed(alerts(lines, "plain"))}  # first of each rule
-    assert plain["exploding"]["step"] < plain_nan
+    if plain_nan is not None:
+        assert plain["exploding"]["step"] < plain_nan
+    else:
+        assert plain.keys() & {"dead_relu", "vanishing"}, plain
     bn = {a["rule"] for a in alerts(lines, "batchnorm")}
     assert not bn & {"exploding", "nonfinite", "vanishing"}
 
