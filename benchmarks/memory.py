@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import icsmon_agent
-from icsmon_agent.cadence import IDLE_FACTOR
 
 TARGET_GROWTH_MIB = 1.0  # over the agent's run after warm-up: bounded means no slope
 
@@ -70,11 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = 1_000 if args.quick else args.steps
     torch.set_num_threads(1)
     os.environ.setdefault("ICSMON_RUNTIME_DIR", tempfile.mkdtemp(prefix="icsmon-mem-"))
+    os.environ.setdefault("ICSMON_STATE_DIR", tempfile.mkdtemp(prefix="icsmon-mem-state-"))
     warm = min(1_000, steps // 10)
     checkpoints = sorted({warm, steps // 10, steps // 4, steps // 2, steps} - {0})
     print(
-        f"tiny MLP, {steps:,} steps, no viewer; agent every={args.every or 'adaptive'} "
-        f"(unwatched: {IDLE_FACTOR}x less often)"
+        f"tiny MLP, {steps:,} steps, no viewer; agent every={args.every or 'adaptive'}, judging every "
+        "sample and keeping its history"
     )
     rows = []
     for label, agent in (("bare", False), ("agent", True)):

@@ -48,6 +48,8 @@ class LossGuard:
             if loss.device.type == "cuda":
                 self._launch(step, loss)
                 return self._land()
+            if loss.device.type != "cpu":
+                return self._land()  # reading it would wait on the device (MPS, XLA): not looked at
             value = float(loss.detach())
         elif isinstance(loss, (int, float)):
             value = float(loss)
@@ -60,8 +62,8 @@ class LossGuard:
             if self.first_nonfinite is None or step < self.first_nonfinite:
                 self.first_nonfinite = step
             return [Verdict(step, nonfinite=True, rising=False)]
-        rising = (
-            len(self._recent) >= RISE_HISTORY and value > RISE_FACTOR * abs(statistics.median(self._recent))
+        rising = len(self._recent) >= RISE_HISTORY and value > RISE_FACTOR * abs(
+            statistics.median(self._recent)
         )
         self._recent.append(value)
         return [Verdict(step, nonfinite=False, rising=True)] if rising else []

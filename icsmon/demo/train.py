@@ -56,7 +56,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--net", help="which run of a multi-run scenario (its label); default: the first")
     p.add_argument("--steps", type=int, help="training steps (default: the scenario's)")
     p.add_argument(
-        "--every", type=int, default=1, help="sample every N steps (default 1: lively; 0: the agent's own cadence)"
+        "--every",
+        type=int,
+        default=1,
+        help="sample every N steps (default 1: lively; 0: the agent's own cadence)",
     )
     p.add_argument("--seed", type=int, default=0)
     # One thread: these nets are small, and on a shared machine more threads make them much slower.
