@@ -134,6 +134,7 @@ class Feed:
         reconnect: bool = True,
         rules_per_sample: bool = False,
         listener: FeedEvents | None = None,
+        pids: Sequence[int] = (),
     ) -> None:
         self.connect = connect
         self.store = store if store is not None else Store()
@@ -142,6 +143,10 @@ class Feed:
         self.rank_checks: dict[str, RankCheck] = {}
         self.lost_after = lost_after
         self.check_pids = check_pids
+        # The local processes behind the endpoints, known before any of them spoke: when every one
+        # is gone and none spoke, the feed stops (a job killed before its first sample).
+        self.pids = list(pids)
+        self.died_silent = False
         self.reconnect = reconnect
         # A printer wants each sample's alerts right after it; the app runs the rules once a batch
         # (with a thousand layers they cost more than the ingest, and a viewer behind must catch up).
@@ -371,16 +376,17 @@ class Feed:
             return "lost"
         return run.state(now)
 
+    def _pids_gone(self) -> bool:
+        """The local processes resolved before they spoke (``pids``) are all gone."""
+        return self.check_pids and bool(self.pids) and not any(pid_alive(p) for p in self.pids)
+
     def _gone_now(self, run: RunState, now: float) -> str:
         """``died``, ``lost`` or '' for a stream that has not said goodbye."""
         schema = run.schema
-        if (
-            self.check_pids
-            and schema is not None
-            and schema.pid
-            and schema.host == self._host
-            and not pid_alive(schema.pid)
-        ):
+        if self.check_pids and schema is not None and schema.pid:
+            if schema.host == self._host and not pid_alive(schema.pid):
+                return "died"
+        elif self._pids_gone():  # no table yet to say whose it is: the processes resolved are gone
             return "died"
         if run.last_recv > 0 and now - run.last_recv > self.lost_after:
             return "lost"
@@ -448,6 +454,10 @@ class Feed:
                 next_check = now + PID_CHECK_S
                 runs = [r for k in heard if (r := self.store.get(*k)) is not None]
                 if not runs:
+                    if self._pids_gone():
+                        self.died_silent = True
+                        self.version += 1
+                        return False
                     if now - started > self.lost_after:
                         return False  # endpoints that never spoke: ask connect() again
                     continue

@@ -4,7 +4,9 @@ Gloo on CPU, a real ``DistributedDataParallel`` MLP on a synthetic learnable tas
 clipping, and the loss-scaler habit of skipping a step whose gradients are not finite. With
 ``--nan-rank R --nan-from S --nan-steps N`` rank R's batches are NaN for N steps from step S: a
 bad shard on one node. DDP averages the NaN into every rank's gradients, the skip keeps the
-weights finite, so the other ranks stay healthy while rank R's activations are NaN.
+weights finite, so the other ranks stay healthy while rank R's activations are NaN. With
+``--stop-on`` the job samples at the agent's own cadence with ``stop_on=("nonfinite",)`` and every
+rank stops at the first step any rank's ``should_stop`` says so, as the README's loop does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import icsmon_agent
+from icsmon_agent.integrations import any_rank
 
 
 def main() -> None:
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--nan-rank", type=int, default=-1)
     parser.add_argument("--nan-from", type=int, default=100)
     parser.add_argument("--nan-steps", type=int, default=20)
+    parser.add_argument("--stop-on", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -35,7 +39,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4))
     ddp = DistributedDataParallel(model)
-    mon = icsmon_agent.watch(ddp, every=1, name="ddp-job")
+    if args.stop_on:
+        mon = icsmon_agent.watch(ddp, name="ddp-job", stop_on=("nonfinite",))
+    else:
+        mon = icsmon_agent.watch(ddp, every=1, name="ddp-job")
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(1 + rank)
     target_map = torch.randn(16, 4, generator=torch.Generator().manual_seed(99))
@@ -51,6 +58,9 @@ def main() -> None:
         if torch.isfinite(norm):
             opt.step()
         mon.step(loss=loss)
+        if args.stop_on and any_rank(mon.should_stop, ddp):
+            print(f"rank {rank} stopped at step {step}", flush=True)
+            break
         time.sleep(args.delay)
     mon.close()
     dist.barrier()

@@ -241,6 +241,38 @@ def test_agent_imports_neither_textual_nor_rich_nor_torch() -> None:
     assert out.strip() == "[]"
 
 
+def test_tail_of_a_job_killed_before_its_first_sample_ends_by_itself(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A job that watched its model and died before its first forward sent nothing at all: tail,
+    pointed at it by pid, notices the pid is gone instead of waiting forever."""
+    path = tmp_path / "early.py"
+    path.write_text(
+        textwrap.dedent("""
+        import time
+        from torch import nn
+        import icsmon_agent
+        mon = icsmon_agent.watch(nn.Sequential(nn.Linear(4, 4)), quiet=True)
+        time.sleep(600)  # still loading its data when it is killed
+    """)
+    )
+    job = start_script(path, env)
+    try:
+        (listed,) = wait_for_jobs(env)
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "icsmon", "tail", str(listed["pid"])],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.0)  # tail is waiting on the job's socket
+        job.kill()
+        job.wait()
+        _, err = tail.communicate(timeout=20)
+        assert tail.returncode == 1 and "died before any sample arrived" in err, err
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+
 def test_tail_ends_when_the_job_is_killed(tmp_path: Path, env: dict[str, str]) -> None:
     path = tmp_path / "doomed.py"
     path.write_text(

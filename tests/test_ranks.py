@@ -30,6 +30,18 @@ def torchrun(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.timeout(180)
+def test_stop_on_stops_every_rank_of_a_ddp_job_within_a_step_of_one_ranks_nan(env: dict[str, str]) -> None:
+    """No viewer, the agent's own cadence: rank 1's NaN loss at step 30 stops both ranks there."""
+    job = torchrun(
+        env, "--steps", "200", "--delay", "0.01", "--nan-rank", "1", "--nan-from", "30", "--stop-on"
+    )
+    out, err = job.communicate(timeout=150)
+    assert job.returncode == 0, err[-3000:]
+    stopped = sorted(line for line in out.splitlines() if "stopped at step" in line)
+    assert stopped == ["rank 0 stopped at step 30", "rank 1 stopped at step 30"], out + err[-2000:]
+
+
+@pytest.mark.timeout(180)
 def test_a_ddp_job_is_one_job_and_one_tail_follows_every_rank(env: dict[str, str]) -> None:
     job = torchrun(
         env, "--steps", "500", "--delay", "0.03", "--nan-rank", "1", "--nan-from", str(NAN_FROM),

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from . import history
 from .alerts.model import Alert, AlertChange
 from .alerts.rules import RULES
 
@@ -100,7 +101,8 @@ class Actions:
         stop_on: Iterable[str],
     ) -> Actions:
         if quiet is None:
-            quiet = os.environ.get(QUIET_ENV, "") not in ("", "0")
+            value = os.environ.get(QUIET_ENV, "")
+            quiet = bool(value.strip()) and not history.switched_off(value)
         command = os.environ.get(COMMAND_ENV) or None
         return cls(quiet=quiet, on_alert=on_alert, command=command, stop_on=check_stop_on(stop_on))
 

@@ -43,8 +43,9 @@ class Cadence:
 
     def sampled(self, began: float, spent: float, offload_busy: float | None, first: bool) -> None:
         """A sample was taken of a step that began at ``began`` (monotonic) and cost ``spent``
-        seconds of the training thread's work, plus what the offload thread did since the last
-        sample (its running ``offload_busy`` seconds: the CPU is the job's). The first sample pays
+        seconds of the training thread's work, plus what the agent's other threads did since the
+        last sample (their running ``offload_busy`` seconds: the offload's reductions, the job's
+        rules; the CPU is the job's). The first sample pays
         for the table and the thread's start: set-up, not counted.
 
         The low median of the last few, so one slow sample (a page fault, a busy core, a first call

@@ -125,16 +125,21 @@ def write(info: JobInfo, directory: Path | None = None, *, stem: str | None = No
     """Write ``info`` atomically as ``<stem>.json`` (0600; stem defaults to the run) and return its path."""
     directory = ensure_private_dir(directory or runtime_dir())
     target = directory / f"{stem or info.run}{SUFFIX}"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=SUFFIX)  # mkstemp creates 0600
+    write_json(target, info.to_json())
+    return target
+
+
+def write_json(target: Path, data: dict[str, Any]) -> None:
+    """``data`` as ``target`` (0600), atomically: a reader sees the old file or the new, whole."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=SUFFIX)  # mkstemp creates 0600
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(info.to_json(), fh, indent=1)
+            json.dump(data, fh, indent=1)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return target
 
 
 def remove(path: Path) -> None:
@@ -168,6 +173,31 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def own_json_files(directory: Path) -> list[tuple[Path, Any]]:
+    """The JSON files of ``directory`` that are ours to read, parsed: none if the directory is
+    not private (see :func:`check_private_dir`), and never a link, a dot file, another user's
+    file or one that does not parse."""
+    try:
+        entries = sorted(directory.glob(f"*{SUFFIX}"))
+    except OSError:
+        return []
+    if not trusted(directory):
+        return []  # someone else could have written these files
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    out: list[tuple[Path, Any]] = []
+    for path in entries:
+        if path.name.startswith("."):
+            continue
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+                continue  # a link, or a file another user put there: not ours
+            out.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError, RecursionError):
+            continue  # half-written or foreign
+    return out
+
+
 def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobInfo]:
     """Jobs of this host whose process is alive, newest first. Stale files of dead pids are deleted.
 
@@ -177,23 +207,11 @@ def read_jobs(directory: Path | None = None, *, clean: bool = True) -> list[JobI
     """
     directory = directory or runtime_dir()
     jobs: list[JobInfo] = []
-    try:
-        entries = sorted(directory.glob(f"*{SUFFIX}"))
-    except OSError:
-        return []
-    if not trusted(directory):
-        return []  # someone else could have written these files (see check_private_dir)
     here = socket.gethostname()
-    uid = os.getuid() if hasattr(os, "getuid") else None
-    for path in entries:
-        if path.name.startswith("."):
-            continue
+    for path, data in own_json_files(directory):
         try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
-                continue  # a link, or a file another user put there: not a job of ours
-            info = JobInfo.from_json(json.loads(path.read_text()), str(path))
-        except (OSError, ValueError, RecursionError):
+            info = JobInfo.from_json(data, str(path))
+        except ValueError:
             continue  # half-written or foreign file: skip, never crash the viewer
         if info.host != here:
             continue

@@ -35,18 +35,19 @@ class Verdict:
 
 class LossGuard:
     def __init__(self) -> None:
-        self._flights: deque[tuple[int, torch.Tensor, Any]] = deque()
+        self._flights: deque[tuple[int, torch.Tensor, Any, bool]] = deque()  # (step, host, event, a loss?)
         self._recent: deque[float] = deque(maxlen=RECENT)
         self.first_nonfinite: int | None = None  # the first step whose loss was NaN/Inf
 
-    def check(self, step: int, loss: Any) -> list[Verdict]:
-        """Look at ``step``'s loss; what is known now of this step's and earlier steps' losses
-        (only the noteworthy: NaN/Inf or rising)."""
+    def check(self, step: int, loss: Any, *, is_loss: bool = True) -> list[Verdict]:
+        """Look at ``step``'s loss (or, ``is_loss=False``, any one number that is NaN/Inf when
+        something is: only its finiteness is judged); what is known now of this step's and
+        earlier steps' (only the noteworthy: NaN/Inf or rising)."""
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 return self._land()
             if loss.device.type == "cuda":
-                self._launch(step, loss)
+                self._launch(step, loss, is_loss)
                 return self._land()
             if loss.device.type != "cpu":
                 return self._land()  # reading it would wait on the device (MPS, XLA): not looked at
@@ -55,20 +56,22 @@ class LossGuard:
             value = float(loss)
         else:
             return self._land()
-        return [*self._land(), *self._judge(step, value)]
+        return [*self._land(), *self._judge(step, value, is_loss)]
 
-    def _judge(self, step: int, value: float) -> list[Verdict]:
+    def _judge(self, step: int, value: float, is_loss: bool) -> list[Verdict]:
         if not math.isfinite(value):
             if self.first_nonfinite is None or step < self.first_nonfinite:
                 self.first_nonfinite = step
             return [Verdict(step, nonfinite=True, rising=False)]
+        if not is_loss:
+            return []
         rising = len(self._recent) >= RISE_HISTORY and value > RISE_FACTOR * abs(
             statistics.median(self._recent)
         )
         self._recent.append(value)
         return [Verdict(step, nonfinite=False, rising=True)] if rising else []
 
-    def _launch(self, step: int, loss: torch.Tensor) -> None:
+    def _launch(self, step: int, loss: torch.Tensor, is_loss: bool) -> None:
         if len(self._flights) >= IN_FLIGHT:
             return
         with torch.no_grad():
@@ -76,11 +79,11 @@ class LossGuard:
             host.copy_(loss.detach().reshape(()), non_blocking=True)
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
-        self._flights.append((step, host, done))
+        self._flights.append((step, host, done, is_loss))
 
     def _land(self) -> list[Verdict]:
         out: list[Verdict] = []
         while self._flights and self._flights[0][2].query():
-            step, host, _ = self._flights.popleft()
-            out += self._judge(step, float(host))
+            step, host, _, is_loss = self._flights.popleft()
+            out += self._judge(step, float(host), is_loss)
         return out

@@ -14,10 +14,8 @@ when a job starts, the oldest ended jobs go until at most :data:`MAX_JOBS` jobs 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import stat
-import tempfile
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +39,19 @@ def history_dir(environ: dict[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     explicit = env.get(STATE_ENV)
     if explicit:
-        return Path(explicit).expanduser()
+        return Path(explicit).expanduser().absolute()
     state_home = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state_home) / "icsmon" / "history"
+    return (Path(state_home) / "icsmon" / "history").absolute()
+
+
+def switched_off(value: str) -> bool:
+    """An environment switch that says no (``0``, ``off``, ``no``, ``false``)."""
+    return value.strip().lower() in ("0", "off", "no", "false")
 
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
-    return env.get(OFF_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+    return not switched_off(env.get(OFF_ENV, "1"))
 
 
 @dataclass
@@ -72,22 +75,14 @@ class KeptJob:
 
     @property
     def alive(self) -> bool:
-        return self.ended is None and discovery.pid_alive(self.job.pid)
+        """Not known to be over: it did not say it ended and its pid lives; a job of another host
+        (a home shared across a cluster) whose end was not said counts as alive."""
+        if self.ended is not None:
+            return False
+        return self.job.host != socket.gethostname() or discovery.pid_alive(self.job.pid)
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job.to_json(), "recording": str(self.recording), "ended": self.ended}
-
-
-def _write_json(target: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".json")  # 0600
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def prepare(directory: Path | None = None) -> Path:
@@ -100,7 +95,7 @@ def prepare(directory: Path | None = None) -> Path:
 def start(info: JobInfo, stem: str, recording: Path, directory: Path) -> KeptJob:
     """Index a job that starts, recording to ``recording``."""
     kept = KeptJob(info, recording, None, directory / f"{stem}.json")
-    _write_json(kept.index, kept.to_json())
+    discovery.write_json(kept.index, kept.to_json())
     return kept
 
 
@@ -108,53 +103,50 @@ def ended(kept: KeptJob) -> None:
     """The job closed: said in its index (an index that never says so belonged to a job that died)."""
     kept.ended = time.time()
     with contextlib.suppress(OSError):
-        _write_json(kept.index, kept.to_json())
+        discovery.write_json(kept.index, kept.to_json())
 
 
 def read(directory: Path | None = None) -> list[KeptJob]:
     """The kept jobs (every rank, newest first); unreadable, linked or foreign files are skipped."""
-    directory = directory or history_dir()
-    if not discovery.trusted(directory):
-        return []
-    uid = os.getuid() if hasattr(os, "getuid") else None
     out: list[KeptJob] = []
-    try:
-        entries = sorted(directory.glob("*.json"))
-    except OSError:
-        return []
-    for path in entries:
-        if path.name.startswith("."):
-            continue
+    for path, data in discovery.own_json_files(directory or history_dir()):
         try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
-                continue
-            data = json.loads(path.read_text())
             job = JobInfo.from_json(data["job"])
             end = data.get("ended")
             out.append(
                 KeptJob(job, Path(str(data["recording"])), float(end) if end is not None else None, path)
             )
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, KeyError, TypeError):
             continue
     out.sort(key=lambda k: k.job.started, reverse=True)
     return out
 
 
 def prune(directory: Path, max_bytes: int = TOTAL_MAX_BYTES, max_jobs: int = MAX_JOBS) -> list[KeptJob]:
-    """Remove the oldest jobs that are over (never a running one); returns those removed. Only
-    recordings inside ``directory`` are deleted: a ``record=PATH`` file is the user's."""
-    kept = [k for k in read(directory) if not k.alive]  # newest first
-    total = sum(k.size for k in kept)
+    """Remove the oldest ended jobs (every rank of one) until the recordings inside ``directory``
+    take at most ``max_bytes`` and at most ``max_jobs`` jobs are kept; returns the ranks removed.
+    A running job is never removed (its bytes count), nor a ``record=PATH`` file (the user's)."""
+    directory = directory.absolute()
+    groups: dict[str, list[KeptJob]] = {}
+    for kept in read(directory):  # newest first
+        groups.setdefault(kept.job.run, []).append(kept)
+
+    def ours(k: KeptJob) -> list[Path]:
+        return [p for p in k.files if p.parent == directory]
+
+    total = sum(p.stat().st_size for g in groups.values() for k in g for p in ours(k))
+    jobs = list(groups.values())
     removed: list[KeptJob] = []
-    for i in range(len(kept) - 1, -1, -1):
+    for i in range(len(jobs) - 1, -1, -1):  # oldest first
         if total <= max_bytes and i < max_jobs:
             break
-        k = kept[i]
-        total -= k.size
-        if k.recording.parent == directory:
-            for path in k.files:
+        group = jobs[i]
+        if any(k.alive for k in group):
+            continue
+        for k in group:
+            for path in ours(k):
+                total -= path.stat().st_size
                 discovery.remove(path)
-        discovery.remove(k.index)
-        removed.append(k)
+            discovery.remove(k.index)
+            removed.append(k)
     return removed

@@ -106,6 +106,7 @@ class Monitor:
         self._hurry_until = -1  # every step before this one is sampled, whatever the cadence says
         self._calm_from = 0  # a rising loss hurries the sampling again from this step on
         self._model_loss: torch.Tensor | None = None  # the loss the model itself returned this step
+        self._model_loss_src: Any = None  # ... as it returned it (a step(loss=) of it is not checked again)
 
         modules = candidate_modules(model, include, exclude)
         self._capture = Capture(model, modules, self)
@@ -148,15 +149,21 @@ class Monitor:
         Tensors are passed as they are (no ``.item()``: no host sync). Call it once a step, after
         ``optimizer.step()``; from the first call on it alone marks the steps.
         """
-        if self._closed or self._outlet is None:
+        if self._closed:
             return
         try:
+            # The optimizer hook may have closed this step already: the loss is still this step's.
+            closed = self._outlet is not None and self._marks.user_step()
+            if loss is not None:
+                if loss is not self._model_loss_src:  # the model's own, checked when it returned
+                    self._check_loss(loss, self._step - 1 if closed else self._step)
+                self._step_loss = True
+            if self._outlet is None:
+                return  # unpublished, the loss is still looked at: stop_on holds
             values = dict(scalars)
             if loss is not None:
                 values["loss"] = loss
-                self._check_loss(loss)
-                self._step_loss = True
-            if self._marks.user_step():  # this step is already closed: do not count it twice
+            if closed:  # this step is already closed: do not count it twice
                 if self._pending is not None:
                     self._pending.scalars.update(values)
                     self._flush_pending()
@@ -166,6 +173,23 @@ class Monitor:
             self._boundary(values, defer=False)
         except Exception as exc:
             self.fault("step", exc)
+
+    def check_parameters(self) -> None:
+        """Look at the model's parameters for NaN/Inf now (one pass over them, no host sync on a
+        GPU): one found raises ``should_stop`` for ``stop_on=("nonfinite",)`` like a NaN loss. For
+        a loop whose loss the agent never sees; the Hugging Face callback calls it after each
+        optimizer step when asked to stop on ``nonfinite``."""
+        if self._closed:
+            return
+        try:
+            with torch.no_grad():
+                params = [p.detach() for p in self.model.parameters() if p.numel()]
+                if not params:
+                    return
+                total = torch.stack([n.float() for n in torch._foreach_norm(params)]).sum()
+            self._check_loss(total, self._step, is_loss=False)
+        except Exception as exc:
+            self.fault("check_parameters", exc)
 
     def pause(self) -> None:
         """Stop sampling from the next step on, until :meth:`resume`; viewers are told.
@@ -349,8 +373,9 @@ class Monitor:
             # tensor, checked each step when the script hands none to step().
             loss = output.get("loss")
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-                self._check_loss(loss)
+                self._check_loss(loss, self._step)
                 self._model_loss = loss.detach()
+                self._model_loss_src = loss
         capture = self._capture
         sampled = capture.armed
         capture.end_forward(output)
@@ -432,15 +457,13 @@ class Monitor:
             return True
         if self._outlet is None or self._paused:
             return False
-        if self._step < self._hurry_until:
-            return True
         offload = capture.offload
         if offload is not None and offload.pending > MAX_QUEUED_JOBS:
             if self._skipped_step != self._step:
                 self._skipped_step = self._step
                 self.skipped += 1
             return False
-        return self._cadence.due(self._step)
+        return self._step < self._hurry_until or self._cadence.due(self._step)
 
     def _update_hooks(self) -> None:
         """The hooks are needed while sampling, to flush a held sample, or to find the steps."""
@@ -470,14 +493,15 @@ class Monitor:
             pending = self._sampler.take(self._step, scalars, self._early, self._grads)
             self._spent += time.perf_counter() - started
             offload = capture.offload
-            busy = offload.busy_s if offload is not None else None
+            # The other threads' work is the job's CPU too: the offload's reductions, the rules.
+            busy = (offload.busy_s if offload is not None else 0.0) + self._outlet_busy()
             self._cadence.sampled(self._forward_t0 or time.monotonic(), self._spent, busy, first)
             self._samples += 1
             self._spent = 0.0
         self._forward_t0 = None
         self._step += 1
         self._step_loss = False
-        self._model_loss = None
+        self._model_loss = self._model_loss_src = None
         self._marks.boundary()
         self._early = None
         self._grads = None
@@ -490,6 +514,9 @@ class Monitor:
         self._update_hooks()
         if first:
             self._spent = 0.0
+
+    def _outlet_busy(self) -> float:
+        return self._outlet.publisher.busy_s if self._outlet is not None else 0.0
 
     def _flush_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -511,10 +538,10 @@ class Monitor:
 
     # ------------------------------------------------------------------ the job's own judgement
 
-    def _check_loss(self, loss: Any) -> None:
+    def _check_loss(self, loss: Any, step: int, *, is_loss: bool = True) -> None:
         """Every step's loss, sampled or not (:mod:`.guard`): a NaN/Inf raises ``stop_on`` at once;
         a NaN/Inf or a sharply rising loss has the next steps sampled, so the rules see it grow."""
-        for verdict in self._guard.check(self._step, loss):
+        for verdict in self._guard.check(step, loss, is_loss=is_loss):
             if verdict.nonfinite:
                 self._actions.stop_for_loss(verdict.step)
             if self._step >= self._calm_from:

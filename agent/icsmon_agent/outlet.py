@@ -250,17 +250,19 @@ class Outlet:
 def _open_recorder(who: Identity, key: str, record: Record) -> tuple[Recorder | None, Path | None]:
     """The job's recording, and the history directory that indexes it (None: not indexed).
 
-    ``record=PATH`` (or ``ICSMON_RECORD``) records there, one file a rank; by default the job keeps
-    its history (:mod:`.history`); ``record=False`` or ``ICSMON_HISTORY=0`` keeps nothing. A place
+    ``record=PATH`` (or ``ICSMON_RECORD``) records there, one file a rank, indexed in the history;
+    by default the job keeps its history (:mod:`.history`); ``record=False`` keeps nothing, and
+    ``ICSMON_HISTORY=0`` keeps nothing but a file asked for. A place
     that cannot be used costs the recording, never the job.
     """
     if record is False:
         return None, None
     chosen = record if record not in (None, True) else os.environ.get("ICSMON_RECORD") or None
-    if chosen is None and not history.enabled():
+    indexed = history.enabled()
+    if chosen is None and not indexed:
         return None, None
     try:
-        directory = history.prepare()
+        directory = history.prepare() if indexed else None
     except OSError as exc:
         directory = None
         if chosen is None:

@@ -183,12 +183,10 @@ def encode_event(event: Event) -> list[bytes]:
     return [TOPIC_EVENT, _dumps(header), b""]
 
 
-def replayed(frames: list[bytes], **extra: Any) -> list[bytes]:
-    """A message's frames again, its header marked ``"replayed": true`` (history sent to a new
-    viewer), with ``extra`` fields added."""
+def replayed(frames: list[bytes]) -> list[bytes]:
+    """A message's frames again, its header marked ``"replayed": true`` (history sent to a new viewer)."""
     header = json.loads(frames[1])
     header["replayed"] = True
-    header.update(extra)
     return [frames[0], _dumps(header), frames[2]]
 
 

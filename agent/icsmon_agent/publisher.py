@@ -136,7 +136,7 @@ class Publisher:
             raise
         self._on_error = on_error
         self._queue: deque[Work | Event] = deque()
-        self._history: deque[list[bytes]] = deque(maxlen=HISTORY)
+        self._history: deque[tuple[int, list[bytes]]] = deque(maxlen=HISTORY)  # (seq, frames)
         self._alert_history: deque[tuple[int, list[bytes]]] = deque(maxlen=ALERT_HISTORY)
         self._active_alerts: dict[str, tuple[int, list[bytes]]] = {}  # rule -> its firing
         self._schema: Schema | None = None
@@ -147,6 +147,7 @@ class Publisher:
         self._stop = threading.Event()
         self._resend = False
         self.dropped = 0  # samples dropped on this side (queue full)
+        self.busy_s = 0.0  # seconds this thread spent judging samples: the job's CPU, in the budget
         self.nonfinite_step: int | None = None  # the first sampled step with NaN/Inf (loss or figures)
         self.sent = 0
         self.errors = 0
@@ -203,14 +204,15 @@ class Publisher:
         if self._schema_frames is None:
             return
         self._send(self._schema_frames)
-        # The alerts first: what is active now (however old) and the recent changes, in order.
+        # One run in seq order, as it was first sent (a viewer that already holds some of it drops
+        # those by seq, so nothing may come out of order): what is active now, however old, and the
+        # recent alert changes, among the recent samples and state events.
         active = {seq for seq, _ in self._active_alerts.values()}
         alerts = dict(self._alert_history) | dict(self._active_alerts.values())
-        for seq in sorted(alerts):
-            self._send(_replayed_alert(alerts[seq], active=seq in active))
-        for frames in list(self._history):
-            # Marked, so a viewer can tell this step's news from the history it is being sent.
-            self._send(protocol.replayed(frames))
+        resend = [(seq, _replayed_alert(frames, active=seq in active)) for seq, frames in alerts.items()]
+        resend += [(seq, protocol.replayed(frames)) for seq, frames in self._history]
+        for _, frames in sorted(resend, key=lambda item: item[0]):
+            self._send(frames)  # marked replayed: a viewer tells this step's news from history
 
     def _record(self, frames: list[bytes]) -> None:
         if self._recorder is None:
@@ -291,14 +293,15 @@ class Publisher:
                 if isinstance(item, Event):
                     # Stamp events from the same counter as samples: a viewer drops any seq it has
                     # already seen, so an event numbered by another counter would be taken for a repeat.
-                    frames = protocol.encode_event(replace(item, seq=self.next_seq()))
+                    seq = self.next_seq()
+                    frames = protocol.encode_event(replace(item, seq=seq))
                     if item.event == "optimizer" and self.judge is not None:
                         self.judge.optimizer = str(item.detail.get("type", ""))
                     self._record(frames)
                     if item.event in STATE_EVENTS:
                         # Kept with the samples, in order: a viewer that joins during a pause is
                         # told of it by the history it is sent, as one watching all along was.
-                        self._history.append(frames)
+                        self._history.append((seq, frames))
                     self._send(frames)
                     continue
                 sample = self._encode(item)
@@ -311,7 +314,7 @@ class Publisher:
                 # first, so no viewer ever holds a sample it cannot decode yet.
                 self._send_schema_and_history()
                 self._resend = False
-            self._history.append(frames)
+            self._history.append((sample.seq, frames))
             self._record(frames)
             if self._topics:
                 self._send(frames)
@@ -321,13 +324,19 @@ class Publisher:
         """The rules on this sample; their changes go out after it, and to the job's actions."""
         if self.judge is None or self._schema is None:
             return
+        started = time.perf_counter()
         try:
             self.judge.set_schema(self._schema)
             changes = self.judge.judge(sample)
         except Exception as exc:  # a rule's bug costs the job its alerts, never its training
             self._error("rules", exc)
             self.judge = None
+            # Viewers judge the stream again from now on, and no alert stays active for ever.
+            self._active_alerts.clear()
+            self.set_schema(replace(self._schema, alerts=False))
             return
+        finally:
+            self.busy_s += time.perf_counter() - started
         for change in changes:
             self._alert(change)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from icsmon.errors import TargetError
@@ -58,6 +59,11 @@ def print_jobs(jobs: list[JobInfo], as_json: bool, where: str) -> None:
         rows.append(
             (pids, clean(first.name), ranks, age(first.started), clean(first.run), first.endpoint + more)
         )
+    print_table(rows)
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Columns padded to their widest cell; the last one runs free."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
@@ -95,9 +101,7 @@ def print_ended(as_json: bool) -> None:
                 clean(first.run),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    print_table(rows)
 
 
 def _mb(size: int) -> str:

@@ -186,6 +186,7 @@ def tail_endpoint(
     thresholds: Thresholds | None = None,
     check_pids: bool = True,
     history: bool = False,
+    pids: Sequence[int] = (),
 ) -> int:
     """Print what ``endpoint`` (or several: the ranks of a job, runs side by side) publishes, with
     alerts, until done.
@@ -206,6 +207,7 @@ def tail_endpoint(
         check_pids=check_pids,
         reconnect=False,
         rules_per_sample=False,  # once a batch: a viewer behind catches up (see feed.py)
+        pids=pids,
     )
     listener = feed.listener = TailListener(printer, feed, count, where, history)
     try:
@@ -218,7 +220,7 @@ def tail_endpoint(
         return error(f"no sample from {where} in {timeout:g} s: is the job running?{extra}")
     if listener.done or printer.samples:
         return 0
-    if feed.died:
+    if feed.died or feed.died_silent:
         return error("the job died before any sample arrived")
     return error("the job ended before any sample arrived")
 
@@ -250,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             thresholds=thresholds,
             history=args.history,
+            pids=[job.pid for job in resolved.jobs],
         )
     except KeyboardInterrupt:
         return 0
