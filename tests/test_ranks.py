@@ -14,19 +14,46 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import icsmon, wait_for_jobs
+from helpers import icsmon, json_lines, wait_for_jobs
 from icsmon.alerts.ranks import RankCheck, find
 from icsmon.feed import Feed
 from icsmon.store import Store
 from icsmon_agent.protocol import STAT_INDEX, STATS, LayerInfo, Sample, Schema, schema_id_for
 
 JOB = Path(__file__).with_name("ddp_job.py")
+FSDP_JOB = Path(__file__).with_name("fsdp_job.py")
 NAN_FROM, NAN_STEPS = 250, 20
 
 
 def torchrun(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(JOB)]
     return subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(240)
+def test_an_fsdp2_job_streams_from_every_rank_and_loses_what_the_bare_job_loses(
+    env: dict[str, str], state_dir: Path
+) -> None:
+    """fully_shard on CPU ranks: parameters and gradients are DTensor shards. Watched, both ranks'
+    figures flow (the gradient norm and update ratio of each rank's own shard), no agent fault,
+    and every loss is bit-identical to the bare job's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(FSDP_JOB)]
+
+    def run(*extra: str) -> dict[int, dict[str, Any]]:
+        done = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return {line["rank"]: line for line in lines}
+
+    bare, watched = run(), run("--watch")
+    assert sorted(watched) == [0, 1] and all(w["errors"] == 0 for w in watched.values())
+    assert {r: w["losses"] for r, w in watched.items()} == {r: b["losses"] for r, b in bare.items()}
+    replayed = json_lines(icsmon("replay", "fsdp-job", "--json", env=env, check=True).stdout)
+    samples = [r for r in replayed if r["type"] == "sample"]
+    assert {s["rank"] for s in samples} == {0, 1} and len(samples) >= 20
+    last = samples[-1]["layers"]
+    for name in ("0", "2", "4"):  # the Linears: their own shard's figures, finite
+        assert last[name]["grad_norm"] > 0 and last[name]["update_ratio"] > 0, last[name]
 
 
 @pytest.mark.timeout(180)

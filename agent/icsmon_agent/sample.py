@@ -30,7 +30,7 @@ from .figures import Finalizer, GradNorms, Record, grad_norms
 from .layers import tensors_in
 from .protocol import STAT_INDEX
 from .publisher import Publisher, Work
-from .updates import UpdateRatio
+from .updates import UpdateRatio, local
 
 
 def when_backward_ends(
@@ -130,7 +130,9 @@ class Sampler:
     def take_grads(self) -> Grads:
         """This step's gradients, now: at the end of the backward, before the user's clipping."""
         offload = self._capture.offload
-        grads = [(i, p.grad) for i, p in self._params if p.grad is not None]
+        # Under FSDP2 each rank's own shard: a collective here would hang, the ranks sample
+        # different steps (README, "Works with").
+        grads = [(i, local(p.grad)) for i, p in self._params if p.grad is not None]
         if offload is not None and self.grad_mode == "learn":
             self._learn_grad_mode()
         nbytes = sum(g.nbytes for _, g in grads)

@@ -30,6 +30,13 @@ def sketch_indices(n: int) -> np.ndarray:
     return np.arange(k, dtype=np.int64) * (n - 1) // (k - 1)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (FSDP2's sharded parameters and their gradients); any other tensor
+    itself. What this rank holds is read without a collective: the ranks sample different steps."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
 class UpdateRatio:
     """Reads the sketch at each sample and gives each layer's ratio since the previous one."""
 
@@ -40,14 +47,17 @@ class UpdateRatio:
         self._reads: list[tuple[nn.Parameter, tuple[torch.Tensor, ...]]] = []
         owners: list[int] = []
         for layer, p in params:
-            if not p.requires_grad or p.numel() == 0 or p.layout is not torch.strided:
+            if not p.requires_grad or p.layout is not torch.strided:
                 continue
-            flat = sketch_indices(p.numel())
-            at = np.unravel_index(flat, tuple(p.shape)) if p.dim() else (flat,)
-            self._reads.append((p, tuple(torch.from_numpy(np.asarray(i)).to(p.device) for i in at)))
+            shard = local(p.detach())
+            if shard.numel() == 0:
+                continue
+            flat = sketch_indices(shard.numel())
+            at = np.unravel_index(flat, tuple(shard.shape)) if shard.dim() else (flat,)
+            self._reads.append((p, tuple(torch.from_numpy(np.asarray(i)).to(shard.device) for i in at)))
             owners += [layer] * flat.size
         # One device for the sums: the first parameter's (a model spread over devices is gathered there).
-        self._device = self._reads[0][0].device if self._reads else torch.device("cpu")
+        self._device = local(self._reads[0][0].detach()).device if self._reads else torch.device("cpu")
         self._owners = torch.tensor(owners, dtype=torch.long, device=self._device) if owners else None
         self._has = torch.zeros(n_layers, dtype=torch.bool, device=self._device)
         if self._owners is not None:
@@ -56,13 +66,9 @@ class UpdateRatio:
         # Contiguous CPU float parameters are read through NumPy views of their memory: one fancy
         # index a parameter instead of torch calls (the sketch's cost: benchmarks/README.md).
         self._views: list[tuple[np.ndarray, np.ndarray, int]] | None = None
-        if self._reads and all(
-            p.device.type == "cpu" and p.dtype in _NUMPY and p.is_contiguous() for p, _ in self._reads
-        ):
-            self._views = [
-                (p.detach().numpy().reshape(-1), sketch_indices(p.numel()), p.data_ptr())
-                for p, _ in self._reads
-            ]
+        shards = [local(p.detach()) for p, _ in self._reads]
+        if shards and all(q.device.type == "cpu" and q.dtype in _NUMPY and q.is_contiguous() for q in shards):
+            self._views = [(q.numpy().reshape(-1), sketch_indices(q.numel()), q.data_ptr()) for q in shards]
 
     def take(self, step: int) -> torch.Tensor | None:
         """Each layer's ratio per step since the last sample ([n_layers] float64, NaN for a layer
@@ -72,7 +78,8 @@ class UpdateRatio:
         with torch.no_grad():
             views = self._views
             if views is not None and all(
-                p.data_ptr() == at for (p, _), (_, _, at) in zip(self._reads, views, strict=True)
+                local(p.detach()).data_ptr() == at
+                for (p, _), (_, _, at) in zip(self._reads, views, strict=True)
             ):
                 values = torch.from_numpy(np.concatenate([v[i] for v, i, _ in views]).astype(np.float64))
                 return self._ratio(step, values)
@@ -80,8 +87,8 @@ class UpdateRatio:
             device = self._device
             values = torch.cat(
                 [
-                    (p.detach() if p.dim() else p.detach().reshape(1))[at].to(device, torch.float64)
-                    for p, at in self._reads
+                    (q if q.dim() else q.reshape(1))[at].to(device, torch.float64)
+                    for q, at in ((local(p.detach()), at) for p, at in self._reads)
                 ]
             )
             return self._ratio(step, values)

@@ -1,0 +1,56 @@
+"""A small FSDP2 job, as `torchrun --standalone --nproc_per_node=2 fsdp_job.py [--watch]` runs it.
+
+``fully_shard`` on each Linear and on the root (gloo on CPU), AdamW: each parameter and gradient
+is a DTensor holding this rank's shard. Each rank prints one JSON line: its losses (hex, for
+bit-for-bit comparison with the bare run) and, watched, the agent's fault count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import icsmon_agent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--watch", action="store_true")
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    mon = icsmon_agent.watch(model, every=1, name="fsdp-job", quiet=True) if args.watch else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = torch.Generator().manual_seed(1 + rank)
+    losses = []
+    for _ in range(args.steps):
+        x = torch.randn(8, 16, generator=data)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if mon is not None:
+            mon.step(loss=loss)
+        losses.append(float(loss).hex())
+    errors = mon.errors if mon is not None else 0
+    if mon is not None:
+        mon.close()
+    print(json.dumps({"rank": rank, "losses": losses, "errors": errors}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
