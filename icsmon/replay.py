@@ -9,6 +9,7 @@ terminal app, ``tail``'s printer and the rules take a recording exactly as a liv
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,18 @@ def messages(paths: list[str], decoding: Decoding) -> Iterator[tuple[float, Mess
                 yield received, msg
 
 
-def load(paths: list[str]) -> list[tuple[float, Message]]:
-    out = list(messages(paths, Decoding()))
+def merged(groups: list[list[str]], decoding: Decoding) -> Iterator[tuple[float, Message]]:
+    """The messages of several groups of files (each played in order: a rotated set, or the files
+    given), interleaved by the time they were received: the ranks of one job, each its own group."""
+    if len(groups) == 1:
+        return messages(groups[0], decoding)
+    return heapq.merge(*(messages(g, decoding) for g in groups), key=lambda item: item[0])
+
+
+def load(*groups: list[str]) -> list[tuple[float, Message]]:
+    out = list(merged(list(groups), Decoding()))
     if not out:
-        raise RecordingError(f"no message in {', '.join(paths)}")
+        raise RecordingError(f"no message in {', '.join(p for g in groups for p in g)}")
     return out
 
 

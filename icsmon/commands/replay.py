@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import heapq
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +14,8 @@ from icsmon.commands.tail import Printer, TailListener
 from icsmon.errors import TargetError
 from icsmon.feed import Feed, default_engine_factory
 from icsmon.kept import recordings_of
-from icsmon.replay import RecordingError, ReplayFeed, messages
+from icsmon.replay import ReplayFeed, load, merged
 from icsmon.subscriber import Decoding
-from icsmon_agent.protocol import Message
 
 
 def register(sub: Any) -> None:
@@ -60,20 +57,13 @@ def resolve(targets: list[str]) -> list[list[str]]:
     return ([files] if files else []) + kept
 
 
-def recorded(groups: list[list[str]], decoding: Decoding) -> Iterator[tuple[float, Message]]:
-    """The messages of every group, in the time they were received."""
-    if len(groups) == 1:
-        return messages(groups[0], decoding)
-    return heapq.merge(*(messages(g, decoding) for g in groups), key=lambda item: item[0])
-
-
 def print_recording(groups: list[list[str]], as_json: bool, thresholds: Any, history: bool) -> int:
     """Every message through the feed and tail's printer, alerts after the sample that tripped them."""
     printer = Printer(sys.stdout, as_json)
     feed = Feed(lambda: [], engine_factory=default_engine_factory(thresholds), rules_per_sample=True)
     feed.listener = TailListener(printer, feed, None, groups[0][0], history)
     decoding = Decoding()
-    for _, msg in recorded(groups, decoding):
+    for _, msg in merged(groups, decoding):
         feed.ingest(msg, rules=True)
     if decoding.rejected:
         note(f"{decoding.rejected} damaged records skipped ({decoding.last_error})")
@@ -87,9 +77,6 @@ def run(args: argparse.Namespace) -> int:
         return print_recording(groups, args.json, thresholds, args.history)
     from icsmon import tui
 
-    held = list(recorded(groups, Decoding()))
-    if not held:
-        raise RecordingError(f"no message in {', '.join(f for g in groups for f in g)}")
-    feed = ReplayFeed(held, engine_factory=default_engine_factory(thresholds))
+    feed = ReplayFeed(load(*groups), engine_factory=default_engine_factory(thresholds))
     feed.speed = args.speed
     return tui.run_feed(feed, title=f"icsmon replay {args.files[0]}")
