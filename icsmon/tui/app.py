@@ -50,6 +50,10 @@ class Redrawable(Protocol):
     def redraw(self, force: bool = False) -> None: ...
 
 
+#: Actions of a replay's controls: they do nothing, and are not listed, in a live session.
+REPLAY_ACTIONS = ("play", "speed", "seek")
+
+
 class IcsmonApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "icsmon"
@@ -189,7 +193,7 @@ class IcsmonApp(App[int]):
             self._tick(force=True)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("play", "speed", "seek"):
+        if action in REPLAY_ACTIONS:
             return isinstance(self.feed, ReplayFeed)  # replay keys exist in a replay only
         return True
 
@@ -295,7 +299,14 @@ class IcsmonApp(App[int]):
     def action_help(self) -> None:
         from icsmon.tui.screens.detail import DetailScreen
 
-        keys = describe(list(self.BINDINGS) + list(MainScreen.BINDINGS) + list(DetailScreen.BINDINGS))
+        bindings = [*self.BINDINGS, *MainScreen.BINDINGS, *DetailScreen.BINDINGS]
+        # Only the keys that do something here: a live session lists no replay controls.
+        usable = [
+            b
+            for b in bindings
+            if not isinstance(b, Binding) or self.check_action(b.action.split("(")[0], ()) is not False
+        ]
+        keys = describe(usable)
         keys.append(("ctrl+p", "Command palette: jump to a layer by name"))
         self.push_screen(HelpScreen(keys))
 

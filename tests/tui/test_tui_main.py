@@ -88,6 +88,26 @@ async def test_enter_opens_detail_escape_comes_back_h_heatmap() -> None:
     assert app.return_code in (0, None)
 
 
+async def test_help_lists_the_keys_that_work_here() -> None:
+    """A live session's help has no replay controls; a replay's has them."""
+    from icsmon.replay import ReplayFeed
+
+    def keys_of(app: IcsmonApp) -> list[str]:
+        assert isinstance(app.screen, HelpScreen)
+        return [description for _, description in app.screen.keys]
+
+    live = app_on(n_layers=6)
+    async with live.run_test(size=(120, 40)) as pilot:
+        await pilot.press("question_mark")
+        assert "Cycle the order: depth, severity, name" in keys_of(live)
+        assert "Play or pause the recording" not in keys_of(live)
+    recorded = [(float(i), m) for i, m in enumerate(messages(n_layers=6, n_samples=5))]
+    replay = IcsmonApp(ReplayFeed(recorded), live=False)
+    async with replay.run_test(size=(120, 40)) as pilot:
+        await pilot.press("question_mark")
+        assert "Play or pause the recording" in keys_of(replay)
+
+
 async def test_pause_freezes_the_table_while_data_flows() -> None:
     app = app_on(n_layers=6, n_samples=10)
     async with app.run_test(size=(120, 30)) as pilot:

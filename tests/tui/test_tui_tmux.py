@@ -178,10 +178,11 @@ def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
     command = f"sh -c 'echo $$ > {pidfile}; {trap}exec {sys.executable} -m icsmon demo --steps 100000'"
     pids: list[int] = []
     try:
-        tmux.start(command, 120, 35)
-        # No picker: both runs at once, side by side.
+        tmux.start(command, 160, 35)
+        # No picker: both runs at once, side by side. (A run's column title grows when it ends
+        # and can cut the other's name short: its first letters are enough.)
         tmux.wait(
-            lambda t: "runs side by side" in t and "plain" in t and "batchnorm" in t and "step" in t,
+            lambda t: "runs side by side" in t and "plain" in t and "batchno" in t and "step" in t,
             "the demo's two runs side by side",
         )
         pids = [int(pidfile.read_text()), *(int(j["pid"]) for j in wait_for_jobs(env, 2))]
