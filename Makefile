@@ -31,8 +31,9 @@ lint: setup
 	$(VENV)/bin/ruff format --check agent icsmon tests benchmarks
 	$(VENV)/bin/mypy
 
+# A file's tests stay on one worker (--dist loadfile): module fixtures such as the sshd start once.
 pytest: setup system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 test: lint pytest
 
