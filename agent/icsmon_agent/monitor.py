@@ -38,6 +38,7 @@ from .layers import Selector, candidate_modules
 from .outlet import Identity, Outlet, Record
 from .sample import Early, Grads, Pending, Sampler, when_backward_ends
 from .steps import StepMarks
+from .updates import local
 
 MAX_FAULTS = 50
 #: With this many offload jobs still queued (the thread starved of CPU), a step goes unsampled.
@@ -183,7 +184,8 @@ class Monitor:
             return
         try:
             with torch.no_grad():
-                params = [p.detach() for p in self.model.parameters() if p.numel()]
+                # A sharded parameter's own shard: what this rank holds says whether it went NaN.
+                params = [q for q in (local(p.detach()) for p in self.model.parameters()) if q.numel()]
                 if not params:
                     return
                 total = torch.stack([n.float() for n in torch._foreach_norm(params)]).sum()
