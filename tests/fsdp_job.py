@@ -1,8 +1,9 @@
 """A small FSDP2 job, as `torchrun --standalone --nproc_per_node=2 fsdp_job.py [--watch]` runs it.
 
 ``fully_shard`` on each Linear and on the root (gloo on CPU), AdamW: each parameter and gradient
-is a DTensor holding this rank's shard. Each rank prints one JSON line: its losses (hex, for
-bit-for-bit comparison with the bare run) and, watched, the agent's fault count.
+is a DTensor holding this rank's shard. Each rank writes ``OUT.r<rank>.json`` (the ranks share one
+stdout, where their lines could run into each other): its losses (hex, for bit-for-bit comparison
+with the bare run) and, watched, the agent's fault count.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--watch", action="store_true")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -48,7 +50,8 @@ def main() -> None:
     errors = mon.errors if mon is not None else 0
     if mon is not None:
         mon.close()
-    print(json.dumps({"rank": rank, "losses": losses, "errors": errors}), flush=True)
+    with open(f"{args.out}.r{rank}.json", "w") as fh:
+        json.dump({"rank": rank, "losses": losses, "errors": errors}, fh)
     dist.destroy_process_group()
 
 

@@ -33,20 +33,22 @@ def torchrun(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
 
 @pytest.mark.timeout(240)
 def test_an_fsdp2_job_streams_from_every_rank_and_loses_what_the_bare_job_loses(
-    env: dict[str, str], state_dir: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
     """fully_shard on CPU ranks: parameters and gradients are DTensor shards. Watched, both ranks'
     figures flow (the gradient norm and update ratio of each rank's own shard), no agent fault,
     and every loss is bit-identical to the bare job's."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(FSDP_JOB)]
 
-    def run(*extra: str) -> dict[int, dict[str, Any]]:
-        done = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=180)
+    def run(name: str, *extra: str) -> dict[int, dict[str, Any]]:
+        out = tmp_path / name
+        done = subprocess.run(
+            [*cmd, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-        return {line["rank"]: line for line in lines}
+        return {rank: json.loads(Path(f"{out}.r{rank}.json").read_text()) for rank in (0, 1)}
 
-    bare, watched = run(), run("--watch")
+    bare, watched = run("bare"), run("watched", "--watch")
     assert sorted(watched) == [0, 1] and all(w["errors"] == 0 for w in watched.values())
     assert {r: w["losses"] for r, w in watched.items()} == {r: b["losses"] for r, b in bare.items()}
     replayed = json_lines(icsmon("replay", "fsdp-job", "--json", env=env, check=True).stdout)
