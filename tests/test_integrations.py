@@ -3,6 +3,7 @@ stream the loss and the figures to a viewer, and stop training cleanly on an inj
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -134,7 +135,7 @@ def test_hf_trainer_stops_on_nan(runtime_dir: Path, tmp_path: Path) -> None:
 
 
 def lightning_train(
-    runtime: Path, bad_from: int | None, every: int | None = 1
+    runtime: Path, bad_from: int | None, every: int | None = 1, accumulate: int = 1
 ) -> tuple[Any, Any, Callable[[], Any]]:
     pl = pytest.importorskip(
         "pytorch_lightning", reason="pytorch-lightning is not installed (the test extra)"
@@ -146,10 +147,12 @@ def lightning_train(
             super().__init__()
             self.model = Regression()
             self.model.bad_from = bad_from
+            self.losses: list[float] = []  # every micro-batch's, as the user computed it
 
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             time.sleep(0.02)
             loss: torch.Tensor = self.model(batch["x"], batch["y"])["loss"]
+            self.losses.append(float(loss))
             return loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -160,13 +163,14 @@ def lightning_train(
     callback = IcsmonCallback(stop_on=("nonfinite",), every=every, runtime_dir=runtime, name="pl-job")
     trainer = pl.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        accumulate_grad_batches=accumulate,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(dataset(), batch_size=4)  # type: ignore[arg-type,var-annotated]
 
     def fit() -> Any:
         trainer.fit(module, loader)
-        return trainer
+        return module
 
     return trainer, callback, fit
 
@@ -188,3 +192,17 @@ def test_lightning_stops_on_nan(runtime_dir: Path) -> None:
     fit()
     assert callback.stopped_at is not None and NAN_FROM + 1 <= callback.stopped_at <= NAN_FROM + 2
     assert trainer.global_step < STEPS and trainer.should_stop
+
+
+@pytest.mark.timeout(180)
+def test_lightning_accumulation_shows_each_layer_once_and_the_users_loss(runtime_dir: Path) -> None:
+    """accumulate_grad_batches=2: two micro-batches a step, both through the training step. Each
+    layer once (not net.0 and net.0#1), and the loss the user's own, not Lightning's halved one."""
+    _, _, fit = lightning_train(runtime_dir, None, accumulate=2)
+    module, samples = watch_from_outside(runtime_dir, fit)
+    layers = {len(s.figures) for s in samples}
+    assert samples and layers == {3}, layers  # Linear, ReLU, Linear
+    losses = module.losses  # micro-batches 2k and 2k+1 make step k; the step's loss is the last one's
+    for s in samples[1:]:
+        want = losses[2 * s.step + 1]
+        assert s.loss is not None and math.isclose(s.loss, want, rel_tol=1e-6), (s.step, s.loss, want)

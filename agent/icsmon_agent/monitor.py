@@ -88,6 +88,7 @@ class Monitor:
         self._step = 0
         self._samples = 0
         self._eval_forward = False  # the forward under way is not training (no_grad, eval)
+        self._in_batch = False  # a framework's training step stands for the forward (begin_batch)
         self._spent = 0.0  # seconds of our own work on the current sampled step
         self._forward_t0: float | None = None  # when this step's (first) forward began
         self._cadence = Cadence(every)
@@ -336,8 +337,26 @@ class Monitor:
 
     # ------------------------------------------------------------------ events from the hooks
 
+    def begin_batch(self) -> None:
+        """A framework's training step begins (Lightning's ``on_train_batch_start``): it stands for
+        the model's forward, which a ``training_step`` may never call. Until :meth:`end_batch`, the
+        model's own forward hooks stand down: one forward a micro-batch, whichever calls it."""
+        if self._closed:
+            return
+        self._in_batch = False
+        self.forward_started()
+        self._in_batch = True
+
+    def end_batch(self, loss: Any) -> None:
+        """The training step's forward is over; ``loss`` goes backward next (``on_before_backward``)."""
+        if self._in_batch:
+            self._in_batch = False
+            self.forward_ended(loss)
+
     def forward_started(self) -> None:
         """The model's own forward begins (its eager pre-hook, also under ``torch.compile``)."""
+        if self._in_batch:
+            return
         if not (torch.is_grad_enabled() and self.model.training):
             self._eval_forward = True  # an evaluation pass: never sampled, never a step
             return
@@ -367,7 +386,7 @@ class Monitor:
 
     def forward_ended(self, output: Any) -> None:
         """The model's own forward returned ``output`` (eagerly, also under ``torch.compile``)."""
-        if self._eval_forward:
+        if self._eval_forward or self._in_batch:
             return
         started = time.perf_counter()
         if not self._step_loss and isinstance(output, Mapping):

@@ -37,6 +37,16 @@ class IcsmonCallback(Callback):  # type: ignore[misc]
             self.monitor = icsmon_agent.watch(pl_module, stop_on=self.stop_on, **self.watch_kwargs)
         self._seen_step = trainer.global_step  # the first micro-batch of accumulation is no step yet
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # The training step is the forward (it may call the layers without the module's forward):
+        # a micro-batch of accumulation is a forward of the same step, not new layers.
+        if self.monitor is not None:
+            self.monitor.begin_batch()
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.end_batch(loss)
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -44,6 +54,9 @@ class IcsmonCallback(Callback):  # type: ignore[misc]
             return  # a micro-batch of gradient accumulation: no optimizer step happened
         self._seen_step = trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        accumulated = getattr(trainer, "accumulate_grad_batches", 1)
+        if loss is not None and accumulated > 1 and getattr(pl_module, "automatic_optimization", True):
+            loss = loss * accumulated  # Lightning hands it divided for accumulation: the user's own
         self.monitor.step(loss=loss)
         if self.stop_on and trainer.strategy.reduce_boolean_decision(self.monitor.should_stop, all=False):
             self.stopped_at = int(trainer.global_step)
