@@ -28,7 +28,7 @@ from icsmon.store import RunKey, RunState, Store
 from icsmon.subscriber import Decoding, sub_socket
 from icsmon.targets import TargetError
 from icsmon_agent.alerts.engine import AlertEngine
-from icsmon_agent.alerts.model import Alert, AlertChange, change_from_json
+from icsmon_agent.alerts.model import ALERT_TYPES, Alert, AlertChange, change_from_json
 from icsmon_agent.discovery import pid_alive
 from icsmon_agent.protocol import Event, Message, Sample, Schema
 
@@ -42,8 +42,6 @@ POLL_S = 0.2
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 2.0  # "attaches as soon as one starts": looking costs a directory read
 CHANGES_KEPT = 1000
-#: Events that carry the job's own alert changes (``AlertChange.to_json``).
-ALERT_EVENTS = ("alert", "alert_cleared")
 
 EngineFactory = Callable[[], Any]
 #: What ``connect()`` returns: one endpoint, or several that one SUB socket follows at once.
@@ -159,8 +157,6 @@ class Feed:
         self.attempts = 0
         self.rejected = 0
         self.last_reject = ""
-        self.bad_alerts = 0  # alert events that did not hold an alert (said in last_bad_alert)
-        self.last_bad_alert = ""
         # Every alert change, numbered, so the UI can take the new ones on its own clock.
         self.changes: deque[tuple[int, RunKey, AlertChange]] = deque(maxlen=CHANGES_KEPT)
         self.change_count = 0
@@ -215,7 +211,7 @@ class Feed:
         if new:
             self.version += 1
         if isinstance(msg, Event):
-            if msg.event in ALERT_EVENTS:
+            if msg.event in ALERT_TYPES:
                 if new:
                     self._take_alert(key, run, msg)
                 return new
@@ -261,29 +257,27 @@ class Feed:
         self._run_rank_rules({key[0] for key in due})
 
     def _take_alert(self, key: RunKey, run: RunState, event: Event) -> None:
-        """An alert the job judged itself: held as the stream's own (it speaks for itself only)."""
-        try:
-            change = change_from_json(event.detail, replayed=event.replayed)
-        except ValueError as exc:
-            self.bad_alerts += 1
-            self.last_bad_alert = str(exc)
-            return
+        """An alert the job judged itself (the decoder checked it): held as the stream's own (it
+        speaks for itself only)."""
+        change = change_from_json(event.detail, replayed=event.replayed)
         names = run.layer_names
         at = names.index(change.alert.layer) if change.alert.layer in names else 0
         alert = dataclasses.replace(change.alert, run=key[0], rank=key[1], layer_index=at)
         change = dataclasses.replace(change, alert=alert)
+        if self._engine(key).take(change):
+            self._publish(key, [change])
+
+    def _engine(self, key: RunKey) -> Any:
+        """The stream's alert engine (one holds a job's own alerts even where no rules run here)."""
         engine = self.engines.get(key)
         if engine is None:
             engine = self.engines[key] = self.engine_factory() if self.engine_factory else AlertEngine()
-        if engine.take(change):
-            self._publish(key, [change])
+        return engine
 
     def _run_rules(self, key: RunKey, run: RunState) -> None:
         if self.engine_factory is None or (run.schema is not None and run.schema.alerts):
             return  # a job that judges itself sends its alerts: never judged twice
-        engine = self.engines.get(key)
-        if engine is None:
-            engine = self.engines[key] = self.engine_factory()
+        engine = self._engine(key)
         try:
             changes: list[AlertChange] = engine.update(run)
         except Exception as exc:  # a rule bug must not take the viewer down; say it once, keep drawing

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from icsmon_agent.alerts.model import ALERT_TYPES
 from icsmon_agent.protocol import STAT_INDEX, STATS, Event, Message, Sample, Schema
 
 DEFAULT_CAPACITY = 512
@@ -301,7 +302,7 @@ class Store:
         if isinstance(msg, Event):
             if state.first_sample_seq:
                 state.last_seq = msg.seq
-            if msg.event in ("alert", "alert_cleared"):  # the job's judgement: the feed holds it
+            if msg.event in ALERT_TYPES:  # the job's judgement: the feed holds it
                 return True
             if msg.event == "forward_steps":  # notes about the job, not changes of its state
                 state.forward_steps = True

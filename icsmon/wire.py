@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from icsmon_agent.alerts.model import ALERT_TYPES, change_from_json
 from icsmon_agent.protocol import (
     PROTOCOL_VERSION,
     STATS,
@@ -217,6 +218,11 @@ def _decode_event(header: dict[str, Any], body: bytes) -> Event:
     detail = header.get("detail", {})
     if not isinstance(detail, dict):
         raise ProtocolError("event 'detail' is not an object")
+    if name in ALERT_TYPES:  # the job's alert: a frame that holds none is rejected like any other
+        try:
+            change_from_json(detail)
+        except ValueError as exc:
+            raise ProtocolError(f"{name} event: {exc}") from None
     return Event(
         run=header["run"],
         rank=header["rank"],

@@ -177,3 +177,18 @@ def test_encoded_json_never_contains_nan() -> None:
     frames = encode(sample(loss=math.inf, scalars={"x": math.nan}))
     text = frames[1].decode()
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_an_alert_event_that_holds_no_alert_is_a_rejected_frame() -> None:
+    """The job's alerts are checked where every frame is: a good one decodes, a bad one is refused."""
+    good = {"type": "alert", "rule": "exploding", "layer": "fc", "step": 7, "severity": "critical",
+            "value": 1e4, "message": "exploding: fc", "hint": "lower the lr", "layers": ["fc"]}  # fmt: skip
+    assert isinstance(decode(encode(Event("r", 0, 1, 1.0, "alert", good))), Event)
+    for bad, reason in (
+        ({**good, "severity": "fatal"}, "alert severity"),
+        ({**good, "step": "7"}, "'step' is not a whole number"),
+        ({**good, "layers": "fc"}, "layers is not a list"),
+        ({**good, "type": "sample"}, "not an alert"),
+    ):
+        with pytest.raises(ProtocolError, match=f"alert event: .*{reason}"):
+            decode(encode(Event("r", 0, 1, 1.0, "alert", bad)))

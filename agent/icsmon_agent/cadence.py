@@ -31,7 +31,7 @@ class Cadence:
         self._costs: deque[float] = deque(maxlen=COST_WINDOW)
         self._last_sample = 0.0  # monotonic time the last sampled step began
         self._paused_at = 0.0
-        self._busy_seen: float | None = None  # the offload thread's busy seconds already counted
+        self._busy_seen: float | None = None  # the other threads' busy seconds already counted
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is sampled. Watched or not: the job judges every sample itself, so a
@@ -41,10 +41,10 @@ class Cadence:
         interval = max(MIN_INTERVAL_S, self.cost / BUDGET)
         return time.monotonic() - self._last_sample >= interval
 
-    def sampled(self, began: float, spent: float, offload_busy: float | None, first: bool) -> None:
+    def sampled(self, began: float, spent: float, other_busy: float | None, first: bool) -> None:
         """A sample was taken of a step that began at ``began`` (monotonic) and cost ``spent``
         seconds of the training thread's work, plus what the agent's other threads did since the
-        last sample (their running ``offload_busy`` seconds: the offload's reductions, the job's
+        last sample (their running ``other_busy`` seconds: the offload's reductions, the job's
         rules; the CPU is the job's). The first sample pays
         for the table and the thread's start: set-up, not counted.
 
@@ -52,11 +52,11 @@ class Cadence:
         into some op) does not stall the cadence; until the window is full the floor applies.
         Measured from when the step began, so a step slow inside its forward is followed by a sample.
         """
-        if offload_busy is not None:
+        if other_busy is not None:
             if self._busy_seen is not None:
-                spent += offload_busy - self._busy_seen
+                spent += other_busy - self._busy_seen
             if not first:
-                self._busy_seen = offload_busy
+                self._busy_seen = other_busy
         if not first:
             self._costs.append(spent)
             if len(self._costs) == COST_WINDOW:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -633,7 +634,7 @@ def watch(
     if on_alert is not None and not callable(on_alert):
         raise TypeError(f"on_alert must be callable, got {type(on_alert).__name__}")
     if isinstance(thresholds, Mapping):  # {"explode_jump": 5}: over the defaults and icsmon.toml
-        unknown = set(thresholds) - set(alert_config.descriptions())
+        unknown = set(thresholds) - {f.name for f in dataclasses.fields(alert_config.Thresholds)}
         if unknown:
             raise ValueError(f"thresholds: unknown {sorted(unknown)} (`icsmon rules` lists them)")
         thresholds = alert_config.load(overrides=dict(thresholds))

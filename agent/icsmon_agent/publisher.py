@@ -342,14 +342,8 @@ class Publisher:
 
     def _alert(self, change: AlertChange) -> None:
         seq = self.next_seq()
-        event = Event(
-            run=self.run,
-            rank=self.rank,
-            seq=seq,
-            t=time.time(),
-            event="alert_cleared" if change.cleared else "alert",
-            detail=change.to_json(),
-        )
+        detail = change.to_json()
+        event = Event(self.run, self.rank, seq, time.time(), event=detail["type"], detail=detail)
         frames = protocol.encode_event(event)
         if change.cleared:
             self._active_alerts.pop(change.alert.rule, None)

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 Severity = Literal["warning", "critical"]
 SEVERITIES: tuple[Severity, ...] = ("warning", "critical")
+#: The ``type`` of an alert change's JSON, which is also the name of the wire event carrying it.
+ALERT_TYPES = ("alert", "alert_cleared")
 #: The longest text an alert carries on the wire (a message, a hint, a layer name).
 MAX_TEXT = 1_000
 
@@ -106,7 +108,7 @@ def change_from_json(obj: dict[str, Any], layer_index: int = 0, replayed: bool =
     """The inverse of :meth:`AlertChange.to_json`, for what came over the wire: every field is
     checked, texts are cut to :data:`MAX_TEXT`; raises ValueError for what is not an alert."""
     kind = obj.get("type")
-    if kind not in ("alert", "alert_cleared"):
+    if kind not in ALERT_TYPES:
         raise ValueError(f"not an alert: type {kind!r}")
     rule, layer, step = _text(obj, "rule"), _text(obj, "layer"), _whole(obj, "step")
     if not rule:
