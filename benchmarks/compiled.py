@@ -12,6 +12,8 @@ enough for both of its graphs (sampled and unsampled) to exist.
     python benchmarks/compiled.py --model all     # + ResNet-18, MLP
     python benchmarks/compiled.py --device cuda   # on a GPU
     python benchmarks/compiled.py --quick         # a short run, for the smoke test
+    python benchmarks/compiled.py --train-step    # compile forward + loss as one fullgraph function,
+                                                  # mon.step(loss=loss) after it (torchtitan-style)
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Variant:
     times: list[float] = field(default_factory=list)
     graphs: int = 0  # graphs Dynamo compiled for this variant: 1 + its recompilations
     breaks: int = 0
+    train_step: bool = False  # the compiled function is forward + loss (fullgraph), not the module
 
     def poll(self) -> None:
         if self.sub is not None:
@@ -93,10 +96,12 @@ def train(
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss = loss_of(v.compiled, batch)
+        loss = v.compiled(batch)
         loss.backward()
         v.opt.step()
         v.opt.zero_grad(set_to_none=True)
+        if v.mon is not None and v.train_step:
+            v.mon.step(loss=loss)
     sync()
     elapsed = time.perf_counter() - t0
     v.graphs += counters["stats"]["unique_graphs"] - graphs
@@ -112,6 +117,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> None:
     for label, every in (("bare", 0), ("default+viewer", None), ("every=1+viewer", 1)):
         model = copy.deepcopy(base).to(device)
         v = Variant(label, every, model, None, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        v.train_step = args.train_step
         if every != 0:
             v.mon = icsmon_agent.watch(model, every=every, endpoint="tcp")
             v.sub = Subscriber(v.mon.endpoint).__enter__()
@@ -122,7 +128,11 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> None:
     # Compiled only once every agent is watching: Dynamo shares a graph between copies of one model,
     # and one traced before the hooks existed would never call them (the agent warns of that).
     for v in variants:
-        v.compiled = torch.compile(v.model)
+        if args.train_step:
+            v.compiled = torch.compile(_forward_loss(v.model, loss_of), fullgraph=True)
+        else:
+            compiled = torch.compile(v.model)
+            v.compiled = lambda b, compiled=compiled: loss_of(compiled, b)
         train(v, loss_of, batch, args.warmup, sync)
         v.poll()
     for r in range(args.rounds):
@@ -131,8 +141,9 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> None:
             v.times.append(train(v, loss_of, batch, args.steps, sync) / args.steps)
             v.poll()
     bare = sum(variants[0].times)
+    what = "forward + loss compiled (fullgraph)" if args.train_step else "compiled"
     print(
-        f"\n{name}: compiled, device {device}, {torch.get_num_threads()} thread(s); {args.rounds} rounds x {args.steps} steps"
+        f"\n{name}: {what}, device {device}, {torch.get_num_threads()} thread(s); {args.rounds} rounds x {args.steps} steps"
     )
     print(
         f"{'variant':<16} {'ms/step':>8} {'wall ratio':>11} {'recompiles':>11} {'graph breaks':>13} {'samples':>8}"
@@ -148,6 +159,17 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> None:
             v.sub.__exit__(None, None, None)
 
 
+def _forward_loss(
+    model: nn.Module, loss_of: Callable[[nn.Module, Batch], torch.Tensor]
+) -> Callable[[Batch], torch.Tensor]:
+    """A train step's forward and loss as one function, closed over this variant's model."""
+
+    def forward_loss(batch: Batch) -> torch.Tensor:
+        return loss_of(model, batch)
+
+    return forward_loss
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=[*JOBS, "all"], default="gpt")
@@ -157,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps, MLP only")
+    p.add_argument(
+        "--train-step", action="store_true", help="compile forward + loss as one fullgraph function"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.rounds, args.steps, args.warmup = "mlp", 2, 3, 4

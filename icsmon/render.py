@@ -54,7 +54,7 @@ def sample_json(sample: Sample, schema: Schema) -> dict[str, Any]:
         layer.name: dict(zip(STATS, row, strict=False))
         for layer, row in zip(schema.layers, cells.tolist(), strict=False)
     }
-    return sample_json_head(sample) | {"layers": layers}
+    return sample_json_head(sample, schema) | {"layers": layers}
 
 
 #: Per layer table: the JSON text of ``layers`` with a ``%s`` where each figure goes (see below).
@@ -96,11 +96,11 @@ def sample_json_line(sample: Sample, schema: Schema) -> str:
         col = STATS.index("nonfinite")
         for i, count in zip(range(col, len(text), width), values[:, col].tolist(), strict=True):
             text[i] = str(int(count)) if math.isfinite(count) else "null"
-    head = sample_json_head(sample)
+    head = sample_json_head(sample, schema)
     return json.dumps(head)[:-1] + ', "layers": ' + template % tuple(text) + "}"
 
 
-def sample_json_head(sample: Sample) -> dict[str, Any]:
+def sample_json_head(sample: Sample, schema: Schema | None = None) -> dict[str, Any]:
     head = {
         "type": "sample",
         "run": sample.run,
@@ -110,6 +110,8 @@ def sample_json_head(sample: Sample) -> dict[str, Any]:
         "loss": finite(sample.loss),
         "scalars": {k: finite(v) for k, v in sample.scalars.items()},
     }
+    if schema is not None and schema.sharded:
+        head["grad_scope"] = "shard"  # FSDP2: grad_norm and update_ratio are this rank's shard's
     if sample.replayed:
         head["replayed"] = True  # history the job re-sent on connect, not a step that just ran
     return head
@@ -121,6 +123,8 @@ def sample_line(sample: Sample, schema: Schema) -> str:
     names = schema.layer_names
     std = fig[:, STATS.index("std")].astype(np.float64)
     parts = [f"step {sample.step:>7}", f"loss {fmt(sample.loss, 4):>9}", f"{len(names)} layers"]
+    if sample.scalars.get("scaler_skipped") == 1:  # fp16: the loss scaler skipped this step on purpose
+        parts.append("skipped by the loss scaler")
     nonfinite = fig[:, STATS.index("nonfinite")]
     bad = [
         i

@@ -165,6 +165,7 @@ def _decode_schema(header: dict[str, Any], body: bytes) -> Schema:
         stats=tuple(stats),
         schema_id=_text(header.get("schema_id", ""), "schema id"),
         alerts=header.get("alerts") is True,
+        sharded=header.get("sharded") is True,
     )
 
 

@@ -3,7 +3,8 @@
 ``fully_shard`` on each Linear and on the root (gloo on CPU), AdamW: each parameter and gradient
 is a DTensor holding this rank's shard. Each rank writes ``OUT.r<rank>.json`` (the ranks share one
 stdout, where their lines could run into each other): its losses (hex, for bit-for-bit comparison
-with the bare run) and, watched, the agent's fault count.
+with the bare run), each step's gradient norms of each Linear (its own shard's, and the whole
+parameter's from ``full_tensor()``) and, watched, the agent's fault count.
 """
 
 from __future__ import annotations
@@ -38,12 +39,22 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = torch.Generator().manual_seed(1 + rank)
     losses = []
+    # Each step's gradient norm of each Linear (weight and bias): this rank's shard, and whole.
+    shard_norms: list[dict[str, float]] = []
+    whole_norms: list[dict[str, float]] = []
     for _ in range(args.steps):
         x = torch.randn(8, 16, generator=data)
         loss = model(x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        grads = {name: [p.grad for p in model[int(name)].parameters()] for name in ("0", "2", "4")}
+        shard_norms.append(
+            {n: float(torch.stack([g.to_local().norm() for g in gs]).norm()) for n, gs in grads.items()}
+        )
+        whole_norms.append(
+            {n: float(torch.stack([g.full_tensor().norm() for g in gs]).norm()) for n, gs in grads.items()}
+        )
         if mon is not None:
             mon.step(loss=loss)
         losses.append(float(loss).hex())
@@ -51,7 +62,9 @@ def main() -> None:
     if mon is not None:
         mon.close()
     with open(f"{args.out}.r{rank}.json", "w") as fh:
-        json.dump({"rank": rank, "losses": losses, "errors": errors}, fh)
+        json.dump(
+            {"rank": rank, "losses": losses, "errors": errors, "shard": shard_norms, "whole": whole_norms}, fh
+        )
     dist.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ class Regression(nn.Module):
         self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
         self.calls = 0
         self.bad_from: int | None = None
+        self.losses: list[float] = []  # each training call's own loss, as the model returned it
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         self.calls += 1
@@ -40,6 +41,8 @@ class Regression(nn.Module):
         result = {"logits": out}
         if y is not None:
             result["loss"] = nn.functional.mse_loss(out.squeeze(-1), y)
+            if self.training and torch.is_grad_enabled():
+                self.losses.append(float(result["loss"].detach()))
         return result
 
 
@@ -81,7 +84,12 @@ def watch_from_outside(runtime: Path, train: Callable[[], Any]) -> tuple[Any, li
 
 
 def hf_train(
-    runtime: Path, tmp: Path, bad_from: int | None, every: int | None = 1, logging_steps: int = 1
+    runtime: Path,
+    tmp: Path,
+    bad_from: int | None,
+    every: int | None = 1,
+    logging_steps: int = 1,
+    accumulate: int = 1,
 ) -> tuple[Any, Any]:
     transformers = pytest.importorskip("transformers")
     pytest.importorskip(
@@ -96,7 +104,7 @@ def hf_train(
     args = transformers.TrainingArguments(
         output_dir=str(tmp / "out"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-2,
         logging_steps=logging_steps, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False,
+        dataloader_num_workers=0, remove_unused_columns=False, gradient_accumulation_steps=accumulate,
     )  # fmt: skip
 
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -118,6 +126,27 @@ def test_hf_trainer_streams_loss_and_figures(runtime_dir: Path, tmp_path: Path) 
     assert any(s.loss is not None for s in samples)
     assert callback.monitor is None and callback.stopped_at is None  # closed at the end
     assert trainer.state.global_step == STEPS
+
+
+@pytest.mark.timeout(180)
+def test_hf_trainer_accumulation_shows_each_layer_once_and_the_models_own_loss(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    """gradient_accumulation_steps=2: two forwards an optimizer step. Each layer is shown once, from
+    the step's first micro-batch, with the model's own loss (the Trainer divides the one it
+    backpropagates by the accumulation)."""
+    trainer, _ = hf_train(runtime_dir, tmp_path, None, accumulate=2)
+    model = trainer.model
+    state, samples = watch_from_outside(runtime_dir, lambda: trainer.train() and trainer.state)
+    assert state.global_step == STEPS and len(model.losses) == 2 * STEPS
+    assert len(samples) >= STEPS // 2
+    for s in samples:
+        assert s.figures.shape[0] == 3  # net.0, net.1, net.2: no "#1" from the second micro-batch
+        assert s.loss is not None and math.isclose(s.loss, model.losses[2 * s.step], rel_tol=1e-6), (
+            s.step,
+            s.loss,
+            model.losses[:6],
+        )
 
 
 @pytest.mark.timeout(180)

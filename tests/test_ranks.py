@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -54,9 +55,21 @@ def test_an_fsdp2_job_streams_from_every_rank_and_loses_what_the_bare_job_loses(
     replayed = json_lines(icsmon("replay", "fsdp-job", "--json", env=env, check=True).stdout)
     samples = [r for r in replayed if r["type"] == "sample"]
     assert {s["rank"] for s in samples} == {0, 1} and len(samples) >= 20
-    last = samples[-1]["layers"]
-    for name in ("0", "2", "4"):  # the Linears: their own shard's figures, finite
-        assert last[name]["grad_norm"] > 0 and last[name]["update_ratio"] > 0, last[name]
+    assert all(s["grad_scope"] == "shard" for s in samples)  # said on every line
+    by_step: dict[int, dict[int, dict[str, Any]]] = {}
+    for s in samples:
+        by_step.setdefault(s["step"], {})[s["rank"]] = s["layers"]
+        for name in ("0", "2", "4"):  # the Linears: each rank's own shard's gradient norm
+            want = watched[s["rank"]]["shard"][s["step"]][name]
+            assert math.isclose(s["layers"][name]["grad_norm"], want, rel_tol=1e-3), (s["step"], name)
+            assert s["step"] == 0 or s["layers"][name]["update_ratio"] > 0  # a ratio from step 1 on
+    # Where both ranks sampled a step, their shards' norms make the whole parameter's, as README says.
+    both = [step for step, ranks in by_step.items() if len(ranks) == 2]
+    assert both
+    for step in both:
+        for name in ("0", "2", "4"):
+            whole = math.hypot(*(by_step[step][r][name]["grad_norm"] for r in (0, 1)))
+            assert math.isclose(whole, watched[0]["whole"][step][name], rel_tol=1e-3), (step, name)
 
 
 @pytest.mark.timeout(180)

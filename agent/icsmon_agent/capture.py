@@ -129,6 +129,9 @@ class Capture:
         self._sink: list[tuple[int, Any]] = []
         self._handles: list[Any] = []
         self._outer: nn.Module | None = None  # the module whose forward is under way, if any
+        # Whether that forward is training (grad on, train mode): its layers are read even where
+        # the forward itself turns gradients off, as reentrant activation checkpointing does.
+        self._outer_training = False
         self.layer_calls = 0  # watched layers' training calls seen, ever
         self._noted: set[int] = set()
         # Bound once: dynamo guards the hooks' identity, a new bound method each time would recompile.
@@ -200,6 +203,7 @@ class Capture:
         except Exception as exc:
             self._owner.fault("forward", exc)
         self._outer = module  # after: a step boundary in forward_started starts afresh
+        self._outer_training = self.model.training and torch.is_grad_enabled()
 
     def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -213,6 +217,11 @@ class Capture:
                 and self._trace_armed
             ):
                 self._sink.append((id(module), output))
+            elif module is self.model and self._trace_armed:
+                # The whole forward ran in a graph (a compiled train step): the graph itself
+                # marks the sample taken, so its next forwards (micro-batches) add nothing until
+                # a step boundary of ours re-arms it (mon.step(), or an eager optimizer step).
+                self._trace_armed = False
             return
         if self.armed and not self.captured and id(module) in self._layer_ids:
             self._capture(module, args, output)
@@ -223,10 +232,17 @@ class Capture:
             except Exception as exc:
                 self._owner.fault("forward", exc)
 
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _capture(self, module: nn.Module, args: Any, output: Any, *, traced: bool = False) -> None:
         started = time.perf_counter()
         try:
-            if not self.model.training or not torch.is_grad_enabled():
+            # A traced hook judged it when the graph ran; drained later, grad mode is another's
+            # (the optimizer's no_grad step).
+            training = traced or (
+                self._outer_training
+                if self._outer is not None
+                else self.model.training and torch.is_grad_enabled()
+            )
+            if not training:
                 return  # evaluation passes are not training steps, whatever model.training says
             mid = id(module)
             call = self._calls.get(mid, 0)
@@ -334,7 +350,7 @@ class Capture:
         for mid, output in items:
             module = self._modules.get(mid)
             if module is not None:
-                self._capture(module, None, output)
+                self._capture(module, None, output, traced=True)
 
     def _add_layer(self, module: nn.Module, call: int, tensor: torch.Tensor) -> int:
         base = self._names.get(id(module), type(module).__name__)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import sys
 import time
 import warnings
 import weakref
@@ -38,6 +39,7 @@ from .guard import LossGuard
 from .layers import Selector, candidate_modules
 from .outlet import Identity, Outlet, Record
 from .sample import Early, Grads, Pending, Sampler, when_backward_ends
+from .scaler import ScalerWatch
 from .steps import StepMarks
 from .updates import local
 
@@ -105,6 +107,8 @@ class Monitor:
         self._atexit: Any = None
         self._actions = Actions.from_environment(quiet=quiet, on_alert=on_alert, stop_on=stop_on)
         self._guard = LossGuard()
+        self._scaler = ScalerWatch()  # the job's loss scaler, once its step is seen
+        self._scale_version: int | None = None  # its update() count at the last training forward
         self._step_loss = False  # this step's loss was given to step() (a model's own is the fallback)
         self._hurry_until = -1  # every step before this one is sampled, whatever the cadence says
         self._calm_from = 0  # a rising loss hurries the sampling again from this step on
@@ -236,9 +240,17 @@ class Monitor:
         """Detach every hook, send the last sample and a closing event, remove the discovery file."""
         if self._closed:
             return
-        if self._marks.by_forwards and self._marks.forwards and not self._paused:
+        last_step = self._marks.by_forwards and self._marks.forwards
+        if (last_step or self._scaler_skipped()) and not self._paused:
             with contextlib.suppress(Exception):
                 self._boundary({}, defer=False)  # the last forward was a step: it is sent too
+        if self._capture.has_held and not self._samples:
+            self._warn(
+                "compiled-step",
+                "icsmon: the model's forward ran only inside a compiled function that also steps the "
+                "optimizer, and mon.step() was never called: nothing was sampled. Call mon.step() "
+                "after the compiled train step",
+            )
         self._closed = True
         with contextlib.suppress(Exception):
             self._capture.remove_hooks()
@@ -362,6 +374,10 @@ class Monitor:
             self._eval_forward = True  # an evaluation pass: never sampled, never a step
             return
         self._eval_forward = False
+        if self._capture.building:
+            self._scaler.look(sys._getframe(1))
+        if self._scaler_skipped():
+            self._boundary({}, defer=False)
         ends, announce = self._marks.forward_begins(self._step)
         if announce:
             self._warn(
@@ -385,6 +401,19 @@ class Monitor:
             self._flush_pending()
             self._update_hooks()
 
+    def _scaler_skipped(self) -> bool:
+        """Whether the step just ended without an optimizer step because the loss scaler skipped
+        it: its update() ran (once a step) since the last forward, and no step was marked since."""
+        version, self._scale_version = self._scale_version, self._scaler.version()
+        marks = self._marks
+        return (
+            marks.source == "optimizer"
+            and bool(marks.forwards)
+            and marks.backward_seen
+            and version is not None
+            and version != self._scale_version
+        )
+
     def forward_ended(self, output: Any) -> None:
         """The model's own forward returned ``output`` (eagerly, also under ``torch.compile``)."""
         if self._eval_forward or self._in_batch:
@@ -396,7 +425,8 @@ class Monitor:
             loss = output.get("loss")
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._check_loss(loss, self._step)
-                self._model_loss = loss.detach()
+                if self._model_loss is None:  # the step's first micro-batch, as its figures are
+                    self._model_loss = loss.detach()
                 self._model_loss_src = loss
         capture = self._capture
         sampled = capture.armed
@@ -462,9 +492,14 @@ class Monitor:
     # ------------------------------------------------------------------ step boundaries
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._closed:
+        # Inside a compiled train step this hook is traced: nothing of ours joins the graph there,
+        # and mon.step() after the compiled call marks the step (capture.py).
+        if torch.compiler.is_compiling() or self._closed:
             return
         try:
+            self._scaler.look(sys._getframe(1))
+            if self._grads is not None and self._grads.scale is None:  # the scale before update()
+                self._grads.scale = self._scaler.scale()
             if self._marks.optimizer_step(optimizer):
                 if self._marks.new_leader and self._outlet is not None:  # viewers' hints name it
                     self._outlet.event("optimizer", self._step, self.errors, type=self._marks.new_leader)
@@ -497,6 +532,8 @@ class Monitor:
 
     def _boundary(self, scalars: dict[str, Any], *, defer: bool) -> None:
         capture = self._capture
+        if self._pending is not None:  # no eager forward flushed it (a forward compiled within a step)
+            self._flush_pending()
         pending: Pending | None = None
         first = False
         if capture.has_held:  # outputs of a forward whose end was not seen
@@ -555,8 +592,9 @@ class Monitor:
         if self._outlet is None:
             return
         capture.finish_table()
-        self._sampler = Sampler(capture, self._outlet.publisher, self._warn)
-        self._outlet.schema(capture.table(), self.every)
+        self._sampler = Sampler(capture, self._outlet.publisher, self._warn, self._scaler)
+        sharded = any(local(p) is not p for p in self.model.parameters())
+        self._outlet.schema(capture.table(), self.every, sharded=sharded)
 
     # ------------------------------------------------------------------ the job's own judgement
 

@@ -216,7 +216,7 @@ class Outlet:
         who = self.who
         self.publisher.submit(protocol.Event(who.run, who.rank, next(self._seq), time.time(), name, detail))
 
-    def schema(self, layers: tuple[protocol.LayerInfo, ...], every: int | None) -> None:
+    def schema(self, layers: tuple[protocol.LayerInfo, ...], every: int | None, *, sharded: bool) -> None:
         who = self.who
         self.publisher.set_schema(
             protocol.Schema(
@@ -233,6 +233,7 @@ class Outlet:
                 started=who.started,
                 schema_id=protocol.schema_id_for(layers),
                 alerts=self.publisher.judge is not None,
+                sharded=sharded,
             )
         )
 

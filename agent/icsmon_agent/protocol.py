@@ -86,6 +86,8 @@ class Schema:
     # The job runs the alert rules on its own samples and sends their events ("alert",
     # "alert_cleared"): a viewer shows those and does not judge the stream again.
     alerts: bool = False
+    # The parameters are sharded (FSDP2): grad_norm and update_ratio are this rank's shard's.
+    sharded: bool = False
 
     @property
     def layer_names(self) -> list[str]:
@@ -157,6 +159,7 @@ def encode_schema(schema: Schema) -> list[bytes]:
         "stats": list(schema.stats),
         "schema_id": schema.schema_id,
         "alerts": schema.alerts,
+        "sharded": schema.sharded,
         "layers": [layer.to_json() for layer in schema.layers],
     }
     return [TOPIC_SCHEMA, _dumps(header), b""]

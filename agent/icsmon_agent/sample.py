@@ -30,6 +30,7 @@ from .figures import Finalizer, GradNorms, Record, grad_norms
 from .layers import tensors_in
 from .protocol import STAT_INDEX
 from .publisher import Publisher, Work
+from .scaler import ScalerWatch, unscaled
 from .updates import UpdateRatio, local
 
 
@@ -83,6 +84,7 @@ class Grads:
 
     norms: GradNorms | None = None
     held: tuple[list[tuple[int, torch.Tensor]], list[int]] | None = None
+    scale: torch.Tensor | None = None  # the loss scaler's scale they carry (scaler.py)
 
 
 @dataclass
@@ -105,10 +107,12 @@ class Sampler:
         capture: Capture,
         publisher: Publisher,
         warn: Callable[[str, str], None],
+        scaler: ScalerWatch,
     ) -> None:
         self._capture = capture
         self._publisher = publisher
         self._warn = warn
+        self._scaler = scaler
         self.finalizer = Finalizer(len(capture.layers))
         self._params: list[tuple[int, nn.Parameter]] = [
             (i, p)
@@ -121,8 +125,10 @@ class Sampler:
         # replaces its gradients (zero_grad(set_to_none=True)) rather than changing them in place
         # (clipping, accumulation, zeroing), which would change them under the reader.
         self.grad_mode = "learn"
-        # Weak: the probed gradients of one sample must not be kept alive until the next.
+        # The probed gradients: held until the step's end (were they changed in place before the
+        # optimizer stepped?), then weakly: one sample's must not be kept alive until the next.
         self._grad_probe: list[tuple[nn.Parameter, weakref.ref[torch.Tensor], int]] | None = None
+        self._probe_held: list[torch.Tensor] = []
         self._side_stream: Any = None
         self._relu_rows: dict[torch.device, torch.Tensor] = {}  # which rows are ReLU-family, per device
         self._updates = UpdateRatio(self._params, len(capture.layers))
@@ -136,34 +142,55 @@ class Sampler:
         if offload is not None and self.grad_mode == "learn":
             self._learn_grad_mode()
         nbytes = sum(g.nbytes for _, g in grads)
+        scale = self._scaler.scale()
         if (
             offload is not None
             and self.grad_mode == "hold"
             and offload.outstanding + nbytes <= HOLD_LIMIT
             and not any(g.is_inference() for _, g in grads)
         ):
-            return Grads(held=(grads, [g._version for _, g in grads]))
-        return Grads(norms=grad_norms(grads, records_device(self._capture.records)))
+            return Grads(held=(grads, [g._version for _, g in grads]), scale=scale)
+        return Grads(norms=grad_norms(grads, records_device(self._capture.records)), scale=scale)
 
     def _learn_grad_mode(self) -> None:
         """Probe at one sample, judge at the next: were the probed gradients replaced, untouched?"""
         probe, self._grad_probe = self._grad_probe, None
         if probe is None:
-            self._grad_probe = [
-                (p, weakref.ref(p.grad), p.grad._version)
-                for _, p in self._params
-                if p.grad is not None and not p.grad.is_inference()
-            ] or None
+            probed = [
+                (p, p.grad) for _, p in self._params if p.grad is not None and not p.grad.is_inference()
+            ]
+            self._grad_probe = [(p, weakref.ref(g), g._version) for p, g in probed] or None
+            # Held through the step: a clip or a scaler's unscale_ before the optimizer changes them
+            # in place, and a zero_grad(set_to_none=True) after it would hide that.
+            self._probe_held = [g for _, g in probed]
             return
         # Replaced, and untouched since: a gradient freed since was replaced and is untouched.
         replaced = all(p.grad is not (g := ref()) and (g is None or g._version == v) for p, ref, v in probe)
         self.grad_mode = "hold" if replaced else "inline"
 
+    def _probe_step_ended(self) -> None:
+        """The probed step ended: gradients changed in place during it rule the holding out."""
+        held, self._probe_held = self._probe_held, []
+        probe = self._grad_probe
+        if (
+            held
+            and probe is not None
+            and any(g._version != v for (_, _, v), g in zip(probe, held, strict=True))
+        ):
+            self.grad_mode = "inline"
+            self._grad_probe = None
+
     def take(self, step: int, scalars: dict[str, Any], early: Early | None, grads: Grads | None) -> Pending:
         """The step's sample: figures now on a device (launches only), or later on the offload
         thread (its reductions may still run)."""
         records = self._capture.records
-        pending = Pending(step, time.time(), scalars, records, grads or self.take_grads(), early=early)
+        self._probe_step_ended()
+        grads = grads or self.take_grads()
+        if grads.scale is None:  # the scaler was first seen at this step's optimizer step
+            grads.scale = self._scaler.scale()
+        pending = Pending(step, time.time(), dict(scalars), records, grads, early=early)
+        if grads.norms is not None:
+            self._unscale(pending)
         pending.update = self._updates.take(step)
         if self._capture.offload is None:
             pending.figures = self.finalizer.figures(records, pending.grads.norms, records_device(records))
@@ -175,6 +202,18 @@ class Sampler:
             offload.submit(functools.partial(self._finish_offloaded, pending))
         else:
             self._hand_off(pending)
+
+    @staticmethod
+    def _unscale(pending: Pending) -> None:
+        """A loss scaler's gradients: their norms unscaled, and its scale and skip on the sample."""
+        grads = pending.grads
+        if grads.norms is None or grads.scale is None:
+            return
+        layers, norms = grads.norms
+        norms, skipped = unscaled(norms, grads.scale)
+        grads.norms = (layers, norms)
+        pending.scalars.setdefault("loss_scale", grads.scale)
+        pending.scalars.setdefault("scaler_skipped", skipped)
 
     def finish_early(self, early: Early) -> None:
         """Queue a forward's activation figures on the offload thread, after its reductions."""
@@ -194,6 +233,7 @@ class Sampler:
                 norms = grad_norms(held, torch.device("cpu"))
                 if all(g._version == v for (_, g), v in zip(held, versions, strict=True)):
                     grads.norms = norms
+                    self._unscale(pending)
                 else:  # changed in place after all: take them at once from now on
                     self.grad_mode = "inline"
             records = pending.records

@@ -103,7 +103,8 @@ class DetailScreen(Screen[None]):
         plot_h = max(5, (self.size.height - 8) // 3 - 3) if wide else 7
         for key in PANELS:
             box = self.query_one(f"#plot-{key}", PlotBox)
-            box.border_title = TITLES[key]
+            sharded = key == "grad" and run.schema is not None and run.schema.sharded
+            box.border_title = TITLES[key] + (", this rank's shard" if sharded else "")
             plot_w = box.content_size.width or guess
             box.update(self._plot(run, key, plot_w, plot_h))
         self._alerts(run)

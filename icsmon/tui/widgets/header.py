@@ -42,6 +42,11 @@ def header_text(
     loss = run.latest_loss
     if loss is not None:
         text.append(f"  loss {fmt(loss, 4)}")
+    scale = run.scalars.get("loss_scale")
+    if scale is not None:  # fp16 with a loss scaler: its gradient norms are shown unscaled
+        text.append(f"  scale {fmt(scale, 3)}", style="dim")
+        if run.scalars.get("scaler_skipped") == 1:
+            text.append("  step skipped by the scaler", style="yellow")
     text.append("  ")
     text.append(f"● {state}", style=STATE_STYLE[state])
     dropped = run.dropped + run.agent_dropped

@@ -48,8 +48,9 @@ class Column:
     width: int
 
 
-def columns_for(width: int) -> list[Column]:
-    """The columns that fit a terminal ``width`` wide: 80 columns get the essentials, wide ones all."""
+def columns_for(width: int, *, sharded: bool = False) -> list[Column]:
+    """The columns that fit a terminal ``width`` wide: 80 columns get the essentials, wide ones all.
+    A sharded job's (FSDP2) gradient norms are of this rank's shard, and the header says so."""
     spark = 24 if width >= 160 else 16 if width >= 120 else 10
     name = 28 if width >= 160 else 22 if width >= 120 else 16
     cols = [Column("name", "layer", name)]
@@ -67,7 +68,7 @@ def columns_for(width: int) -> list[Column]:
         cols += [Column("sat", "sat", 4)]
     cols += [Column("shift", "shift", 9)]
     if width >= 100:
-        cols += [Column("grad", "grad", 9)]
+        cols += [Column("grad", "grad/shd" if sharded else "grad", 9)]
     cols += [Column("status", "status", 11)]
     return cols
 
@@ -153,7 +154,7 @@ class LayerTable(ScrollView, can_focus=True):
     # ------------------------------------------------------------------ updates
 
     def show(self, run: RunState, badges: list[view.Badge], order: list[int], width: int) -> None:
-        cols = columns_for(width)
+        cols = columns_for(width, sharded=run.schema is not None and run.schema.sharded)
         schema_id = run.schema.schema_id if run.schema else ""
         if cols != self._columns or order != self._order or schema_id != self._schema_id:
             current = self.current_layer
