@@ -261,7 +261,8 @@ class Feed:
         speaks for itself only)."""
         change = change_from_json(event.detail, replayed=event.replayed)
         names = run.layer_names
-        at = names.index(change.alert.layer) if change.alert.layer in names else 0
+        # A run-level alert (the loss) names no layer: it badges none.
+        at = names.index(change.alert.layer) if change.alert.layer in names else -1
         alert = dataclasses.replace(change.alert, run=key[0], rank=key[1], layer_index=at)
         change = dataclasses.replace(change, alert=alert)
         if self._engine(key).take(change):

@@ -20,6 +20,7 @@ from torch import nn
 
 import icsmon_agent
 from helpers import wait_watching
+from hf_nets import convnext, llama, mixtral, t5, vit
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.alerts.engine import AlertEngine
@@ -43,8 +44,9 @@ Step = Callable[[int], float]  # trains one step, returns its loss
 
 def watch_run(
     model: nn.Module, step: Step, steps: int, runtime_dir: Path
-) -> tuple[list[AlertChange], list[float], int]:
-    """Train ``steps`` steps sampled every step; (alerts fired, losses, samples seen)."""
+) -> tuple[list[AlertChange], list[float], int, list[str]]:
+    """Train ``steps`` steps sampled every step; (alerts fired, losses, samples seen, the rules
+    still active at the end)."""
     mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir)
     store, engine = Store(), AlertEngine()
     fired: list[AlertChange] = []
@@ -64,13 +66,14 @@ def watch_run(
         assert wait_watching(mon, sub)
         for i in range(steps):
             losses.append(step(i))
+            mon.step(loss=losses[-1])  # as README asks: the loss rides with the sample
             take(0)
         mon.close()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and seen + mon.skipped + mon.dropped < steps:
             take(0.05)
     assert mon.errors == 0
-    return fired, losses, seen
+    return fired, losses, seen, [a.rule for a in engine.active]
 
 
 def gpt_run() -> tuple[nn.Module, Step]:
@@ -172,6 +175,12 @@ HEALTHY = {
     "ResNet-18, plain init": (resnet_run(False), 150),
     "LSTM word-language-model (manual SGD, clipping)": (language_model_run("LSTM", 5.0, 0.25), 300),
     "BERT (post-LN, token types)": (bert_run, 200),
+    "Llama (RMSNorm, SwiGLU, rotary), to near-zero loss": (llama(), 300),
+    "Mixtral (top-2 routed experts)": (mixtral(2), 200),
+    "Mixtral (top-1 routing: the router gets no gradient, by design)": (mixtral(1), 150),
+    "T5 (ReLU feed-forward, relative position bias)": (t5, 200),
+    "ViT (pre-LN)": (vit, 200),
+    "ConvNeXt (layer scale)": (convnext, 200),
 }
 
 
@@ -180,7 +189,7 @@ def test_healthy_networks_raise_no_alert_over_whole_runs(
     make: Callable[[], tuple[nn.Module, Step]], steps: int, runtime_dir: Path
 ) -> None:
     model, step = make()
-    fired, losses, seen = watch_run(model, step, steps, runtime_dir)
+    fired, losses, seen, _ = watch_run(model, step, steps, runtime_dir)
     assert seen >= steps // 2, "most steps were sampled"
     early, late = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert late < 0.7 * early, f"it did not learn: {early:.3f} -> {late:.3f}"
@@ -208,6 +217,7 @@ def gpt_hot() -> tuple[nn.Module, Step]:
     return model, step
 
 
+LLAMA_HOT = llama(lr=0.15, warmup=0)
 SICK = {
     # What follows the explosion (dead ReLUs, or vanished gradients) hangs on the CPU's rounding;
     # the explosion itself, named before the first NaN, does not.
@@ -222,6 +232,11 @@ SICK = {
         language_model_run("LSTM", 5.0, 0.0),
         {"vanishing"},
     ),
+    # AdamW's weight decay still moves every weight: only the gradients given to it tell.
+    "Llama whose clipping zeroes the gradients, under AdamW": (llama(clip=0.0), {"vanishing"}),
+    # Nothing jumps: the run is sick from its first step, its loss 3x chance.
+    "Llama with N(0, 1) weights": (llama(init_std=1.0), {"loss"}),
+    "Llama at 50x its learning rate, no warm-up": (LLAMA_HOT, {"exploding"}),
 }
 
 
@@ -230,15 +245,30 @@ def test_sick_networks_fire_the_right_rule_early(
     make: Callable[[], tuple[nn.Module, Step]], rules: set[str], runtime_dir: Path
 ) -> None:
     model, step = make()
-    fired, losses, _ = watch_run(model, step, 80, runtime_dir)
+    fired, losses, _, _ = watch_run(model, step, 60, runtime_dir)
     first_nan = next((i for i, v in enumerate(losses) if not math.isfinite(v)), len(losses))
     got = {c.alert.rule: c.alert.step for c in reversed(fired)}  # the first of each rule
     assert rules <= set(got), [c.alert.message for c in fired]
     if "exploding" in rules:
         assert got["exploding"] < first_nan and got["exploding"] <= 30, got
+        if make is LLAMA_HOT:  # pre-norm: the head after the final norm is no collapse
+            assert "vanishing" not in got, [c.alert.message for c in fired]
         if make is gpt_hot:  # the hint names the job's own optimizer and rate, from the agent
             hint = next(c.alert.hint for c in fired if c.alert.rule == "exploding")
             assert "AdamW, lr 0.5 now" in hint and "normalis" not in hint, hint
-    else:  # the weights never move: said from the first samples on
+    elif "vanishing" in rules:  # the gradients never reach the optimizer: said from the first samples
         (alert,) = [c.alert for c in fired if c.alert.rule == "vanishing"]
-        assert alert.figure == "update_ratio" and alert.step <= 5 and "clipped to 0" in alert.hint
+        assert alert.figure in ("update_ratio", "grad_norm_applied") and alert.step <= 5
+        assert "clipped to 0" in alert.hint
+    else:
+        (alert,) = [c.alert for c in fired if c.alert.rule == "loss"]
+        assert alert.layer == "" and "chance" in alert.message and alert.step <= 20
+
+
+def test_a_run_stuck_high_after_a_blow_up_stays_flagged_to_its_last_step(runtime_dir: Path) -> None:
+    """The word-language-model LSTM at 10x its learning rate (200): it blows up at once and sits at
+    several times its start, with nothing jumping any more. An alert is still active at the end."""
+    model, step = language_model_run("LSTM", 200.0, 0.25)()
+    fired, losses, _, active = watch_run(model, step, 100, runtime_dir)
+    assert sum(losses[-10:]) / 10 > 2 * losses[0], "the run is not sick"
+    assert "loss" in active, [c.alert.message for c in fired]

@@ -213,11 +213,14 @@ class Feed:
         self.seq = 1
         self.rng = np.random.default_rng(0)
 
-    def push(self, row: np.ndarray | None = None, step: int | None = None) -> list[str]:
+    def push(
+        self, row: np.ndarray | None = None, step: int | None = None, loss: float = 1.0, **scalars: float
+    ) -> list[str]:
         self.seq += 1
         row = healthy_row(self.rng) if row is None else row
         s = step if step is not None else self.seq
-        assert self.store.add(Sample("run", 0, self.seq, 0.0, s, self.sid, row.astype(np.float32), 1.0))
+        sample = Sample("run", 0, self.seq, 0.0, s, self.sid, row.astype(np.float32), loss, scalars=scalars)
+        assert self.store.add(sample)
         run = self.store.get("run")
         assert run is not None
         return [
@@ -348,7 +351,7 @@ def test_hints_are_written_from_the_network_they_are_about() -> None:
 
 
 def test_a_spike_is_judged_against_the_runs_own_recent_distribution() -> None:
-    """OLMo's test: the loss above the mean + 6 sigma of its last 128 samples."""
+    """The loss above its median + 6 robust deviations over its last 128 samples."""
     rng = np.random.default_rng(0)
     figs = series(12)
     losses = 2.0 + 0.05 * rng.standard_normal(100)

@@ -217,7 +217,9 @@ class Capture:
                 and self._trace_armed
             ):
                 self._sink.append((id(module), output))
-            elif module is self.model and self._trace_armed:
+            elif (
+                module is self.model and torch.is_grad_enabled() and self.model.training and self._trace_armed
+            ):
                 # The whole forward ran in a graph (a compiled train step): the graph itself
                 # marks the sample taken, so its next forwards (micro-batches) add nothing until
                 # a step boundary of ours re-arms it (mon.step(), or an eager optimizer step).

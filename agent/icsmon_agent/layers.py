@@ -165,6 +165,17 @@ def _as_selectors(value: Selector | Iterable[Selector] | None) -> list[Selector]
     return list(value)
 
 
+def _not_a_layer(name: str, module: nn.Module) -> bool:
+    """Modules that are no step of the signal: a placeholder or a dropout of p=0 (its output is its
+    input, already a row of its own), a position table (rotary cos/sin, T5's relative bias), which
+    is the same for every batch."""
+    if type(module) is nn.Identity:
+        return True
+    if isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0:
+        return True
+    return "Rotary" in type(module).__name__ or name.endswith("relative_attention_bias")
+
+
 def candidate_modules(
     model: nn.Module,
     include: Selector | Iterable[Selector] | None = None,
@@ -183,8 +194,8 @@ def candidate_modules(
             continue  # not a leaf
         if isinstance(module, nn.ModuleList | nn.ModuleDict | nn.ParameterList | nn.ParameterDict):
             continue  # containers are never called
-        if type(module) is nn.Identity:
-            continue  # a placeholder: its output is its input, already a row of its own
+        if _not_a_layer(raw_name, module):
+            continue
         if id(module) in seen:
             continue
         seen.add(id(module))

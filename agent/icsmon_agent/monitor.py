@@ -109,6 +109,7 @@ class Monitor:
         self._guard = LossGuard()
         self._scaler = ScalerWatch()  # the job's loss scaler, once its step is seen
         self._scale_version: int | None = None  # its update() count at the last training forward
+        self._applied: torch.Tensor | None = None  # the gradient the optimizer got (rules: clipped to 0)
         self._step_loss = False  # this step's loss was given to step() (a model's own is the fallback)
         self._hurry_until = -1  # every step before this one is sampled, whatever the cadence says
         self._calm_from = 0  # a rising loss hurries the sampling again from this step on
@@ -382,7 +383,8 @@ class Monitor:
         if announce:
             self._warn(
                 "forward-steps",
-                "icsmon: no optimizer.step() or mon.step() seen; each training forward counts as a step",
+                "icsmon: no optimizer.step() or mon.step() seen (a compiled optimizer step is not "
+                "seen: call mon.step() after it); each training forward counts as a step",
             )
             if self._outlet is not None:
                 self._outlet.event("forward_steps", self._step, self.errors)
@@ -407,7 +409,7 @@ class Monitor:
         version, self._scale_version = self._scale_version, self._scaler.version()
         marks = self._marks
         return (
-            marks.source == "optimizer"
+            marks.source in ("optimizer", "unknown")
             and bool(marks.forwards)
             and marks.backward_seen
             and version is not None
@@ -500,6 +502,9 @@ class Monitor:
             self._scaler.look(sys._getframe(1))
             if self._grads is not None and self._grads.scale is None:  # the scale before update()
                 self._grads.scale = self._scaler.scale()
+            owns = self._marks.owns(optimizer)
+            if owns and self._capture.armed and self._sampler is not None and self._applied is None:
+                self._applied = self._sampler.applied_norm()
             if self._marks.optimizer_step(optimizer):
                 if self._marks.new_leader and self._outlet is not None:  # viewers' hints name it
                     self._outlet.event("optimizer", self._step, self.errors, type=self._marks.new_leader)
@@ -549,6 +554,8 @@ class Monitor:
                 scalars = {**scalars, "lr": lr}
             if self._model_loss is not None and "loss" not in scalars:  # the user's own loss wins
                 scalars = {**scalars, "loss": self._model_loss}
+            if self._applied is not None:
+                scalars = {**scalars, "grad_norm_applied": self._applied}
             pending = self._sampler.take(self._step, scalars, self._early, self._grads)
             self._spent += time.perf_counter() - started
             offload = capture.offload
@@ -561,6 +568,7 @@ class Monitor:
         self._step += 1
         self._step_loss = False
         self._model_loss = self._model_loss_src = None
+        self._applied = None
         self._marks.boundary()
         self._early = None
         self._grads = None

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import HOLD_LIMIT, Capture
+from .capture import HOLD_LIMIT, Capture, Layer
 from .figures import Finalizer, GradNorms, Record, grad_norms
 from .layers import tensors_in
 from .protocol import STAT_INDEX
@@ -63,6 +63,30 @@ def when_backward_ends(
 def records_device(records: list[Record | None]) -> torch.device:
     """Where a sample's figures are finished: the device of its first layer's reductions."""
     return next((r.device for r in records if r is not None), torch.device("cpu"))
+
+
+def layer_parameters(model: nn.Module, layers: list[Layer]) -> list[tuple[int, nn.Parameter]]:
+    """Each layer's parameters, by layer index; and those no layer holds (a block's layer-scale
+    gamma, fused expert weights, a bare ``nn.Parameter``, a module that is no layer: T5's relative
+    position bias), counted in the last layer called below their owner, or below the owner's
+    nearest ancestor that has one: its gradient norm and update ratio cover them."""
+    slot = {id(layer.module): i for i, layer in enumerate(layers) if layer.call == 0}
+    out = [(i, p) for i, layer in enumerate(layers) if layer.call == 0 for p in layer.module.parameters()]
+    seen = {id(p) for _, p in out}
+    modules = dict(model.named_modules(remove_duplicate=True))
+    for name, module in modules.items():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        parts = name.split(".") if name else []
+        for depth in range(len(parts), -1, -1):  # the owner, then its ancestors up to the model
+            owner = modules.get(".".join(parts[:depth]))
+            below = [slot[id(m)] for m in owner.modules() if id(m) in slot] if owner is not None else []
+            if below:
+                out += [(max(below), p) for p in own]
+                seen.update(id(p) for p in own)
+                break
+    return out
 
 
 @dataclass
@@ -114,12 +138,7 @@ class Sampler:
         self._warn = warn
         self._scaler = scaler
         self.finalizer = Finalizer(len(capture.layers))
-        self._params: list[tuple[int, nn.Parameter]] = [
-            (i, p)
-            for i, layer in enumerate(capture.layers)
-            if layer.call == 0
-            for p in layer.module.parameters()
-        ]
+        self._params = layer_parameters(capture.model, capture.layers)
         # Whether the offload thread may read the gradients after the step ("hold"), or their
         # norms are taken at once ("inline"); "learn" until a later sample has shown that the job
         # replaces its gradients (zero_grad(set_to_none=True)) rather than changing them in place
@@ -133,8 +152,9 @@ class Sampler:
         self._relu_rows: dict[torch.device, torch.Tensor] = {}  # which rows are ReLU-family, per device
         self._updates = UpdateRatio(self._params, len(capture.layers))
 
-    def take_grads(self) -> Grads:
-        """This step's gradients, now: at the end of the backward, before the user's clipping."""
+    def take_grads(self, *, scaled: bool = True) -> Grads:
+        """This step's gradients, now: at the end of the backward, before the user's clipping.
+        ``scaled``: whether a loss scaler's scale is still in them (not once its ``step`` ran)."""
         offload = self._capture.offload
         # Under FSDP2 each rank's own shard: a collective here would hang, the ranks sample
         # different steps (README, "Works with").
@@ -142,7 +162,7 @@ class Sampler:
         if offload is not None and self.grad_mode == "learn":
             self._learn_grad_mode()
         nbytes = sum(g.nbytes for _, g in grads)
-        scale = self._scaler.scale()
+        scale = self._scaler.scale() if scaled else None
         if (
             offload is not None
             and self.grad_mode == "hold"
@@ -180,14 +200,24 @@ class Sampler:
             self.grad_mode = "inline"
             self._grad_probe = None
 
+    def applied_norm(self) -> torch.Tensor | None:
+        """At ``optimizer.step()``: the first layer's gradient norm as the optimizer got it (after
+        clipping and unscaling), a device scalar; the rules compare it with the backward's."""
+        first = next((i for i, p in self._params if p.grad is not None), None)
+        if first is None:
+            return None
+        grads = [(i, local(p.grad)) for i, p in self._params if i == first and p.grad is not None]
+        norms = grad_norms(grads, records_device(self._capture.records))
+        return None if norms is None else norms[1].float().norm()
+
     def take(self, step: int, scalars: dict[str, Any], early: Early | None, grads: Grads | None) -> Pending:
         """The step's sample: figures now on a device (launches only), or later on the offload
         thread (its reductions may still run)."""
         records = self._capture.records
         self._probe_step_ended()
-        grads = grads or self.take_grads()
-        if grads.scale is None:  # the scaler was first seen at this step's optimizer step
-            grads.scale = self._scaler.scale()
+        # Read at the step's end (no backward end was seen: a forward compiled within a bigger
+        # function), after a scaler's step has unscaled them in place.
+        grads = grads or self.take_grads(scaled=False)
         pending = Pending(step, time.time(), dict(scalars), records, grads, early=early)
         if grads.norms is not None:
             self._unscale(pending)

@@ -6,10 +6,9 @@ gradient. The scaler's current scale, on its device, divides the norms without a
 whose scaled gradients overflowed is one the scaler skips on purpose: its norms are marked absent
 and the sample says ``scaler_skipped``, so no rule takes the scaler's working for a fault.
 
-The scaler is found without touching it, on the stack: a local variable of the loop that runs the
-first training forward, or else the ``self`` of ``GradScaler.step`` when its ``optimizer.step()``
-reaches our optimizer hook. A scaler held deeper (a framework's attribute) is known from the first
-step it does not skip; until then the norms are raw.
+The scaler is found without touching it, on the stack: the ``self`` of ``GradScaler.step`` when its
+``optimizer.step()`` reaches our optimizer hook (and on Python 3.13+, a local variable of the loop
+that runs the first training forward). Until a first unskipped step has shown it, the norms are raw.
 """
 
 from __future__ import annotations
@@ -57,12 +56,24 @@ class ScalerWatch:
         for _ in range(FRAMES):
             if frame is None:
                 return
-            # The scaler's own step, or a loop's local variable holding it.
-            found = next((v for v in frame.f_locals.values() if isinstance(v, self._class)), None)
+            found = self._in(frame)
             if found is not None:
                 self._scaler = weakref.ref(found)
                 return
             frame = frame.f_back
+
+    def _in(self, frame: FrameType) -> Any:
+        """The scaler a frame holds: the ``self`` of its own ``step``, or (Python 3.13 on) a local
+        variable of the loop. Why not the loop's locals before 3.13: reading ``f_locals`` there
+        stores a snapshot of them in the frame, which would keep that step's tensors alive for the
+        rest of the run; the scaler's own frames end at once, and their snapshot with them."""
+        assert self._class is not None
+        own = frame.f_code.co_name in ("step", "_maybe_opt_step", "unscale_")
+        if not own and sys.version_info < (3, 13):
+            return None
+        values = [frame.f_locals.get("self")] if own else list(frame.f_locals.values())
+        # type(), not isinstance(): no user object's __class__ (a lazy proxy's) is asked.
+        return next((v for v in values if issubclass(type(v), self._class)), None)
 
     def scale(self) -> torch.Tensor | None:
         """The scale the current gradients carry (a copy: ``update()`` changes it in place), or None

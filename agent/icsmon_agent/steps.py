@@ -78,11 +78,7 @@ class StepMarks:
         """An optimizer stepped: whether that ends a step of this model (the leader's steps do)."""
         if self.source == "user":
             return False
-        owned = self._owned.get(optimizer)
-        if owned is None:
-            owned = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
-            self._owned[optimizer] = owned
-        if not owned:
+        if not self.owns(optimizer):
             return False
         leader = self._leader() if self._leader is not None else None
         if leader is None:
@@ -93,6 +89,14 @@ class StepMarks:
         self.source = "optimizer"
         self.closed_by_optimizer = True
         return True
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the optimizer holds any of the model's parameters (a GAN's other optimizer does not)."""
+        owned = self._owned.get(optimizer)
+        if owned is None:
+            owned = any(id(p) in self._params for g in optimizer.param_groups for p in g["params"])
+            self._owned[optimizer] = owned
+        return owned
 
     def learning_rate(self) -> float | None:
         """The stepping optimizer's first learning rate, when it is a plain number (a tensor one

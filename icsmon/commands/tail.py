@@ -72,7 +72,8 @@ def alert_lines(change: AlertChange, colour: bool = False) -> list[str]:
     alert = change.alert
     where = f" [{alert.run}{f' rank {alert.rank}' if alert.rank else ''}]" if alert.run else ""
     if change.cleared:
-        lines = [clean(f"  ok {alert.rule} cleared at {alert.layer}, step {change.step}{where}")]
+        at = f"at {alert.layer}, " if alert.layer else "at "  # a run-level alert (the loss) has none
+        lines = [clean(f"  ok {alert.rule} cleared {at}step {change.step}{where}")]
         key = "cleared"
     else:
         lines = [clean(f"  !! {alert.severity:<8} {alert.message}{where}"), clean(f"     hint: {alert.hint}")]

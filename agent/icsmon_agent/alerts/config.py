@@ -44,7 +44,7 @@ class Thresholds:
     vanish_std_critical: float = 1e-12
     "vanishing (critical): std below this (float32 underflows to exactly 0)"
     vanish_ratio: float = 1e-3
-    "vanishing: std below this fraction of the largest std of the layers before it, or of its own recent peak"
+    "vanishing: std below this fraction of the largest std on its input path (since the last norm layer), or of its own recent peak"
     vanish_grad: float = 1e-8
     "vanishing: a layer's parameter-gradient norm below this"
     explode_std: float = 1e3
@@ -76,18 +76,36 @@ class Thresholds:
     shift_min_history: int = 15
     "shift: samples of history needed first, at most `shift_window` (shift is noisy while training starts)"
     spike_sigma: float = 6.0
-    "spike: the loss above the mean + this many standard deviations of its recent samples"
+    "spike: the loss above its recent median + this many robust deviations (1.4826 x MAD)"
+    spike_ratio: float = 1.25
+    "spike: and at least this many times that median (a very steady loss has a tiny deviation)"
     spike_window: int = 128
-    "spike: samples the mean and standard deviation are taken over"
+    "spike: samples the median and deviation are taken over"
     spike_min_history: int = 32
     "spike: samples of history needed first"
+    loss_window: int = 8
+    "loss: samples whose median is the loss's level now"
+    loss_chance: float = 1.5
+    "loss: the level this many times chance (ln of the output layer's width, 10 wide or more)"
+    loss_chance_classes: int = 10
+    "loss: an output layer at least this wide is taken for a classifier (chance = ln of its width)"
+    loss_rise: float = 3.0
+    "loss: the level this many times the run's start (the median of its first 5 losses)"
+    loss_recovered: float = 0.9
+    "exploding stays active until the loss level is below this fraction of the run's start"
+    clipped_ratio: float = 1e-6
+    "vanishing: gradients applied by the optimizer below this fraction of the backward's: clipped away"
 
     def validate(self) -> Thresholds:
         for f in fields(self):
             value = getattr(self, f.name)
             if not value > 0:
                 raise ConfigError(f"threshold {f.name} must be positive, got {value}")
-        for need, have in (("shift_min_history", "shift_window"), ("spike_min_history", "spike_window")):
+        for need, have in (
+            ("shift_min_history", "shift_window"),
+            ("spike_min_history", "spike_window"),
+            ("loss_window", "spike_window"),  # the losses held are the spike window's
+        ):
             if getattr(self, need) > getattr(self, have):
                 raise ConfigError(
                     f"{need} ({getattr(self, need)}) cannot exceed {have} ({getattr(self, have)})"

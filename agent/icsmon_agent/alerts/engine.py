@@ -32,6 +32,9 @@ from .rules import RULES, RUN_FIGURES, Finding, FloatArray, Window
 HISTORY = 500  # alert changes kept for the history view
 #: The run's early scale (see rules._jump) is the median of this many first samples.
 EARLY_SAMPLES = 16
+#: Where the run's loss began (rules.loss_level): the median of this many first losses (one lucky
+#: batch of a heavy-tailed loss, as when fine-tuning, is no start).
+EARLY_LOSSES = 5
 
 
 @dataclass
@@ -39,6 +42,7 @@ class _RuleState:
     holding: int = 0  # consecutive samples the condition held
     gone: int = 0  # consecutive samples it did not
     active: Alert | None = None
+    loss_before: float | None = None  # the loss's level just before it fired (exploding)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class _RunAlerts:
     count: int = 0  # RunState.count when last evaluated (an ingest with no new sample changes nothing)
     schema_id: str = ""
     early: np.ndarray | None = None  # the median of the run's first EARLY_SAMPLES samples held
+    early_loss: float | None = None  # the median of its first EARLY_LOSSES losses held
 
 
 class Recent(Protocol):
@@ -82,6 +87,7 @@ def window_of(run: Recent, n: int, history: int = 0) -> Window | None:
     with the last ``history`` losses."""
     if run.schema is None or run.count == 0:
         return None
+    output = run.schema.layers[-1].shape if run.schema.layers else ()
     return Window(
         names=tuple(run.schema.layer_names),
         kinds=tuple(layer.kind for layer in run.schema.layers),
@@ -89,6 +95,8 @@ def window_of(run: Recent, n: int, history: int = 0) -> Window | None:
         step=int(run.recent_steps(1)[-1]),
         types=tuple(layer.type for layer in run.schema.layers),
         losses=run.recent_losses(max(history, n)),
+        output_width=int(output[-1]) if output else 0,
+        scalars=run.scalars,
     )
 
 
@@ -110,6 +118,15 @@ def describe(
     if run:
         text += f" [{run}]"
     return text
+
+
+def _level(losses: FloatArray | None, n: int, skip: int = 0) -> float | None:
+    """The median of the last ``n`` finite losses (before the last ``skip``), or None."""
+    if losses is None:
+        return None
+    recent = losses[: len(losses) - skip][-n:]
+    recent = recent[np.isfinite(recent)]
+    return float(np.median(recent)) if recent.size else None
 
 
 class AlertEngine:
@@ -141,7 +158,12 @@ class AlertEngine:
                 with np.errstate(all="ignore"), warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
                     state.early = np.nanmedian(oldest, axis=0)
-        window = dataclasses.replace(window, early=state.early)
+        if state.early_loss is None and window.losses is not None:
+            # As for the early scale: the oldest losses held.
+            first = window.losses[np.isfinite(window.losses)][:EARLY_LOSSES]
+            if first.size == EARLY_LOSSES:
+                state.early_loss = float(np.median(first))
+        window = dataclasses.replace(window, early=state.early, early_loss=state.early_loss)
         latest = window.figures[-1]
         has_nonfinite = bool(
             np.nan_to_num(latest[:, STAT_INDEX["nonfinite"]]).max(initial=0) > 0
@@ -153,7 +175,7 @@ class AlertEngine:
             finding = rule(window, t)
             if finding is None:
                 rs.holding = 0
-                if rs.active is not None and not has_nonfinite:
+                if rs.active is not None and not has_nonfinite and not self._unrecovered(name, window, rs):
                     rs.gone += 1
                     if rs.gone >= t.clear_after * (2 if at_once else 1):
                         changes.append(AlertChange(rs.active, cleared=True, step=window.step))
@@ -166,28 +188,52 @@ class AlertEngine:
                 rs.active is not None and rs.active.severity == "warning" and finding.severity == "critical"
             )
             if (rs.active is None and due) or escalates:
+                if rs.active is None:
+                    rs.loss_before = _level(window.losses, t.loss_window, skip=1)
                 rs.active = self._alert(name, finding, window, run, hint)
                 changes.append(AlertChange(rs.active))
         self._history.extend(changes)
         return changes
 
+    def _unrecovered(self, rule: str, window: Window, rs: _RuleState) -> bool:
+        """An explosion is over when the loss is back where it was before it, or below where the
+        run began, not when the figures stop jumping: a run stuck on a bad plateau after a blow-up
+        (at chance, or above its start) stays flagged. (A resumed run, whose start is its plateau,
+        recovers by the first test.)"""
+        t = self.thresholds
+        start, before = window.early_loss, rs.loss_before
+        level = _level(window.losses, t.loss_window)
+        if rule != "exploding" or level is None or start is None or not start > 0:
+            return False
+        back = t.loss_recovered * start
+        if before is not None and before > 0:
+            back = max(back, before / t.loss_recovered)
+        return level > back
+
     def _alert(self, rule: str, finding: Finding, window: Window, run: Recent, hint: str) -> Alert:
         names = window.names
+        run_level = finding.figure in RUN_FIGURES  # the loss belongs to no layer
         return Alert(
             rule=rule,
-            layer=names[finding.first],
-            layer_index=finding.first,
+            layer="" if run_level else names[finding.first],
+            layer_index=-1 if run_level else finding.first,
             step=window.step,
             severity=finding.severity,
             value=finding.value,
             message=describe(rule, finding, names, window.step, types=window.types),
             hint=hints.hint(
-                rule, window, hint, finding.figure, optimizer=run.optimizer, lr=run.scalars.get("lr")
+                rule,
+                window,
+                hint,
+                finding.figure,
+                optimizer=run.optimizer,
+                lr=run.scalars.get("lr"),
+                first=-1 if run_level else finding.first,
             ),
             run=run.run,
             rank=run.rank,
             figure=finding.figure,
-            layers=tuple(names[i] for i in finding.layers),
+            layers=() if run_level else tuple(names[i] for i in finding.layers),
         )
 
     def take(self, change: AlertChange) -> bool:

@@ -14,6 +14,7 @@ class Shape:
     normalised: bool  # BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...
     relu: bool
     squashing: bool  # tanh or sigmoid
+    recurrent: bool  # an LSTM, GRU or RNN layer: its own advice, never BatchNorm
 
     @classmethod
     def of(cls, w: Window) -> Shape:
@@ -23,7 +24,11 @@ class Shape:
             normalised="norm" in kinds,
             relu="relu" in kinds,
             squashing=bool(kinds & {"tanh", "sigmoid"}),
+            recurrent=bool(set(w.types) & RECURRENT),
         )
+
+
+RECURRENT = frozenset({"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"})
 
 
 def _init(s: Shape) -> str:
@@ -39,10 +44,18 @@ def _normalise(s: Shape) -> str:
 
 
 def hint(
-    rule: str, w: Window, default: str, figure: str = "", *, optimizer: str = "", lr: float | None = None
+    rule: str,
+    w: Window,
+    default: str,
+    figure: str = "",
+    *,
+    optimizer: str = "",
+    lr: float | None = None,
+    first: int = -1,
 ) -> str:
+    """``first``: the layer the alert names (its depth index), -1 for a run-level alert."""
     s = Shape.of(w)
-    net = f"a {s.depth}-layer net" if s.depth else "this net"
+    net = "this recurrent net" if s.recurrent else f"a {s.depth}-layer net" if s.depth else "this net"
     now = ", ".join(part for part in (optimizer, f"lr {lr:.3g}" if lr is not None else "") if part)
     rate = f"the learning rate ({now} now)" if now else "the learning rate"
     if figure == "update_ratio":
@@ -50,12 +63,35 @@ def hint(
             "the optimizer moved no weight: a learning rate of 0 (a schedule at its end?), gradients "
             "clipped to 0 (clip_grad_norm_'s max_norm), or every parameter frozen"
         )
+    if figure == "grad_norm_applied":
+        return (
+            "the backward made gradients, the optimizer got none: clipped to 0 (clip_grad_norm_'s "
+            "max_norm), or zeroed between backward and step; only weight decay moves the weights"
+        )
+    if rule == "nonfinite" and first == 0:
+        return (
+            "NaN/Inf already in the first layer's output: look at the input batch first (a NaN/Inf "
+            "in the data or its preprocessing, a division by 0 in normalisation); if the weights "
+            "are NaN too, an earlier step blew up"
+        )
+    if s.recurrent and rule in ("exploding", "vanishing", "saturation"):
+        return (
+            f"recurrent nets: lower {rate}, clip gradients (clip_grad_norm_, 0.25-1 as in the "
+            "word-language-model example), init the recurrent weights orthogonally, shorten the "
+            "backpropagation through time; set an LSTM's forget-gate bias to 1 if the signal fades"
+        )
     if rule == "exploding":
         text = f"lower {rate} or lengthen its warm-up, and clip gradients (clip_grad_norm_)"
         if not s.normalised:
             text += f"; without normalisation {net} wants a smaller rate the deeper it is: {_normalise(s)}"
             text += f"; check the init scale ({_init(s)})"
         return text
+    if rule == "vanishing" and figure == "grad_norm":
+        return (
+            "the gradient fades before it reaches this layer: look for a layer after it whose output "
+            "is cut off from the loss (detached, a saturated gate, dead ReLUs), then the init scale "
+            f"({_init(s)}) and {rate}"
+        )
     if rule == "vanishing":
         if s.normalised:
             return (

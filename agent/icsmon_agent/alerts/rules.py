@@ -16,8 +16,8 @@ layer whose input has already vanished is ``vanishing``, not ``dead_relu``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,9 @@ class Window:
     early: FloatArray | None = None
     types: tuple[str, ...] = ()  # module type of each layer, for the alert's line
     losses: FloatArray | None = None  # a longer history of the run's loss, newest last
+    output_width: int = 0  # the last layer's output width: a classifier's classes, an LM's vocabulary
+    early_loss: float | None = None  # where the run's loss began (engine.EARLY_LOSSES; None: not known)
+    scalars: Mapping[str, float | None] = field(default_factory=dict)  # the newest sample's
 
     def now(self, stat: str) -> FloatArray:
         out: FloatArray = self.figures[-1, :, STAT_INDEX[stat]]
@@ -157,15 +160,19 @@ def dead_relu(w: Window, t: Thresholds) -> Finding | None:
 
 def vanishing(w: Window, t: Thresholds) -> Finding | None:
     """Activation std collapsing toward 0 (absolutely, with depth, or against its own recent peak),
-    a parameter-gradient norm vanishing, or no weight moving at all (every layer's update ratio 0:
-    gradients clipped to 0, a learning rate of 0)."""
+    a parameter-gradient norm vanishing, no weight moving at all (every layer's update ratio 0: a
+    learning rate of 0), or the gradients clipped to 0 before the optimizer."""
     std, grad = w.now("std"), w.now("grad_norm")
     lo, hi = w.now("min"), w.now("max")
     dead = [h for h in dead_layers(w, t) if h.severity == "critical"]
     first_dead = dead[0].layer if dead else None
     peak = _nanmax(w.past("std", t.window))
     hits = []
-    running_max = 0.0  # largest std of the layers before this one
+    # The largest std on this layer's input path: the layers since the last norm layer (which
+    # starts a new scale; comparing across it, with un-normalised residual streams and sibling
+    # branches, named a healthy head "vanishing" after every explosion).
+    running_max = 0.0
+    ratio_hits: list[_Hit] = []
     for i in range(len(w.names)):
         s = float(std[i])
         # Exactly constant (std 0, min = max): by design, as a zero-init residual BatchNorm (gamma
@@ -181,11 +188,14 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
                     hits.append(_Hit(i, "warning", "std", s))
                 elif reference > 0 and s < t.vanish_ratio * reference and w.kinds[i] != "norm":
                     # (A norm layer's output std is its learned gain: small by choice, not collapse.)
-                    hits.append(_Hit(i, "warning", "std", s, f"{reference / max(s, 1e-300):.2g}x below"))
-            running_max = max(running_max, s)
+                    ratio_hits.append(
+                        _Hit(i, "warning", "std", s, f"{reference / max(s, 1e-300):.2g}x below")
+                    )
+            running_max = s if w.kinds[i] == "norm" else max(running_max, s)
         g = float(grad[i])
         # A dead layer anywhere blocks the gradient of every layer before it: dead_relu says so.
-        if first_dead is None and _finite(g) and g < t.vanish_grad:
+        # A top-1 router gets none by design (its one weight renormalises to 1).
+        if first_dead is None and _finite(g) and g < t.vanish_grad and not is_router(w, i):
             hits.append(_Hit(i, "warning", "grad_norm", g))
     # No weight moved at all (every layer's update ratio exactly 0): the optimizer applied nothing.
     # (Not while a gradient is non-finite: a loss scaler skips those steps on purpose.)
@@ -193,8 +203,39 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
     has = np.isfinite(update)
     if has.any() and not update[has].any() and not np.isinf(grad).any() and not np.isnan(grad[has]).any():
         hits.append(_Hit(int(np.argmax(has)), "warning", "update_ratio", 0.0, "no weight moved"))
+    clipped = _clipped_away(w, t, grad)
+    if clipped is not None:
+        hits.append(clipped)
+    # A layer far below the ones before it is a collapse, unless the others exploded: then it is
+    # the explosion's doing, and exploding says so.
+    if ratio_hits and exploding(w, t) is None:
+        hits += ratio_hits
     # Name where the activations collapse when they do: gradients vanish upstream of it as a result.
     return _finding(hits, prefer="std")
+
+
+def is_router(w: Window, i: int) -> bool:
+    """A mixture-of-experts router (Mixtral's ``gate``, a ``*Router``): its gradient is the
+    routing's, zero by design under top-1 routing."""
+    kind = w.types[i] if i < len(w.types) else ""
+    return "Router" in kind or w.names[i].rsplit(".", 1)[-1] in ("gate", "router")
+
+
+def _clipped_away(w: Window, t: Thresholds, grad: FloatArray) -> _Hit | None:
+    """The optimizer was given (next to) no gradient while the backward made one: clipped to 0
+    (``clip_grad_norm_`` with ``max_norm`` 0). Weight decay still moves every weight, so the update
+    ratio alone cannot tell. The agent reads the first layer's gradient norm again at
+    ``optimizer.step()`` (``grad_norm_applied``); clipping scales every gradient alike, so one
+    layer tells."""
+    applied = w.scalars.get("grad_norm_applied")
+    present = np.flatnonzero(~np.isnan(grad))  # the agent's first layer with a gradient
+    if applied is None or not _finite(applied) or not present.size:
+        return None
+    first = int(present[0])
+    backward = float(grad[first])
+    if not _finite(backward) or backward <= t.vanish_grad or applied > t.clipped_ratio * backward:
+        return None
+    return _Hit(first, "warning", "grad_norm_applied", applied, "clipped to 0 before the optimizer")
 
 
 def _jump(w: Window, t: Thresholds, stat: str) -> list[_Hit]:
@@ -287,8 +328,13 @@ RUN_FIGURES = frozenset({"loss"})
 
 
 def _spiking(history: FloatArray | None, t: Thresholds) -> tuple[float, float] | None:
-    """(now, mean + k sigma) when the newest value is above the mean + ``spike_sigma`` standard
-    deviations of the ``spike_window`` before it (OLMo's spike test)."""
+    """(now, limit) when the newest value is above its recent median + ``spike_sigma`` robust
+    deviations (1.4826 x the median absolute deviation) and ``spike_ratio`` times that median.
+
+    Why robust and relative: late in training and when fine-tuning the loss is heavy-tailed (most
+    batches near 0, a hard one now and then); a mean and standard deviation taken over those put
+    one ordinary hard batch six sigmas out (OLMo's mean + 6σ test fired on healthy ResNets).
+    """
     if history is None or history.size < t.spike_min_history + 1:
         return None
     now = float(history[-1])
@@ -296,20 +342,53 @@ def _spiking(history: FloatArray | None, t: Thresholds) -> tuple[float, float] |
     past = past[np.isfinite(past)]
     if not _finite(now) or past.size < t.spike_min_history:
         return None
-    limit = float(past.mean() + t.spike_sigma * past.std())
-    return (now, limit) if now > limit and past.std() > 0 else None
+    level = float(np.median(past))
+    spread = 1.4826 * float(np.median(np.abs(past - level)))
+    limit = max(level + t.spike_sigma * spread, t.spike_ratio * level)
+    return (now, limit) if now > limit and spread > 0 else None
 
 
 def spike(w: Window, t: Thresholds) -> Finding | None:
-    """The loss far above its own recent distribution: a bad batch, or an instability starting.
-    A run-level figure: the alert names no layer."""
+    """The loss far above its own recent distribution, sample after sample (the engine waits for
+    it to hold: one hard batch is no instability). A run-level figure: the alert names no layer."""
     # The same test on the total gradient norm fired on healthy runs (its tail is heavy: the healthy
     # suite of tests/test_alerts_modern.py trips mean+6σ on ordinary hard batches): not judged yet.
     found = _spiking(w.losses, t)
     if found is None:
         return None
     now, limit = found
-    return Finding("warning", (0,), "loss", now, f"above mean+{t.spike_sigma:g}σ = {limit:.3g}")
+    return Finding(
+        "warning", (0,), "loss", now, f"above its recent median + {t.spike_sigma:g} deviations = {limit:.3g}"
+    )
+
+
+def loss_level(w: Window, t: Thresholds) -> Finding | None:
+    """The loss's level (the median of its last samples) far above chance, or far above where the
+    run began: a start that is sick already, a slow divergence, a run stuck high after a blow-up.
+    It holds as long as the loss stays there, so the alert stays active until the run recovers.
+
+    Chance is ln of the output layer's width, for a Linear head 10 wide or more (a classifier's
+    classes, a language model's vocabulary), and only for a loss that began within 10x of it (a
+    summed, not averaged, loss starts far beyond and is left to the rise test).
+    """
+    if w.losses is None:
+        return None
+    recent = w.losses[-t.loss_window :]
+    recent = recent[np.isfinite(recent)]
+    if recent.size < t.loss_window:
+        return None
+    level = float(np.median(recent))
+    start = w.early_loss
+    if w.output_width >= t.loss_chance_classes and w.kinds and w.kinds[-1] == "linear":
+        chance = math.log(w.output_width)
+        if level > t.loss_chance * chance and (start is None or start < 10 * chance):
+            severity: Severity = "critical" if level > 2 * t.loss_chance * chance else "warning"
+            detail = f"{level / chance:.3g}x chance, ln {w.output_width} = {chance:.3g}"
+            return Finding(severity, (0,), "loss", level, detail)
+    if start is not None and start > 0 and level > t.loss_rise * start:
+        severity = "critical" if level > 10 * t.loss_rise * start else "warning"
+        return Finding(severity, (0,), "loss", level, f"{level / start:.3g}x its start {start:.3g}")
+    return None
 
 
 Rule = Callable[[Window, Thresholds], "Finding | None"]
@@ -347,11 +426,18 @@ RULES: dict[str, tuple[Rule, bool, str]] = {
         "pre-activations too large: smaller init (Xavier N(0, 1/fan_in) for tanh/sigmoid), normalise "
         "before the nonlinearity, or lower the learning rate",
     ),
+    "loss": (
+        loss_level,
+        False,
+        "the loss sits far above where it should: if it began there, the init or the inputs are off "
+        "(an output layer's logits far too large, unnormalised inputs); if it rose or blew up, lower "
+        "the learning rate and lengthen the warm-up, clip gradients",
+    ),
     "spike": (
         spike,
-        True,
-        "one step's loss far above the run's own recent losses: a bad batch, or an instability "
-        "starting; if it repeats, lower the learning rate or clip gradients",
+        False,
+        "the loss stays far above its own recent level: an instability starting (lower the learning "
+        "rate, clip gradients) or a run of bad batches (look at the data loader's shards)",
     ),
     "shift": (
         shift,

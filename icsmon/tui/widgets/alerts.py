@@ -28,7 +28,8 @@ def change_line(change: AlertChange, where: str = "") -> Text:
         return line.append_text(alert_line(change.alert))
     line.append(f"step {change.step:>7}  ", style="dim")
     line.append("cleared  ", style="green")
-    line.append(clean(f"{change.alert.rule.replace('_', ' ')} on {change.alert.layer}"))
+    on = f" on {change.alert.layer}" if change.alert.layer else ""  # a run-level alert names no layer
+    line.append(clean(f"{change.alert.rule.replace('_', ' ')}{on}"))
     return line
 
 
