@@ -9,22 +9,32 @@ TORCH ?= torch==2.13.0
 
 # Two distributions: the agent (agent/, what a training job installs) and the viewer, which
 # depends on it. The agent's editable install compiles its C kernel in place: rebuild when it changes.
-$(VENV)/.ready: pyproject.toml agent/pyproject.toml agent/setup.py agent/icsmon_agent/_fused.c
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# An old build would hide a kernel that no longer compiles (the extension is optional).
-	rm -f agent/icsmon_agent/_fused.*.so
-	$(PY) -m pip install -q "$(TORCH)" -e ./agent
-	$(PY) -m pip install -q -e ".[test]"
-	touch $@
+# `make demo` needs only these; `make test` adds the test extra (transformers, Lightning, linters).
+# Quiet: pip's -q, and no build-backend warnings (setuptools boxes every editable install).
+PIP := PYTHONWARNINGS=ignore $(PY) -m pip install -q --disable-pip-version-check
+$(VENV)/.base: pyproject.toml agent/pyproject.toml agent/setup.py agent/icsmon_agent/_fused.c
+	@echo "icsmon: setting up $(VENV) (CPU torch, the agent, the viewer; a minute or two the first time)"
+	@python3 -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@# An old build would hide a kernel that no longer compiles (the extension is optional).
+	@rm -f agent/icsmon_agent/_fused.*.so
+	@$(PIP) "$(TORCH)" -e ./agent
+	@$(PIP) -e .
+	@touch $@
+
+$(VENV)/.ready: $(VENV)/.base pyproject.toml
+	@echo "icsmon: adding the test extra (transformers, Lightning, pytest, linters)"
+	@$(PIP) -e ".[test]"
+	@touch $@
 
 setup: $(VENV)/.ready
 
 system-deps:
 	./scripts/install-system-deps
 
-demo: setup
-	$(VENV)/bin/icsmon demo
+demo: $(VENV)/.base
+	@echo "icsmon: the command is $(VENV)/bin/icsmon (after \`. $(VENV)/bin/activate\`: icsmon)"
+	@$(VENV)/bin/icsmon demo
 
 lint: setup
 	$(VENV)/bin/ruff check agent icsmon tests benchmarks

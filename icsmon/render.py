@@ -145,3 +145,13 @@ def sample_line(sample: Sample, schema: Schema) -> str:
         d = int(np.nanargmax(dead))
         parts.append(f"dead {dead[d] * 100:.0f}% @{clean(names[d])}")
     return "  ".join(parts)
+
+
+def run_label(name: str, run: str, names: list[str]) -> str:
+    """A run's name as the viewer shows it: its name, and when another run in view has the same
+    name (two runs of one script), the run id's short suffix too: ``train_cnn·1a2b3c``."""
+    if not name:
+        return run
+    if names.count(name) < 2:
+        return name
+    return f"{name}·{run.rsplit('-', 1)[-1]}" if run.startswith(f"{name}-") else f"{name}·{run}"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from icsmon.targets import TargetError
+from icsmon_agent import discovery
 
 ENV_COMMAND = "ICSMON_SSH_COMMAND"
 # A unix socket path holds 103 bytes on macOS (107 on Linux), and ssh binds the control socket as
@@ -66,7 +67,13 @@ def explain_failure(host: str, log: str) -> str:
     said = lines[-1] if lines else "nothing"
     low = log.lower()
     if "could not resolve hostname" in low:
-        what = f"unknown host {host!r}: check the name, or add a `Host {host}` entry to ~/.ssh/config"
+        # A name that is no host may be a job's name misspelt: say which jobs run here.
+        names = sorted({job.name for job in discovery.read_jobs()})
+        running = f"running here: {', '.join(names)}" if names else "none runs here"
+        what = (
+            f"no job named {host!r} ({running}) and no SSH host of that name: check the name, "
+            f"or add a `Host {host}` entry to ~/.ssh/config"
+        )
     elif "connection refused" in low:
         what = f"{host} refused the SSH connection: is sshd running there, and on that port?"
     elif "permission denied" in low or "too many authentication failures" in low:

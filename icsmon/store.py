@@ -61,6 +61,7 @@ class RunState:
     steps: npt.NDArray[np.int64] = field(init=False)
     times: npt.NDArray[np.float64] = field(init=False)
     losses: npt.NDArray[np.float64] = field(init=False)
+    lrs: npt.NDArray[np.float64] = field(init=False)  # the learning rate the job sent ("lr"), NaN if none
     figures: npt.NDArray[np.float32] = field(init=False)  # (capacity, n_layers, n_stats)
     scalars: dict[str, float | None] = field(default_factory=dict)
     pending: deque[Sample] = field(default_factory=deque)
@@ -75,6 +76,7 @@ class RunState:
         self.steps = np.zeros(rows, dtype=np.int64)
         self.times = np.zeros(rows, dtype=np.float64)
         self.losses = np.full(rows, np.nan, dtype=np.float64)
+        self.lrs = np.full(rows, np.nan, dtype=np.float64)
         self.figures = np.full((rows, n_layers, len(STATS)), np.nan, dtype=np.float32)
         self.count = 0
         self.pending_bytes = 0
@@ -90,6 +92,7 @@ class RunState:
         self.steps = np.concatenate([self.steps, np.zeros(extra, dtype=np.int64)])
         self.times = np.concatenate([self.times, np.zeros(extra, dtype=np.float64)])
         self.losses = np.concatenate([self.losses, np.full(extra, np.nan)])
+        self.lrs = np.concatenate([self.lrs, np.full(extra, np.nan)])
         pad = np.full((extra, *self.figures.shape[1:]), np.nan, dtype=np.float32)
         self.figures = np.concatenate([self.figures, pad])
 
@@ -133,6 +136,8 @@ class RunState:
         self.steps[i] = sample.step
         self.times[i] = sample.t
         self.losses[i] = np.nan if sample.loss is None else sample.loss
+        lr = sample.scalars.get("lr")
+        self.lrs[i] = np.nan if lr is None else lr
         width = min(fig.shape[1], len(STATS))
         self.figures[i, :, :width] = fig[:, :width]
         self.count += 1
@@ -208,6 +213,9 @@ class RunState:
 
     def loss_series(self, n: int | None = None) -> npt.NDArray[np.float64]:
         return self.losses[self._order(n)]
+
+    def lr_series(self, n: int | None = None) -> npt.NDArray[np.float64]:
+        return self.lrs[self._order(n)]
 
     def steps_per_second(self, window: int = 20) -> float | None:
         idx = self._order(window)

@@ -4,11 +4,14 @@ meant to show (and the healthy one must show nothing at all)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from helpers import icsmon, json_lines
+from icsmon.demo.scenarios import DEFAULT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,6 +91,19 @@ def test_dead_fires_on_relu_layers_not_vanishing(env: dict[str, str]) -> None:
     assert found[0]["severity"] == "critical" and "bias" in found[0]["hint"]
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_default_story_holds_whatever_the_threads(env: dict[str, str], threads: str) -> None:
+    """The demo a newcomer sees first: the uncapped warm-up is named exploding before its loss is
+    NaN, the capped twin never raises a warning, with one torch thread or two."""
+    assert DEFAULT == "warmup"
+    lines = demo(env, DEFAULT, "--threads", threads, timeout=110)
+    nan = summary(lines, "uncapped")["first_nonfinite_loss_step"]
+    assert nan is not None and summary(lines, "capped")["first_nonfinite_loss_step"] is None
+    uncapped = {a["rule"]: a for a in reversed(alerts(lines, "uncapped"))}  # the first of each rule
+    assert uncapped["exploding"]["step"] < nan and uncapped["exploding"]["layer"]
+    assert alerts(lines, "capped") == []
+
+
 def test_normalization_plain_explodes_batchnorm_survives(env: dict[str, str]) -> None:
     """At lr 2.0 the plain net gives way and the BatchNorm net trains on. Which way the plain one
     goes hangs on the CPU's rounding (the same code, another machine): mostly it explodes, and then
@@ -107,7 +123,7 @@ def test_normalization_plain_explodes_batchnorm_survives(env: dict[str, str]) ->
 
 def test_demo_list_and_bad_usage(env: dict[str, str]) -> None:
     proc = icsmon("demo", "--list", env=env, check=True)
-    for name in ("healthy", "vanishing", "exploding", "saturating", "dead", "normalization"):
+    for name in ("healthy", "vanishing", "exploding", "saturating", "dead", "warmup", "normalization"):
         assert f"\n  {name}" in proc.stdout
     assert "(default)" in proc.stdout
     bad = icsmon("demo", "nosuch", "--headless", env=env)
@@ -124,3 +140,14 @@ def test_rules_prints_thresholds_and_takes_flags(env: dict[str, str]) -> None:
     assert "dead_relu" in proc.stdout and "dead_frac             0.8" in proc.stdout
     bad = icsmon("rules", "--explode-jump", "-2", env=env)
     assert bad.returncode == 1 and "must be positive" in bad.stderr
+
+
+def test_the_demo_without_torch_says_what_to_install(env: dict[str, str]) -> None:
+    """The viewer's own install has no torch: one line says so, no traceback."""
+    code = "import sys; sys.modules['torch'] = None; from icsmon.cli import main; sys.exit(main(['demo', '--headless']))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.startswith("icsmon: the demo trains its networks with PyTorch")
+        and "pip install torch" in proc.stderr
+    )

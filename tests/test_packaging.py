@@ -4,6 +4,8 @@ no viewer), and a job watched there streams to the viewer installed in another e
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -85,3 +87,44 @@ def test_the_agent_alone_in_a_fresh_environment_streams_to_the_viewer(
     finally:
         job.kill()
         job.wait()
+
+
+def readme_install_lines() -> list[str]:
+    """The commands of README's Install block, as a reader copies them."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Install") :]
+    block = section[section.index("```sh") + len("```sh") : section.index("```", section.index("```sh") + 5)]
+    return [line.split("#")[0].strip() for line in block.strip().splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(600)
+def test_the_readmes_install_lines_work_verbatim(tmp_path: Path) -> None:
+    """Each pip line, run as written from the clone's root in a fresh environment whose pip is the
+    one on PATH, installs what it says; the viewer then runs, and its demo says in one line that it
+    needs torch there. The pipx line runs where pipx is installed (checked by hand with pipx 1.1.0,
+    Debian's, and 1.18)."""
+    lines = readme_install_lines()
+    assert [line.split()[0] for line in lines] == ["pip", "pip", "python3"] and "pipx install" in lines[2]
+    for n, line in enumerate(lines[:2]):
+        where = tmp_path / f"env{n}"
+        venv.create(where, with_pip=True)
+        path = f"{where / 'bin'}:{os.environ['PATH']}"
+        done = subprocess.run(
+            ["bash", "-c", line + " -q"], cwd=ROOT, env=dict(os.environ, PATH=path),
+            capture_output=True, text=True, timeout=500,
+        )  # fmt: skip
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+    viewer = tmp_path / "env1" / "bin" / "icsmon"
+    assert subprocess.run([str(viewer), "--version"], capture_output=True, text=True, check=True).stdout
+    demo = subprocess.run([str(viewer), "demo", "--headless"], capture_output=True, text=True, timeout=60)
+    assert demo.returncode == 1 and "Traceback" not in demo.stderr and "pip install torch" in demo.stderr
+    if shutil.which("pipx"):
+        home = tmp_path / "pipx"
+        env = dict(os.environ, PIPX_HOME=str(home), PIPX_BIN_DIR=str(home / "bin"))
+        done = subprocess.run(
+            ["bash", "-c", lines[2]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=500
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (
+            subprocess.run([str(home / "bin" / "icsmon"), "--version"], capture_output=True).returncode == 0
+        )

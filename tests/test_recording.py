@@ -162,3 +162,30 @@ def test_a_recorder_rotates_on_new_data_only_and_keeps_each_file_whole(tmp_path:
     assert len(list(records(path.with_name("rot.icsrec.1")))) > 20
     with pytest.raises(ValueError):
         Recorder(tmp_path / "x", keep=0)
+
+
+def test_no_exported_csv_cell_is_a_formula_or_a_raw_escape() -> None:
+    """Layer names are data: a name a spreadsheet would run (=HYPERLINK, +cmd, @SUM, a leading tab)
+    is written with a leading ', control characters are shown escaped; numbers stay numbers."""
+    import csv
+    import io
+
+    from icsmon.commands.export import FORMULA_STARTS, write_csv
+
+    names = [
+        '=HYPERLINK("http://x","y")',
+        "+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(A1)",
+        "\tx",
+        "\rx",
+        "a\x1b[31mb",
+        "fc",
+    ]
+    out = io.StringIO()
+    write_csv(out, iter([["run", 0, 1, 0.0, -1.5, name, "Linear"] for name in names]))
+    rows = list(csv.reader(io.StringIO(out.getvalue())))[1:]
+    cells = [row[5] for row in rows]
+    assert not any(cell.startswith(FORMULA_STARTS) for cell in cells), cells
+    assert cells[0] == "'" + names[0] and cells[-1] == "fc" and "\x1b" not in cells[6] and "\\x1b" in cells[6]
+    assert all(row[4] == "-1.5" for row in rows)  # a negative number is a number, not a formula

@@ -135,3 +135,33 @@ def test_tail_on_a_relay_outlives_one_of_its_jobs(tmp_path: Path, env: dict[str,
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(120)
+def test_a_relay_leaves_no_socket_and_a_second_one_names_the_first(
+    runtime_dir: Path, env: dict[str, str]
+) -> None:
+    """The default ipc:// socket is removed when the relay stops; a second relay on the same
+    runtime directory refuses, naming the first one's pid, instead of binding over it."""
+    sock = runtime_dir / "relay.sock"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "icsmon", "relay"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sock.exists()
+        second = subprocess.run(
+            [sys.executable, "-m", "icsmon", "relay"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 1 and f"pid {first.pid}" in second.stderr, second.stderr
+        assert first.poll() is None and sock.exists()  # the first goes on, reachable
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=15)
+        assert first.returncode == 0, err
+        assert not sock.exists()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()

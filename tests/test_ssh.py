@@ -251,7 +251,7 @@ def test_several_jobs_pick_by_pid_run_or_newest_then_one_is_killed(
 @pytest.mark.parametrize(
     ("host", "says"),
     [
-        ("lost-box", "unknown host 'lost-box'"),
+        ("lost-box", "no job named 'lost-box'"),
         ("closed-box", "closed-box refused the SSH connection"),
         ("stranger-box", "authentication to stranger-box failed"),
         ("-oProxyCommand=x", "is not an SSH host"),

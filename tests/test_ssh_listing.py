@@ -122,7 +122,8 @@ def test_hosts_that_would_be_options_or_nonsense_are_refused(host: str) -> None:
 
 def test_failures_are_explained_with_sshs_own_words() -> None:
     said = explain_failure("box", "debug\nssh: Could not resolve hostname box: Name or service not known\n")
-    assert said.startswith("unknown host 'box'") and said.endswith("Name or service not known)")
+    assert said.startswith("no job named 'box' (") and "no SSH host of that name" in said
+    assert said.endswith("Name or service not known)")
     assert "authentication to box failed" in explain_failure("box", "me@box: Permission denied (publickey).")
     assert "host key" in explain_failure("box", "Host key verification failed.")
     assert explain_failure("box", "").startswith("ssh to box failed (ssh said: nothing)")

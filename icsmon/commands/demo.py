@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,10 +30,13 @@ from icsmon.targets import live_endpoints
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
-START_TIMEOUT_S = 60.0  # importing torch on a cold machine takes a while
+#: Importing torch on a cold or busy machine takes a while: after this long the demo says it still
+#: waits, and gives up only after START_GIVE_UP_S (or when a training process died).
+START_PATIENCE_S = 20.0
+START_GIVE_UP_S = 300.0
 STOP_GRACE_S = 3.0
 #: Slow motion for the terminal app: the nets train faster than anyone can read (the default
-#: scenario's plain run explodes at ~step 100: about half a minute on screen).
+#: scenario's uncapped run explodes at ~step 110: about half a minute on screen).
 INTERACTIVE_DELAY_S = 0.15
 
 
@@ -54,6 +58,9 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=positive_int, metavar="N", help="training steps (default: the scenario's)")
     p.add_argument(
         "--every", type=positive_int, default=1, metavar="N", help="sample every N steps (default 1)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=1, metavar="N", help="torch CPU threads a run (default 1)"
     )
     p.add_argument(
         "--delay",
@@ -87,8 +94,8 @@ def describe(as_json: bool) -> int:
         mark = "  (default)" if s.name == DEFAULT else ""
         print(f"\n  {s.name}{mark}\n    {s.summary}\n    expect: {s.expect}")
     print(
-        f"\nThe default, {DEFAULT}, shows the most in the least time: the plain run's alerts fire "
-        "before its loss turns NaN, while the BatchNorm run survives the same learning rate.\n"
+        f"\nThe default, {DEFAULT}, shows the most in the least time: the uncapped run's alerts fire "
+        "before its loss turns NaN, while the capped run trains on without one.\n"
         "In the app a scenario's runs open side by side (c: one run's layer table, n: the next run) "
         "and stay on screen after they end, until you quit (q)."
     )
@@ -113,6 +120,7 @@ def start_jobs(
         for net in scenario.nets:
             cmd = [sys.executable, "-m", "icsmon.demo.train", scenario.name, "--net", net.label]
             cmd += ["--every", str(args.every), "--wait-viewer", str(wait_viewer), "--delay", str(delay)]
+            cmd += ["--threads", str(args.threads)]
             if args.steps is not None:
                 cmd += ["--steps", str(args.steps)]
             log = (logdir / f"{net.label}.log").open("w+")
@@ -134,10 +142,17 @@ def log_tail(job: DemoJob, lines: int = 15) -> str:
     return "".join(job.log.readlines()[-lines:]).rstrip()
 
 
-def wait_for_discovery(jobs: list[DemoJob], timeout: float = START_TIMEOUT_S) -> str | None:
+def wait_for_discovery(
+    jobs: list[DemoJob], timeout: float = START_GIVE_UP_S, say: Callable[[str], None] = note
+) -> str | None:
     """Fill in each job's discovery record; an error message if one died or never showed up."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    patient = started + START_PATIENCE_S
     while time.monotonic() < deadline:
+        if patient and time.monotonic() > patient:
+            say(f"still starting (a busy machine imports torch slowly); waiting up to {timeout:g} s in all")
+            patient = 0.0
         found = {j.pid: j for j in discovery.read_jobs()}
         for job in jobs:
             if job.job is None:
@@ -187,6 +202,12 @@ def run(args: argparse.Namespace) -> int:
         thresholds = thresholds_from_args(args)
     except ConfigError as exc:
         return error(str(exc))
+    if importlib.util.find_spec("torch") is None:
+        return error(
+            "the demo trains its networks with PyTorch, which this environment lacks: "
+            "pip install torch (CPU: --index-url https://download.pytorch.org/whl/cpu), "
+            "or run the demo from the repository with `make demo`"
+        )
     app: Callable[..., int] | None = None
     if not args.headless:
         from icsmon.tui import run_app  # only here: the headless demo never loads Textual
@@ -196,7 +217,10 @@ def run(args: argparse.Namespace) -> int:
         # Headless, the jobs wait for the viewer so the tail sees every sample from step 0.
         jobs = start_jobs(scenario, args, Path(logdir), wait_viewer=10.0 if app is None else 0.0)
         try:
-            problem = wait_for_discovery(jobs)
+            if not args.json:
+                runs = ", ".join(n.label for n in scenario.nets)
+                note(f"demo {scenario.name}: starting {runs} (importing torch takes a few seconds)…")
+            problem = wait_for_discovery(jobs, say=note if not args.json else lambda _: None)
             if problem:
                 return error(problem)
             if app is not None:

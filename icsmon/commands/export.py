@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 from icsmon.commands.common import error, note
+from icsmon.render import clean
 from icsmon.replay import messages
 from icsmon.subscriber import Decoding
 from icsmon_agent.protocol import STATS, Sample, Schema
@@ -57,12 +58,26 @@ def rows(files: list[str], decoding: Decoding) -> Iterator[list[Any]]:
             yield [msg.run, msg.rank, msg.step, msg.t, loss, layer.name, layer.type, *cells]
 
 
+#: A text cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell as data, never a formula: control characters shown escaped (``\\x1b``), and a
+    leading ``=``, ``+``, ``-``, ``@``, tab or CR neutralised with a ``'`` as spreadsheets advise.
+    Numbers pass as they are."""
+    if not isinstance(value, str):
+        return "" if value is None else value
+    text = clean(value)
+    return "'" + text if value.startswith(FORMULA_STARTS) else text
+
+
 def write_csv(out: TextIO, table: Iterator[list[Any]]) -> int:
     writer = csv.writer(out)
     writer.writerow(COLUMNS)
     n = 0
     for row in table:
-        writer.writerow(["" if v is None else v for v in row])
+        writer.writerow([spreadsheet_safe(v) for v in row])
         n += 1
     return n
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -156,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
             discovery.ensure_private_dir(discovery.runtime_dir())
         except OSError as exc:
             return error(str(exc))
+        running = _listener(bind)
+        if running is not None:  # zmq would bind over it: the running relay would go on, unreachable
+            return error(f"a relay already serves {bind} ({running}); stop it first, or give --bind")
     hosts: list[RemoteTarget] = []
+    bound = False
     try:
         with exits_cleanly():
             static: set[str] = set()
@@ -171,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
                 relay = Relay(bind, sources, static)
             except zmq.ZMQError as exc:
                 return error(f"cannot bind {bind}: {exc}")
+            bound = True
             note(f"viewers: icsmon attach {relay.endpoint}   (Ctrl-C stops the relay; the jobs go on)")
             started = time.monotonic()
             try:
@@ -185,4 +193,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for target in hosts:
             target.close()
+        if bound and bind.startswith("ipc://"):
+            with contextlib.suppress(OSError):  # ours: zmq leaves an ipc socket's file behind
+                os.unlink(bind[len("ipc://") :])
     return 0
+
+
+def _listener(endpoint: str) -> str | None:
+    """Who listens at this ipc:// endpoint now ("pid N" where the kernel says), or None: no file,
+    or a stale one nobody answers on."""
+    path = endpoint[len("ipc://") :]
+    if not os.path.exists(path):
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return None
+        with contextlib.suppress(OSError, AttributeError):
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return f"pid {struct.unpack('3i', creds)[0]}"
+    return "a running process"

@@ -72,10 +72,23 @@ SCENARIOS: dict[str, Scenario] = {
             (Net("dead", bias=-3.0),),
         ),
         Scenario(
+            "warmup",
+            "two 10-layer He-init ReLU MLPs, the same learning-rate warm-up (0.01, +4% a step): one "
+            "capped at 0.1, one never capped",
+            "the uncapped run is named exploding before its loss is NaN (~step 110), then nonfinite; "
+            "the capped run trains on with no alert",
+            (
+                Net("uncapped", depth=10, lr=0.01, lr_growth=1.04, lr_max=1e9),
+                Net("capped", depth=10, lr=0.01, lr_growth=1.04, lr_max=0.1),
+            ),
+            steps=250,
+        ),
+        Scenario(
             "normalization",
             "two 20-layer ReLU MLPs side by side, learning rate warmed up to a high 2.0 (0.01, +6% a "
             "step): without normalisation, and with BatchNorm before each ReLU",
-            "the plain run explodes at ~step 100; the BatchNorm run trains on (at lr 2.0 its ReLUs start dying: dead_relu)",
+            "the plain run gives way at ~step 100 (mostly it explodes; on some CPUs its ReLUs die first, "
+            "at chance); the BatchNorm run trains on (at lr 2.0 its ReLUs start dying: dead_relu)",
             (
                 Net("plain", depth=20, lr=0.01, lr_growth=1.06, lr_max=2.0),
                 Net("batchnorm", depth=20, batchnorm=True, lr=0.01, lr_growth=1.06, lr_max=2.0),
@@ -86,5 +99,7 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 #: `icsmon demo` with no scenario: two runs side by side, one exploding (alerts before its NaN), one
-#: healthy thanks to BatchNorm: the most shown in the least time.
-DEFAULT = "normalization"
+#: healthy: the most shown in the least time. Why this pair: an uncapped warm-up explodes on any
+#: machine and thread count, sooner or later; a net on the edge (a cap just high enough to break
+#: it) goes one way or the other with the CPU's rounding.
+DEFAULT = "warmup"

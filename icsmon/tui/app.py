@@ -26,7 +26,9 @@ from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from icsmon.feed import Feed, Sources
+from icsmon.render import run_label
 from icsmon.replay import SPEEDS, ReplayFeed
+from icsmon.store import RunKey
 from icsmon.targets import live_endpoints
 from icsmon.tui.commands import LayerCommands
 from icsmon.tui.safe import clean
@@ -36,6 +38,8 @@ from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
 from icsmon.tui.state import ViewState
 from icsmon.tui.terminal import HANGUP_EXIT, hangup_safe, hung_up, input_tty
+from icsmon.tui.widgets.alerts import AlertLog
+from icsmon_agent.alerts.model import AlertChange
 from icsmon_agent.discovery import JobInfo
 
 REFRESH_HZ = 10.0  # a 1,000-layer redraw fits many times a second (benchmarks/viewer.py)
@@ -60,6 +64,8 @@ class IcsmonApp(App[int]):
     COMMANDS = App.COMMANDS | {LayerCommands}
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit", tooltip="Quit icsmon (the job keeps running)"),
+        # A terminal tool's Ctrl-C quits (Textual's own only says how to quit).
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("question_mark", "help", "Help", key_display="?", tooltip="Every key and what it does"),
         Binding("n", "next_stream(1)", "Next run/rank", tooltip="Show the next run or rank", show=False),
         Binding("N", "next_stream(-1)", "Previous run/rank", show=False),
@@ -259,24 +265,32 @@ class IcsmonApp(App[int]):
             return  # the screen is being torn down (quitting, or popped since the tick was queued)
         self.frames += 1
 
+    def write_changes(self, logs: list[AlertLog], changes: list[tuple[int, RunKey, AlertChange]]) -> None:
+        """Alert changes into logs, each named by its run (and rank) when several are watched."""
+        streams = self.feed.streams()
+        several = len(streams) > 1
+        every = list({s.run: s.schema.name for s in streams if s.schema is not None}.values())
+        names = {(s.run, s.rank): run_label(s.schema.name if s.schema else "", s.run, every) for s in streams}
+        for _, key, change in changes:
+            where = ""
+            if several:
+                world = len({s.rank for s in streams if s.run == key[0]})
+                where = names.get(key, key[0]) + (f" r{key[1]}" if world > 1 else "")
+            for log in logs:
+                log.add(change, where)
+
     def _take_alert_changes(self) -> None:
         changes = self.feed.new_changes(self._seen_change)
         if not changes:
             return
         self._seen_change = changes[-1][0]
         try:
-            log = self.main_screen.alert_log
+            logs = [self.main_screen.alert_log]
         except LookupError:
             return
-        streams = self.feed.streams()
-        several = len(streams) > 1
-        names = {(s.run, s.rank): s.schema.name if s.schema and s.schema.name else s.run for s in streams}
-        for _, key, change in changes:
-            where = ""
-            if several:
-                world = len({s.rank for s in streams if s.run == key[0]})
-                where = names.get(key, key[0]) + (f" r{key[1]}" if world > 1 else "")
-            log.add(change, where)
+        # The side-by-side view has its log too: the alerts where the eye is.
+        logs += [s.alert_log for s in self.screen_stack if isinstance(s, CompareScreen) and s.is_mounted]
+        self.write_changes(logs, changes)
         critical = [c.alert for _, _, c in changes if not c.cleared and c.alert.severity == "critical"]
         for alert in critical[:TOASTS_PER_TICK]:
             # Toasts are markup: a layer named "[/]" would raise, "[@click=...]" would be an action.

@@ -16,6 +16,7 @@ import numpy as np
 
 from icsmon.alerts.ranks import aligned, newest, spread
 from icsmon.feed import Feed
+from icsmon.render import run_label
 from icsmon.store import RunState
 from icsmon.tui import view
 from icsmon.tui.safe import clean
@@ -52,7 +53,8 @@ def streams_by_run(feed: Feed) -> dict[str, list[RunState]]:
 
 
 def title(stream: RunState, feed: Feed) -> str:
-    name = clean(stream.schema.name if stream.schema is not None and stream.schema.name else stream.run)
+    names = list({s.run: s.schema.name for s in feed.streams() if s.schema is not None}.values())
+    name = clean(run_label(stream.schema.name if stream.schema is not None else "", stream.run, names))
     step = stream.latest_step
     loss = stream.latest_loss
     parts = [name, f"step {step if step is not None else '-'}"]
@@ -62,13 +64,33 @@ def title(stream: RunState, feed: Feed) -> str:
     return "  ".join(parts)
 
 
-def build(feed: Feed) -> Table:
+def build(feed: Feed, width: int = 200) -> Table:
+    """The side-by-side table for a terminal ``width`` wide."""
     runs = streams_by_run(feed)
     if len(runs) == 1:
         ranks = next(iter(runs.values()))
         if len(ranks) > 1:
             return rank_table(feed, ranks)
-    return run_table(feed, [streams[0] for streams in runs.values()])
+    return run_table(feed, [streams[0] for streams in runs.values()], width)
+
+
+#: What each run's column group shows, widest first: the first whose groups all fit the terminal
+#: next to the layer column is used, so an 80-column terminal still shows every run's status.
+GROUP_VARIANTS: tuple[tuple[str, ...], ...] = (
+    ("spark", "std", "grad", "status"),
+    ("spark", "std", "status"),
+    ("std", "status"),
+)
+GROUP_WIDTH = {"spark": SPARK, "std": 9, "grad": 9, "status": 11}
+LAYER_WIDTH = 24
+
+
+def group_variant(n_runs: int, width: int) -> tuple[str, ...]:
+    for variant in GROUP_VARIANTS:
+        needed = LAYER_WIDTH + 2 + n_runs * sum(GROUP_WIDTH[c] + 1 for c in variant)
+        if needed <= width:
+            return variant
+    return GROUP_VARIANTS[-1]
 
 
 def _name_cells(stream: RunState) -> list[Cell]:
@@ -143,8 +165,9 @@ def row_keys(stream: RunState, by_name: bool) -> list[tuple[str, ...]]:
     return keys
 
 
-def run_table(feed: Feed, streams: list[RunState]) -> Table:
+def run_table(feed: Feed, streams: list[RunState], width: int = 200) -> Table:
     """One column group per run; rows in depth order, layers matched by :func:`row_keys`."""
+    shown = group_variant(len(streams), width)
     by_name = len({s.schema.schema_id for s in streams if s.schema is not None}) <= 1
     depth: dict[tuple[str, ...], float] = {}
     labels: dict[tuple[str, ...], str] = {}
@@ -159,8 +182,14 @@ def run_table(feed: Feed, streams: list[RunState]) -> Table:
             labels.setdefault(key, clean(f"{layer.name} {layer.type}"))
     order = sorted(depth, key=lambda k: depth[k])
     rows: list[list[Cell]] = [[(labels[key], "")] for key in order]
-    columns = [Column("layer", 24, numeric=False)]
+    columns = [Column("layer", LAYER_WIDTH, numeric=False)]
     groups: list[tuple[str, int]] = [("" if by_name else "by type, depth", 1)]
+    heads = {
+        "spark": Column("std trend", SPARK, numeric=False),
+        "std": Column("std", GROUP_WIDTH["std"]),
+        "grad": Column("grad", GROUP_WIDTH["grad"]),
+        "status": Column("status", GROUP_WIDTH["status"], numeric=False),
+    }
     for stream, where in zip(streams, index, strict=True):
         latest = stream.latest()
         badges = view.badges(stream, feed.active_alerts(stream))
@@ -168,17 +197,17 @@ def run_table(feed: Feed, streams: list[RunState]) -> Table:
         for row, key in zip(rows, order, strict=True):
             at = where.get(key)
             if at is None or latest is None:
-                row += [("", ""), ("", ""), ("", ""), ("", "")]
+                row += [("", "")] * len(shown)
                 continue
-            row += [
-                (spark[at], "cyan"),
-                (view.num(latest[at, STAT_INDEX["std"]]), ""),
-                (view.num(latest[at, STAT_INDEX["grad_norm"]]), ""),
-                (badges[at].text, _badge_style(badges[at].level)),
-            ]
-        columns += [Column("std trend", SPARK, numeric=False), Column("std", 9), Column("grad", 9)]
-        columns += [Column("status", 11, numeric=False)]
-        groups.append((title(stream, feed), 4))
+            cells = {
+                "spark": (spark[at], "cyan"),
+                "std": (view.num(latest[at, STAT_INDEX["std"]]), ""),
+                "grad": (view.num(latest[at, STAT_INDEX["grad_norm"]]), ""),
+                "status": (badges[at].text, _badge_style(badges[at].level)),
+            }
+            row += [cells[c] for c in shown]
+        columns += [heads[c] for c in shown]
+        groups.append((title(stream, feed), len(shown)))
     return Table(groups, columns, rows, "runs" if len(streams) > 1 else "one")
 
 

@@ -28,7 +28,7 @@ class Series:
     style: str
 
 
-def _columns(n: int, width: int) -> npt.NDArray[np.int64]:
+def columns_of(n: int, width: int) -> npt.NDArray[np.int64]:
     """Which sample each plot column shows: the newest ``width`` samples, or all spread out."""
     if n <= width:
         return np.arange(n, dtype=np.int64)
@@ -49,7 +49,7 @@ def plot(
     width = max(width - GUTTER, 4)
     height = max(height, 2)
     n = max((len(s.values) for s in series), default=0)
-    cols = _columns(n, width)
+    cols = columns_of(n, width)
 
     def tr(v: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
         a = v.astype(np.float64)

@@ -7,6 +7,7 @@ redraws several times a second.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,11 @@ from icsmon_agent.protocol import STAT_INDEX
 BLOCKS = "▁▂▃▄▅▆▇█"
 GAP = " "  # no sample that far back yet
 BAD = "!"  # a NaN/Inf sample: its own glyph, never a bar (and never passed to a chart that raises)
+
+#: The least range a sparkline's height stands for, in decades of std (half a decade: about 3x). A
+#: change of a few percent draws flat, a doubling as 60% of the height; a layer that moves by
+#: orders of magnitude fills it.
+MIN_SPAN_DECADES = 0.5
 
 SEVERITY_RANK = {"critical": 2, "warning": 1}
 SORTS = ("depth", "severity", "name")
@@ -38,8 +44,9 @@ def log_std(values: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
 def sparklines(series: npt.NDArray[np.float32], width: int) -> list[str]:
     """One block-glyph sparkline per layer of ``series`` (shape samples x layers), in log scale.
 
-    Each line is scaled to its own range over the window, so the shape of every layer's history is
-    visible whatever its magnitude; a flat line sits at the bottom.
+    Each line is scaled to its own range over the window, but never to less than
+    ``MIN_SPAN_DECADES``: a LayerNorm output moving from 1.01 to 1.03 stays flat, so the rows that
+    really move stand out. A flat line sits at the bottom.
     """
     n_layers = series.shape[1] if series.ndim == 2 else 0
     if n_layers == 0:
@@ -50,7 +57,7 @@ def sparklines(series: npt.NDArray[np.float32], width: int) -> list[str]:
     finite = np.isfinite(logs)
     lo = np.where(finite, logs, np.inf).min(axis=0)
     hi = np.where(finite, logs, -np.inf).max(axis=0)
-    span = np.where(hi > lo, hi - lo, 1.0)
+    span = np.where(hi > lo, np.maximum(hi - lo, MIN_SPAN_DECADES), 1.0)
     with np.errstate(all="ignore"):
         level = np.where(finite, (logs - lo) / span * (len(BLOCKS) - 1), 0.0)
     level = np.clip(np.nan_to_num(level), 0, len(BLOCKS) - 1).astype(np.int64)
@@ -101,6 +108,11 @@ def severity_order(badge_list: list[Badge]) -> list[int]:
     return sorted(range(len(badge_list)), key=lambda i: (rank[badge_list[i].level], i))
 
 
+def natural(name: str) -> list[tuple[int, int | str]]:
+    """A sort key that reads numbers as numbers: blocks.2 before blocks.11 (as ``ls -v`` does)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part]
+
+
 def order(run: RunState, sort: str, badge_list: list[Badge], needle: str = "") -> list[int]:
     """Which layers the table shows, in which order: filtered by a substring, sorted by ``sort``."""
     names = run.layer_names
@@ -113,7 +125,7 @@ def order(run: RunState, sort: str, badge_list: list[Badge], needle: str = "") -
         pos = {i: p for p, i in enumerate(severity_order(badge_list))}
         keep.sort(key=lambda i: pos.get(i, i))
     elif sort == "name":
-        keep.sort(key=lambda i: names[i])
+        keep.sort(key=lambda i: natural(names[i]))
     return keep
 
 

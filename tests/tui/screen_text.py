@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from textual.app import App
+from textual.pilot import Pilot
 
 
 def screen_text(app: App[Any]) -> str:
@@ -14,3 +17,13 @@ def screen_text(app: App[Any]) -> str:
     console = Console(width=width, height=height, file=io.StringIO(), record=True, color_system=None)
     console.print(app.screen._compositor.render_update(full=True, screen_stack=app._background_screens))
     return console.export_text()
+
+
+async def until(pilot: Pilot[Any], cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Wait for ``cond`` while the app runs (its clock ticks, its screens draw): a loaded machine
+    takes longer, never a different path."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{screen_text(pilot.app)}")
+        await pilot.pause(0.1)

@@ -6,14 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from screen_text import screen_text
-from textual.pilot import Pilot
+from screen_text import screen_text, until
 
 from icsmon.feed import Feed
 from icsmon.targets import resolve_local
@@ -48,14 +44,6 @@ SCRIPT = textwrap.dedent(
     """
 )
 N_LAYERS = 24
-
-
-async def until(pilot: Pilot[Any], cond: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{screen_text(pilot.app)}")
-        await pilot.pause(0.1)
 
 
 def start(tmp_path: Path, env: dict[str, str], steps: int) -> subprocess.Popen[bytes]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 from screen_text import screen_text
 from synthetic import filled_feed, messages
 from textual.widgets import Input
 
+from icsmon.render import run_label
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.screens.alerts import AlertsScreen
 from icsmon.tui.screens.detail import DetailScreen
 from icsmon.tui.screens.heatmap import HeatmapScreen
 from icsmon.tui.screens.help import HelpScreen
 from icsmon.tui.screens.main import MainScreen
+from icsmon.tui.view import natural, sparklines
 from icsmon.tui.widgets.heatmap import Heatmap
 from icsmon.tui.widgets.layer_table import LayerTable
 
@@ -46,7 +49,18 @@ async def test_nonfinite_layers_get_their_own_badge_and_sort_first() -> None:
         await pilot.press("s")  # severity -> name
         assert app.view_state.sort == "name"
         names = [app.feed.current().layer_names[i] for i in table.shown]  # type: ignore[union-attr]
-        assert names == sorted(names) and names[:2] == ["net.0.act", "net.0.fc"]
+        assert names == sorted(names, key=natural) and names[:2] == ["net.0.act", "net.0.fc"]
+        assert names.index("net.2.fc") < names.index("net.9.fc")  # numbers read as numbers
+
+
+def test_natural_order_and_honest_sparklines() -> None:
+    assert sorted(["blocks.11", "blocks.2", "blocks.14", "head"], key=natural) == [
+        "blocks.2", "blocks.11", "blocks.14", "head",
+    ]  # fmt: skip
+    # A std moving 2% (a LayerNorm's output) draws flat; one that grows tenfold fills the height.
+    series = np.stack([np.linspace(1.01, 1.03, 16), np.geomspace(1.0, 10.0, 16)], axis=1).astype(np.float32)
+    steady, grows = sparklines(series, 16)
+    assert set(steady) == {"▁"} and grows[0] == "▁" and grows[-1] == "█"
 
 
 async def test_filter_narrows_and_escape_restores() -> None:
@@ -158,3 +172,24 @@ async def test_a_key_that_reaches_the_detail_before_it_is_composed_is_harmless()
         await pilot.pause()
         assert app.screen is detail and detail.layer_index == 1
         assert "layer 1:" in screen_text(app)
+
+
+async def test_l_shows_the_loss_over_the_run_with_the_alerts_marked() -> None:
+    app = app_on(n_layers=20, nan_from=15)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        await pilot.press("l")
+        assert type(app.screen).__name__ == "LossScreen"
+        await pilot.pause(0.5)  # drawn once laid out
+        text = screen_text(app)
+        assert "loss  (steps 0 to 790" in text and "▲" in text and "step 790: nonfinite" in text
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+def test_two_runs_of_one_script_are_told_apart() -> None:
+    """Both called train_cnn: each gets its run id's suffix wherever a run is named."""
+    names = ["train_cnn", "train_cnn", "gpt"]
+    assert run_label("train_cnn", "train_cnn-1a2b3c", names) == "train_cnn·1a2b3c"
+    assert run_label("train_cnn", "train_cnn-9f8e7d", names) == "train_cnn·9f8e7d"
+    assert run_label("gpt", "gpt-000001", names) == "gpt"

@@ -197,3 +197,27 @@ async def test_a_quiet_job_shows_stale_then_a_sample_makes_it_live_again() -> No
         app._tick(force=True)
         await pilot.pause()
         assert "● live" in screen_text(app)
+
+
+async def test_ctrl_c_quits_like_q() -> None:
+    app = IcsmonApp(filled_feed(messages(n_layers=10)), live=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert not app.is_running
+
+
+async def test_the_side_by_side_view_shows_the_alerts_where_the_eye_is() -> None:
+    """Two runs side by side (the demo's first screen): the alert log is on it, with what fired
+    before it opened and what fires after, each line naming its run."""
+    feed = filled_feed(
+        messages(run="calm-1a", name="calm") + messages(run="sick-2b", name="sick", nan_from=36)
+    )
+    app = IcsmonApp(feed, live=False, compare=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        log = app.screen.query_one("#compare-alert-log", AlertLog)
+        assert log.lines_written > 0
+        text = screen_text(app)
+        assert "nonfinite" in text and "sick" in text

@@ -91,10 +91,10 @@ def test_attach_in_tmux(tmp_path: Path, env: dict[str, str]) -> None:
         tmux.wait(lambda t: "std trend" in t, "the table again")
         # Help lists the keys.
         tmux.keys("?")
-        tmux.wait(lambda t: "Cycle the order" in t, "the help")
+        tmux.wait(lambda t: "Depth × time of log10(std)" in t, "the help")
         tmux.keys("Escape")
         # Wait for the help to close: an Escape followed at once by q reads as Alt+q.
-        tmux.wait(lambda t: "Cycle the order" not in t and "std trend" in t, "the help to close")
+        tmux.wait(lambda t: "Every key and what" not in t and "std trend" in t, "the help to close")
         tmux.keys("q")
         deadline = time.monotonic() + 20
         while not status.exists() and time.monotonic() < deadline:
@@ -182,7 +182,7 @@ def test_closing_the_terminal_of_the_demo_stops_its_training_jobs(
         # No picker: both runs at once, side by side. (A run's column title grows when it ends
         # and can cut the other's name short: its first letters are enough.)
         tmux.wait(
-            lambda t: "runs side by side" in t and "plain" in t and "batchno" in t and "step" in t,
+            lambda t: "runs side by side" in t and "uncapp" in t and "capped" in t and "step" in t,
             "the demo's two runs side by side",
         )
         pids = [int(pidfile.read_text()), *(int(j["pid"]) for j in wait_for_jobs(env, 2))]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -10,9 +10,18 @@ from textual.screen import Screen
 from textual.widgets import Footer
 
 from icsmon.feed import Feed
+from icsmon.store import RunKey
 from icsmon.tui import compare
+from icsmon.tui.widgets.alerts import AlertLog
 from icsmon.tui.widgets.grouped_table import GroupedTable
 from icsmon.tui.widgets.header import RunHeader
+from icsmon_agent.alerts.model import AlertChange
+
+
+@runtime_checkable
+class HasAlertLogs(Protocol):
+    def write_changes(self, logs: list[AlertLog], changes: list[tuple[int, RunKey, AlertChange]]) -> None: ...
+
 
 EMPTY = "Nothing to compare yet: waiting for the runs' first samples…  (c or Escape: back)"
 
@@ -30,14 +39,23 @@ class CompareScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield RunHeader(id="compare-header")
         yield GroupedTable(id="compare")
+        yield AlertLog(id="compare-alert-log")
         yield Footer()
 
+    @property
+    def alert_log(self) -> AlertLog:
+        return self.query_one("#compare-alert-log", AlertLog)
+
     def on_mount(self) -> None:
+        # What fired before this view opened (the app adds what comes next to every log).
+        app = self.app
+        if isinstance(app, HasAlertLogs):
+            app.write_changes([self.alert_log], self.feed.new_changes(-1))
         self.redraw(force=True)
         self.query_one(GroupedTable).focus()
 
     def redraw(self, force: bool = False) -> None:
-        table = compare.build(self.feed)
+        table = compare.build(self.feed, self.size.width or 200)
         header = self.query_one(RunHeader)
         grid = self.query_one(GroupedTable)
         if not table.rows:

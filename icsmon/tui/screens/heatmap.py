@@ -9,23 +9,16 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Static
 
-from icsmon.feed import Feed
 from icsmon.render import fmt
-from icsmon.tui.screens.laid_out import LaidOutScreen
-from icsmon.tui.state import ViewState
-from icsmon.tui.widgets.header import RunHeader, header_text
+from icsmon.tui.screens.laid_out import RunScreen
+from icsmon.tui.widgets.header import RunHeader
 from icsmon.tui.widgets.heatmap import PALETTE, Heatmap
 
 
-class HeatmapScreen(LaidOutScreen):
+class HeatmapScreen(RunScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape,h", "app.pop_screen", "Back", tooltip="Back to the layer table")
     ]
-
-    def __init__(self, feed: Feed, state: ViewState) -> None:
-        super().__init__()
-        self.feed = feed
-        self.state = state
 
     def compose(self) -> ComposeResult:
         yield RunHeader(id="header")
@@ -38,15 +31,9 @@ class HeatmapScreen(LaidOutScreen):
     def heatmap(self) -> Heatmap:
         return self.query_one(Heatmap)
 
-    def on_mount(self) -> None:
-        self.after_layout()  # the heatmap sizes its grid from its own size, known only after layout
-
     def redraw(self, force: bool = False) -> None:
-        run = self.feed.current()
-        self.query_one(RunHeader).update(
-            header_text(self.feed, run, paused=self.state.paused, label=self.app.title)
-        )
-        if (self.state.paused and not force) or run is None or run.schema is None or run.count == 0:
+        run = self.current(force)
+        if run is None:
             return
         self.heatmap.show(run)
         steps = run.step_series(self.heatmap.samples)

@@ -14,7 +14,7 @@ from textual.widgets import Static
 INTRO = (
     "icsmon shows every layer's activation figures live. The status column names an alert "
     "(vanishing, exploding, saturation, dead relu, shift) or NaN/Inf; the sparkline is the layer's "
-    "std over recent samples (log scale, each row its own range)."
+    "std over recent samples (log scale, each row its own range of at least half a decade)."
 )
 
 
@@ -42,7 +42,7 @@ class HelpScreen(ModalScreen[None]):
 def describe(bindings: list[BindingType]) -> list[tuple[str, str]]:
     out = []
     for b in bindings:
-        if not isinstance(b, Binding):
+        if not isinstance(b, Binding) or b.key == "ctrl+c":  # a terminal's habit, not a key to learn
             continue
         key = b.key_display or b.key.split(",")[0]
         key = {"slash": "/", "question_mark": "?", "enter": "Enter", "escape": "Escape"}.get(key, key)

@@ -30,6 +30,7 @@ class MainScreen(LaidOutScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "detail", "Detail", tooltip="Plots of the selected layer over time"),
         Binding("h", "heatmap", "Heatmap", tooltip="Depth × time of log10(std)"),
+        Binding("l", "loss", "Loss", tooltip="The loss and learning rate over the run, alerts marked"),
         Binding(
             "slash", "filter", "Filter", key_display="/", tooltip="Show only layers whose name has a text"
         ),
@@ -141,6 +142,11 @@ class MainScreen(LaidOutScreen):
         from icsmon.tui.screens.heatmap import HeatmapScreen
 
         self.app.push_screen(HeatmapScreen(self.feed, self.state))
+
+    def action_loss(self) -> None:
+        from icsmon.tui.screens.loss import LossScreen
+
+        self.app.push_screen(LossScreen(self.feed, self.state))
 
     def action_alerts(self) -> None:
         from icsmon.tui.screens.alerts import AlertsScreen

@@ -54,16 +54,14 @@ def columns_for(width: int, *, sharded: bool = False) -> list[Column]:
     spark = 24 if width >= 160 else 16 if width >= 120 else 10
     name = 28 if width >= 160 else 22 if width >= 120 else 16
     cols = [Column("name", "layer", name)]
-    if width >= 120:
-        cols += [Column("type", "type", 10)]
+    # The type always: a Sequential's layers are called 0, 1, 2, which say nothing alone.
+    cols += [Column("type", "type", 10 if width >= 120 else 8)]
     if width >= 160:
         cols += [Column("shape", "shape", 12)]
-    cols += [
-        Column("spark", "std trend", spark),
-        Column("mean", "mean", 9),
-        Column("std", "std", 9),
-        Column("dead", "dead", 4),
-    ]
+    cols += [Column("spark", "std trend", spark)]
+    if width >= 100:
+        cols += [Column("mean", "mean", 9)]
+    cols += [Column("std", "std", 9), Column("dead", "dead", 4)]
     if width >= 120:
         cols += [Column("sat", "sat", 4)]
     cols += [Column("shift", "shift", 9)]
