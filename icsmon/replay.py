@@ -17,7 +17,7 @@ from typing import Any
 from icsmon.errors import IcsmonError
 from icsmon.feed import Feed
 from icsmon.subscriber import Decoding
-from icsmon_agent.protocol import Message
+from icsmon_agent.protocol import TOPIC_PREFIX, Message
 from icsmon_agent.recording import FRAME_HEAD, MAGIC, RECORD_HEAD
 
 #: A record larger than this is taken as damage, not data (the largest valid message is far below).
@@ -29,8 +29,10 @@ class RecordingError(IcsmonError):
     """Not a recording, or not readable."""
 
 
-def records(path: str | Path) -> Iterator[tuple[float, list[bytes]]]:
-    """(time received, frames) of each whole record of the file, in order."""
+def records(path: str | Path, decoding: Decoding | None = None) -> Iterator[tuple[float, list[bytes]]]:
+    """(time received, frames) of each whole record of the file, in order. A damaged record (a
+    length that cannot be) is skipped to the next record that parses, and counted in ``decoding``;
+    a record cut off at the end (a job killed mid-write) ends the file quietly."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -39,26 +41,61 @@ def records(path: str | Path) -> Iterator[tuple[float, list[bytes]]]:
         raise RecordingError(f"{path} is not an icsmon recording (it does not start with {MAGIC.strip()!r})")
     at = len(MAGIC)
     while at + RECORD_HEAD.size <= len(data):
-        received, count = RECORD_HEAD.unpack_from(data, at)
-        pos = at + RECORD_HEAD.size
-        frames: list[bytes] = []
-        for _ in range(count):
-            if pos + FRAME_HEAD.size > len(data):
-                return  # cut off inside a record: the records before it are whole
-            (size,) = FRAME_HEAD.unpack_from(data, pos)
-            pos += FRAME_HEAD.size
-            if size > MAX_RECORD_BYTES or pos + size > len(data):
-                return
-            frames.append(data[pos : pos + size])
-            pos += size
+        parsed = _record_at(data, at)
+        if parsed is None:
+            resumed = _next_record(data, at)
+            if resumed is None:
+                return  # cut off inside the last record: the records before it are whole
+            if decoding is not None:
+                decoding.rejected += 1
+                decoding.last_error = f"{path}: the record at byte {at} is damaged; resumed at byte {resumed}"
+            at = resumed
+            continue
+        received, frames, at = parsed
         yield received, frames
-        at = pos
+
+
+#: A record holds at most this many frames (the wire's messages have three).
+MAX_FRAMES = 16
+
+
+def _record_at(data: bytes, at: int) -> tuple[float, list[bytes], int] | None:
+    """The record starting at ``at`` and where the next begins, or None if none parses there."""
+    if at + RECORD_HEAD.size > len(data):
+        return None
+    received, count = RECORD_HEAD.unpack_from(data, at)
+    if not 1 <= count <= MAX_FRAMES:
+        return None
+    pos = at + RECORD_HEAD.size
+    frames: list[bytes] = []
+    for _ in range(count):
+        if pos + FRAME_HEAD.size > len(data):
+            return None
+        (size,) = FRAME_HEAD.unpack_from(data, pos)
+        pos += FRAME_HEAD.size
+        if size > MAX_RECORD_BYTES or pos + size > len(data):
+            return None
+        frames.append(data[pos : pos + size])
+        pos += size
+    return received, frames, pos
+
+
+def _next_record(data: bytes, damaged: int) -> int | None:
+    """Where the next whole record after a damaged one begins: a record's first frame is a topic,
+    so each place the topic prefix occurs is tried as the start of one."""
+    found = data.find(TOPIC_PREFIX, damaged + 1)
+    while found != -1:
+        start = found - FRAME_HEAD.size - RECORD_HEAD.size
+        if start > damaged and _record_at(data, start) is not None:
+            return start
+        found = data.find(TOPIC_PREFIX, found + 1)
+    return None
 
 
 def messages(paths: list[str], decoding: Decoding) -> Iterator[tuple[float, Message]]:
     """Each record of the files, decoded; a damaged one is counted by ``decoding`` and skipped."""
     for path in paths:
-        for received, frames in records(path):
+        for received, frames in records(path, decoding):
             msg = decoding._decode(frames)
             if msg is not None:
                 yield received, msg

@@ -193,3 +193,41 @@ def test_beyond_loopback_the_job_speaks_only_to_viewers_with_its_key(env: dict[s
         trainer.join(5)
     finally:
         mon.close()
+
+
+@as_root
+def test_a_squatted_short_socket_directory_leaves_the_job_watchable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user made /tmp/icsmon-UID first: the job's socket goes to a fresh private directory
+    beside it, it says so once, a viewer finds it, and its files go when it closes."""
+    import shutil
+    import tempfile
+
+    from icsmon_agent import discovery as disc
+    from icsmon_agent import publisher
+
+    short = Path(tempfile.mkdtemp(prefix="sq", dir="/tmp"))  # a socket path must stay short
+    squatted = short / f"icsmon-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, NOBODY, NOBODY)
+    monkeypatch.setattr(disc, "SHORT_SOCKET_DIR", squatted)
+    monkeypatch.setattr(publisher, "SHORT_SOCKET_DIR", squatted)
+    runtime = tmp_path / ("r" * 90)
+    mon, said = watch_quietly(nn.Sequential(nn.Linear(4, 4)), runtime)
+    try:
+        assert mon.endpoint is not None, said
+        sock = Path(mon.endpoint[len("ipc://") :])
+        assert sock.parent.parent == short and sock.parent.name.startswith(f"{squatted.name}-")
+        st = os.lstat(sock.parent)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        assert any("belongs to another user" in s and str(sock.parent) in s for s in said), said
+        (job,) = discovery.read_jobs(runtime)
+        assert job.endpoint == mon.endpoint
+    finally:
+        mon.close()
+    try:
+        assert not sock.exists()
+        assert os.lstat(squatted).st_uid == NOBODY  # the squatter's directory is left as it was
+    finally:
+        shutil.rmtree(short, ignore_errors=True)

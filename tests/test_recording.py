@@ -11,9 +11,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from helpers import icsmon, start_script, wait_for_jobs
+from helpers import icsmon, json_lines, start_script, wait_for_jobs
+from icsmon_agent.protocol import STATS
 
 JOB = textwrap.dedent(
     """
@@ -96,6 +98,8 @@ def test_icsmon_record_writes_what_it_received(tmp_path: Path, env: dict[str, st
         wait_for_jobs(env)
         done = icsmon("record", "-o", str(recording), "--count", "20", env=env, timeout=60)
         assert done.returncode == 0 and "recorded 20 samples" in done.stderr, done.stderr
+        # It said so while it recorded, from the first sample (not only when it ended).
+        assert f"to {recording}: 1 sample so far" in done.stderr, done.stderr
     finally:
         job.kill()
         job.wait()
@@ -189,3 +193,63 @@ def test_no_exported_csv_cell_is_a_formula_or_a_raw_escape() -> None:
     assert not any(cell.startswith(FORMULA_STARTS) for cell in cells), cells
     assert cells[0] == "'" + names[0] and cells[-1] == "fc" and "\x1b" not in cells[6] and "\\x1b" in cells[6]
     assert all(row[4] == "-1.5" for row in rows)  # a negative number is a number, not a formula
+
+
+def test_two_writers_given_one_recording_never_share_the_file(tmp_path: Path) -> None:
+    """Two jobs given the same ICSMON_RECORD: the second writes a file of its own (PATH.PID), so
+    each file replays whole."""
+    import os
+
+    from icsmon_agent.recording import MAGIC, Recorder
+
+    path = tmp_path / "shared.icsrec"
+    first, second = Recorder(path), Recorder(path)
+    try:
+        assert first.path == path and second.path == path.with_name(f"shared.icsrec.{os.getpid()}")
+        first.write([b"a.event", b"{}", b""])
+        second.write([b"b.event", b"{}", b""])
+    finally:
+        first.close()
+        second.close()
+    for p in (path, second.path):
+        data = p.read_bytes()
+        assert data.startswith(MAGIC) and data.count(MAGIC) == 1
+    # Closed, the file is free again: the next writer appends to it.
+    third = Recorder(path)
+    assert third.path == path
+    third.close()
+
+
+def test_replay_goes_past_a_damaged_record_and_says_so_and_an_empty_one_is_an_error(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A record whose length field reads 4 GB (a bad disk, a bad copy): the replay goes on from the
+    next record and says how many it skipped. A file holding only its header: exit 1, one line."""
+    import struct
+
+    from icsmon_agent.protocol import LayerInfo, Sample, Schema, encode_sample, encode_schema, schema_id_for
+    from icsmon_agent.recording import FRAME_HEAD, RECORD_HEAD, Recorder
+
+    layers = (LayerInfo("fc", "Linear", (4,), "linear"),)
+    sid = schema_id_for(layers)
+    path = tmp_path / "damaged.icsrec"
+    rec = Recorder(path)
+    rec.write(encode_schema(Schema("run-1", 0, 1, 1.0, layers, name="job", schema_id=sid)))
+    offsets = []
+    for step in range(8):
+        offsets.append(path.stat().st_size)
+        figures = np.full((1, len(STATS)), 0.5, dtype=np.float32)
+        rec.write(encode_sample(Sample("run-1", 0, step + 2, 1.0 + step, step, sid, figures, 1.0)))
+    rec.close()
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, offsets[3] + RECORD_HEAD.size, 0xFFFFFFFF)  # record 4's first frame
+    assert FRAME_HEAD.size == 4
+    path.write_bytes(bytes(data))
+    done = icsmon("replay", str(path), "--json", env=env)
+    steps = [line["step"] for line in json_lines(done.stdout) if line["type"] == "sample"]
+    assert done.returncode == 0 and steps == [0, 1, 2, 4, 5, 6, 7], (steps, done.stderr)
+    assert "1 damaged records skipped" in done.stderr and "damaged; resumed at byte" in done.stderr
+    empty = tmp_path / "empty.icsrec"
+    Recorder(empty).close()
+    nothing = icsmon("replay", str(empty), "--json", env=env)
+    assert nothing.returncode == 1 and "no message in" in nothing.stderr and nothing.stdout == ""

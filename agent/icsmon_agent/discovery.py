@@ -156,9 +156,23 @@ def remove_leftovers(info: JobInfo, path: Path) -> None:
     that lies beside the discovery file: a path elsewhere is not ours to delete)."""
     if info.endpoint.startswith("ipc://"):
         sock = Path(info.endpoint[len("ipc://") :])
-        if sock.parent in (path.parent, SHORT_SOCKET_DIR):
+        if sock.parent in (path.parent, SHORT_SOCKET_DIR) or _short_fallback(sock.parent):
             remove(sock)
+            if _short_fallback(sock.parent):
+                with contextlib.suppress(OSError):
+                    sock.parent.rmdir()  # the job's own fallback directory, empty now
     remove(path)
+
+
+def _short_fallback(directory: Path) -> bool:
+    """A job's own short-socket directory, made when SHORT_SOCKET_DIR was taken by someone else."""
+    return (
+        directory.parent == SHORT_SOCKET_DIR.parent
+        and directory.name.startswith(f"{SHORT_SOCKET_DIR.name}-")
+        and directory.is_dir()
+        and not directory.is_symlink()
+        and directory.stat().st_uid == os.getuid()
+    )
 
 
 def pid_alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 import warnings
@@ -69,10 +70,19 @@ class Work:
 
 def short_socket_dir() -> Path:
     """A private directory with a short path for sockets whose runtime-dir path is too long:
-    ``/tmp/icsmon-UID``, created 0700 and checked like the runtime directory."""
-    from .discovery import ensure_private_dir
+    ``/tmp/icsmon-UID``, created 0700 and checked like the runtime directory. If someone else made
+    that path first (another user squatting it), a fresh private one beside it (``mkdtemp``, 0700,
+    ours alone), and the job says so once: it stays watchable."""
+    from .discovery import UntrustedDirectory, ensure_private_dir
 
-    return ensure_private_dir(SHORT_SOCKET_DIR)
+    try:
+        return ensure_private_dir(SHORT_SOCKET_DIR)
+    except UntrustedDirectory as exc:
+        fallback = Path(tempfile.mkdtemp(prefix=f"{SHORT_SOCKET_DIR.name}-", dir=SHORT_SOCKET_DIR.parent))
+        warnings.warn(
+            f"icsmon: {exc}; the job's socket is in {fallback} instead", RuntimeWarning, stacklevel=5
+        )
+        return fallback
 
 
 def default_endpoint(runtime: Path, run: str) -> str:

@@ -30,6 +30,20 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_KEEP = 4
 
 
+def _lock(fh: BinaryIO) -> bool:
+    """Take the file for this writer alone (an advisory lock, released when it closes); False if
+    another writer holds it. Where locks are not to be had, every writer takes it."""
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except (ImportError, OSError):
+        pass
+    return True
+
+
 class Recorder:
     """Appends wire messages to ``path``, rotating past ``max_bytes`` (keeping ``keep`` old files)."""
 
@@ -51,6 +65,13 @@ class Recorder:
         # only it made, not to whatever a link there points at.
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
         fh = os.fdopen(os.open(self.path, flags, 0o600), "ab")
+        if not _lock(fh):
+            # Another writer has it (two jobs given one ICSMON_RECORD): two writers interleaving
+            # in one file would make it unreadable past the first, so this one writes its own.
+            fh.close()
+            self.path = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+            fh = os.fdopen(os.open(self.path, flags, 0o600), "ab")
+            _lock(fh)
         if fh.tell() == 0:
             fh.write(MAGIC)
         return fh

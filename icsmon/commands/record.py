@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from icsmon.commands.common import error, note, positive_int
@@ -39,6 +40,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+#: How often `record` says how many samples it has written.
+PROGRESS_EVERY_S = 30.0
+
+
 class Writer(FeedEvents):
     """Writes each new message; a stream's layer table once per table."""
 
@@ -49,6 +54,7 @@ class Writer(FeedEvents):
         self.samples = 0
         self.tables: dict[tuple[str, int], tuple[str, float]] = {}
         self.failed = ""  # why writing stopped (a full disk), if it did
+        self._said_at = 0.0  # when the progress line was last written (monotonic)
 
     def message(self, msg: Message, new: bool) -> None:
         if self.failed:
@@ -68,6 +74,12 @@ class Writer(FeedEvents):
             return
         if isinstance(msg, Sample):
             self.samples += 1
+            now = time.monotonic()
+            if self.samples == 1 or now - self._said_at >= PROGRESS_EVERY_S:
+                # Silent until Ctrl-C looked hung: say it records, and how much so far.
+                self._said_at = now
+                count = f"{self.samples} sample{'s' if self.samples > 1 else ''}"
+                note(clean(f"recording {msg.run} to {self.recorder.path}: {count} so far"))
             if self.count is not None and self.samples >= self.count:
                 self.feed.stop()
 

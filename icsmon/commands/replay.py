@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from icsmon.alerts.config import add_threshold_flags, thresholds_from_args
-from icsmon.commands.common import note
+from icsmon.commands.common import error, note
 from icsmon.commands.tail import Printer, TailListener
 from icsmon.errors import TargetError
 from icsmon.feed import Feed, default_engine_factory
@@ -63,10 +63,14 @@ def print_recording(groups: list[list[str]], as_json: bool, thresholds: Any, his
     feed = Feed(lambda: [], engine_factory=default_engine_factory(thresholds), rules_per_sample=True)
     feed.listener = TailListener(printer, feed, None, groups[0][0], history)
     decoding = Decoding()
+    read = 0
     for _, msg in merged(groups, decoding):
         feed.ingest(msg, rules=True)
+        read += 1
     if decoding.rejected:
         note(f"{decoding.rejected} damaged records skipped ({decoding.last_error})")
+    if not read:
+        return error(f"no message in {', '.join(p for g in groups for p in g)}: nothing to replay")
     return 0
 
 

@@ -201,6 +201,8 @@ class IcsmonApp(App[int]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in REPLAY_ACTIONS:
             return isinstance(self.feed, ReplayFeed)  # replay keys exist in a replay only
+        if action == "pick":
+            return self.jobs is not None  # no list of jobs to pick from (the demo, a replay, an endpoint)
         return True
 
     def action_play(self) -> None:

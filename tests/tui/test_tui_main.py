@@ -115,6 +115,7 @@ async def test_help_lists_the_keys_that_work_here() -> None:
         await pilot.press("question_mark")
         assert "Cycle the order: depth, severity, name" in keys_of(live)
         assert "Play or pause the recording" not in keys_of(live)
+        assert "Pick the jobs to watch" not in keys_of(live)  # no list of jobs here: o is not offered
     recorded = [(float(i), m) for i, m in enumerate(messages(n_layers=6, n_samples=5))]
     replay = IcsmonApp(ReplayFeed(recorded), live=False)
     async with replay.run_test(size=(120, 40)) as pilot:
