@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from icsmon.alerts.ranks import RankCheck
 from icsmon.store import RunKey, RunState, Store
-from icsmon.subscriber import Decoding, sub_socket
+from icsmon.subscriber import Decoding, Rejoin, sub_socket
 from icsmon.targets import TargetError
 from icsmon_agent.alerts.engine import AlertEngine
 from icsmon_agent.alerts.model import ALERT_TYPES, Alert, AlertChange, change_from_json
@@ -91,10 +91,12 @@ class AsyncSubscriber(Decoding):
         except BaseException:
             self._ctx.term()
             raise
+        self._rejoin = Rejoin(self._sock)
 
     async def poll(self, timeout_s: float, limit: int = BATCH) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then take what is queued (at most ``limit``)."""
         out: list[Message] = []
+        self._rejoin.check()  # a peer dropped for an oversize frame is connected again
         if not await self._sock.poll(int(timeout_s * 1000)):
             return out
         for _ in range(limit):
@@ -108,6 +110,7 @@ class AsyncSubscriber(Decoding):
         return out
 
     def close(self) -> None:
+        self._rejoin.close()
         with contextlib.suppress(Exception):
             self._sock.close(linger=0)
         with contextlib.suppress(Exception):

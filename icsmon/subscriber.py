@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from icsmon.errors import TargetError
 from icsmon.wire import MAX_MESSAGE_BYTES, ProtocolError, decode
@@ -75,6 +76,53 @@ def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
     return sock
 
 
+class Rejoin:
+    """Connects again to a peer that libzmq dropped. A frame over ``MAXMSGSIZE`` is a protocol
+    error to libzmq: it drops that peer and, unlike after an ordinary disconnect, never reconnects,
+    so one oversize frame (a bug, or a hostile relay upstream) would deafen the viewer for good. Here
+    it costs that frame: every disconnect is followed by a fresh connect (after an ordinary one,
+    libzmq's own retry and ours meet the same endpoint; nothing is received twice).
+
+    The monitor is read through a plain (not asyncio) socket on the same context, without waiting.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        address = f"inproc://icsmon-rejoin-{id(self)}"
+        sock.monitor(address, zmq.EVENT_DISCONNECTED)
+        ctx: zmq.Context[Any] = zmq.Context.shadow(sock.context.underlying)
+        self._monitor = ctx.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.connect(address)
+        self.rejoined = 0
+
+    def check(self) -> None:
+        for _ in range(64):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            endpoint = event.get("endpoint", b"")
+            endpoint = endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
+            if endpoint in SERVER_KEYS:
+                # The socket's mechanism is set per connect: this peer's key goes with it again.
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.setsockopt(zmq.CURVE_SERVERKEY, SERVER_KEYS[endpoint].encode())
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disconnect(endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.connect(endpoint)
+                self.rejoined += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._sock.disable_monitor()
+        with contextlib.suppress(Exception):
+            self._monitor.close(linger=0)
+
+
 def _connect(sock: Any, endpoint: str) -> None:
     try:
         sock.connect(endpoint)
@@ -100,10 +148,12 @@ class Subscriber(Decoding):
             if self._own_ctx:
                 self._ctx.term()
             raise
+        self._rejoin = Rejoin(self._sock)
 
     def poll(self, timeout_s: float, limit: int = 10_000) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``limit``)."""
         out: list[Message] = []
+        self._rejoin.check()  # a peer dropped for an oversize frame is connected again
         if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return out
         for frames in self._drain(limit):
@@ -126,6 +176,7 @@ class Subscriber(Decoding):
             yield self.poll(wait)
 
     def close(self) -> None:
+        self._rejoin.close()
         with contextlib.suppress(Exception):
             self._sock.close(linger=0)
         if self._own_ctx:

@@ -110,3 +110,45 @@ def test_sample_whose_shape_disagrees_with_the_schema_is_not_stored() -> None:
     assert store.add(bad) is False
     run = store.get("r")
     assert run is not None and run.count == 0
+
+
+def test_one_frame_over_the_limit_costs_that_frame_not_the_connection() -> None:
+    """libzmq drops a peer that sends a frame over MAXMSGSIZE and never reconnects: before, one
+    such frame deafened `tail` to a job that went on publishing. Now the viewer connects again and
+    the samples after it arrive."""
+    import select
+
+    from icsmon.wire import MAX_MESSAGE_BYTES
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "icsmon", "tail", f"tcp://127.0.0.1:{port}", "--json", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert tail.stdout is not None
+    oversize = [b"icsmon.v1.sample", b"{}", b"x" * (MAX_MESSAGE_BYTES + 1)]
+    before: list[str] = []
+    after: list[str] = []
+    try:
+        seq = 1
+        deadline = time.monotonic() + 60
+        while len(after) < 3 and time.monotonic() < deadline:
+            pub.send_multipart(protocol.encode(schema()))
+            seq += 1
+            pub.send_multipart(protocol.encode(sample(seq, seq * 10)))
+            while select.select([tail.stdout], [], [], 0.1)[0]:
+                line = tail.stdout.readline()
+                if '"type": "sample"' not in line:
+                    continue
+                if not before:
+                    before.append(line)
+                    pub.send_multipart(oversize)  # it is connected and reading: this frame reaches it
+                else:
+                    after.append(line)
+    finally:
+        tail.kill()
+        tail.communicate(timeout=10)
+        ctx.destroy(linger=0)
+    assert before and len(after) == 3, "nothing arrived after the oversize frame"
