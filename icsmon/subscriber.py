@@ -95,17 +95,24 @@ class Rejoin:
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._monitor.connect(address)
         self.rejoined = 0
+        self._dropped: set[str] = set()  # peers to connect again, once what they sent is read
 
     def check(self) -> None:
         for _ in range(64):
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
+            except zmq.ZMQError:  # Again: no event
+                break
             endpoint = event.get("endpoint", b"")
-            endpoint = endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
+            self._dropped.add(
+                endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
+            )
+        # Not while messages wait: disconnect() would discard what the peer sent before it went
+        # (a job's last sample and its goodbye).
+        if not self._dropped or self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        dropped, self._dropped = self._dropped, set()
+        for endpoint in dropped:
             if endpoint in SERVER_KEYS:
                 # The socket's mechanism is set per connect: this peer's key goes with it again.
                 with contextlib.suppress(zmq.ZMQError):
