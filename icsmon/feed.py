@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from icsmon.alerts.ranks import RankCheck
+from icsmon.render import run_label
 from icsmon.store import RunKey, RunState, Store
 from icsmon.subscriber import Decoding, Rejoin, sub_socket
 from icsmon.targets import TargetError
@@ -316,6 +317,12 @@ class Feed:
         return [item for item in self.changes if item[0] > since]
 
     # ------------------------------------------------------------------ queries
+
+    def label(self, stream: RunState) -> str:
+        """A stream's run as the viewer names it: its name, with its run id's suffix when another
+        run in view has the same name (:func:`icsmon.render.run_label`)."""
+        names = list({s.run: s.schema.name for s in self.streams() if s.schema is not None}.values())
+        return run_label(stream.schema.name if stream.schema is not None else "", stream.run, names)
 
     def streams(self) -> list[RunState]:
         """Every stream heard with a schema, grouped by job (oldest job first), ranks in order."""

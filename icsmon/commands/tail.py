@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents, default_engine_factory
-from icsmon.render import clean, run_label, sample_json_line, sample_line
+from icsmon.render import clean, sample_json_line, sample_line
 from icsmon.store import RunKey, RunState
 from icsmon.targets import TargetError, is_ssh_host, resolve_targets, typed_targets
 from icsmon_agent.alerts.model import AlertChange
@@ -95,15 +95,14 @@ class Printer:
         self.alerts = 0  # alerts fired (not cleared) so far
         self.colour = not as_json and use_colour(out)
         self.label_runs = False  # several runs in one stream: say whose each line is
-        self.names: list[str] = []  # the name of every run heard (one entry a run), to tell twins apart
 
-    def sample(self, sample: Sample, schema: Schema) -> None:
+    def sample(self, sample: Sample, schema: Schema, label: str = "") -> None:
+        """``label``: the run as the viewer names it (``Feed.label``), for the line's prefix."""
         if self.as_json:
             self.out.write(sample_json_line(sample, schema) + "\n")
         else:
             rank = f" r{sample.rank}" if schema.world_size > 1 else ""
-            label = run_label(schema.name, sample.run, self.names)
-            prefix = f"[{clean(label)}{rank}] " if self.label_runs else ""
+            prefix = f"[{clean(label or schema.name or sample.run)}{rank}] " if self.label_runs else ""
             prefix += "(history) " if sample.replayed else ""
             self.out.write(prefix + sample_line(sample, schema) + "\n")
         self.samples += 1
@@ -140,9 +139,9 @@ class TailListener(FeedEvents):
         if self.done or run.schema is None or (sample.replayed and not self.history):
             return  # the history the job re-sends on connect: the rules have it, the output does not
         self.printer.label_runs = self.printer.label_runs or len(self.feed.store.runs) > 1
-        runs = {r.run: r.schema.name for r in self.feed.store.runs.values() if r.schema is not None}
-        self.printer.names = list(runs.values())
-        self.printer.sample(sample, run.schema)
+        printer = self.printer
+        label = self.feed.label(run) if printer.label_runs and not printer.as_json else ""
+        printer.sample(sample, run.schema, label)
         if self.count is not None and self.printer.new_samples >= self.count:
             self.done = True
             self.feed.stop()

@@ -26,7 +26,6 @@ from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from icsmon.feed import Feed, Sources
-from icsmon.render import run_label
 from icsmon.replay import SPEEDS, ReplayFeed
 from icsmon.store import RunKey
 from icsmon.targets import live_endpoints
@@ -271,8 +270,7 @@ class IcsmonApp(App[int]):
         """Alert changes into logs, each named by its run (and rank) when several are watched."""
         streams = self.feed.streams()
         several = len(streams) > 1
-        every = list({s.run: s.schema.name for s in streams if s.schema is not None}.values())
-        names = {(s.run, s.rank): run_label(s.schema.name if s.schema else "", s.run, every) for s in streams}
+        names = {(s.run, s.rank): self.feed.label(s) for s in streams}
         for _, key, change in changes:
             where = ""
             if several:

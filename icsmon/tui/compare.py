@@ -16,7 +16,6 @@ import numpy as np
 
 from icsmon.alerts.ranks import aligned, newest, spread
 from icsmon.feed import Feed
-from icsmon.render import run_label
 from icsmon.store import RunState
 from icsmon.tui import view
 from icsmon.tui.safe import clean
@@ -53,8 +52,7 @@ def streams_by_run(feed: Feed) -> dict[str, list[RunState]]:
 
 
 def title(stream: RunState, feed: Feed) -> str:
-    names = list({s.run: s.schema.name for s in feed.streams() if s.schema is not None}.values())
-    name = clean(run_label(stream.schema.name if stream.schema is not None else "", stream.run, names))
+    name = clean(feed.label(stream))
     step = stream.latest_step
     loss = stream.latest_loss
     parts = [name, f"step {step if step is not None else '-'}"]

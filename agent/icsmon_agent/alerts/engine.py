@@ -27,7 +27,7 @@ from ..protocol import STAT_INDEX, Schema
 from . import hints
 from .config import Thresholds
 from .model import Alert, AlertChange, fmt
-from .rules import RULES, RUN_FIGURES, Finding, FloatArray, Window
+from .rules import RULES, RUN_FIGURES, Finding, FloatArray, Window, finite_tail
 
 HISTORY = 500  # alert changes kept for the history view
 #: The run's early scale (see rules._jump) is the median of this many first samples.
@@ -121,11 +121,9 @@ def describe(
 
 
 def _level(losses: FloatArray | None, n: int, skip: int = 0) -> float | None:
-    """The median of the last ``n`` finite losses (before the last ``skip``), or None."""
-    if losses is None:
-        return None
-    recent = losses[: len(losses) - skip][-n:]
-    recent = recent[np.isfinite(recent)]
+    """The median of the finite values among the last ``n`` losses (before the last ``skip``),
+    or None: the loss's level as :func:`rules.loss_level` reads it."""
+    recent = finite_tail(losses, n, skip)
     return float(np.median(recent)) if recent.size else None
 
 

@@ -362,6 +362,15 @@ def spike(w: Window, t: Thresholds) -> Finding | None:
     )
 
 
+def finite_tail(losses: FloatArray | None, n: int, skip: int = 0) -> FloatArray:
+    """The finite values among the last ``n`` losses (before the last ``skip``)."""
+    if losses is None:
+        return np.zeros(0)
+    recent = losses[: len(losses) - skip][-n:]
+    out: FloatArray = recent[np.isfinite(recent)]
+    return out
+
+
 def loss_level(w: Window, t: Thresholds) -> Finding | None:
     """The loss's level (the median of its last samples) far above chance, or far above where the
     run began: a start that is sick already, a slow divergence, a run stuck high after a blow-up.
@@ -371,10 +380,7 @@ def loss_level(w: Window, t: Thresholds) -> Finding | None:
     classes, a language model's vocabulary), and only for a loss that began within 10x of it (a
     summed, not averaged, loss starts far beyond and is left to the rise test).
     """
-    if w.losses is None:
-        return None
-    recent = w.losses[-t.loss_window :]
-    recent = recent[np.isfinite(recent)]
+    recent = finite_tail(w.losses, t.loss_window)
     if recent.size < t.loss_window:
         return None
     level = float(np.median(recent))
