@@ -93,6 +93,9 @@ class AsyncSubscriber(Decoding):
             self._ctx.term()
             raise
         self._rejoin = Rejoin(self._sock)
+        # What is queued is taken without asyncio futures: a future's result lives in a reference
+        # cycle until the garbage collector runs, and a flood of large frames piled up meanwhile.
+        self._reader: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
 
     async def poll(self, timeout_s: float, limit: int = BATCH) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then take what is queued (at most ``limit``)."""
@@ -100,15 +103,22 @@ class AsyncSubscriber(Decoding):
         self._rejoin.check()  # a peer dropped for an oversize frame is connected again
         if not await self._sock.poll(int(timeout_s * 1000)):
             return out
+        self.drained = 0
         for _ in range(limit):
             try:
-                frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = self._reader.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             msg = self._decode(frames)
             if msg is not None:
                 out.append(msg)
+            if self.full():
+                break
         return out
+
+    @property
+    def refusal(self) -> str:
+        return self._rejoin.refusal
 
     def close(self) -> None:
         self._rejoin.close()
@@ -448,6 +458,10 @@ class Feed:
                     if self.stopped:
                         return False
                 self.run_rules()
+                refusal = sub.refusal
+                if refusal and self.error != refusal:  # a job this viewer cannot read: say why
+                    self.error = refusal
+                    self.version += 1
                 if (sub.rejected, sub.last_error) != (self.rejected, self.last_reject):
                     self.rejected, self.last_reject = sub.rejected, sub.last_error
                     self.version += 1

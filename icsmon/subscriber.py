@@ -15,10 +15,16 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from icsmon.errors import TargetError
-from icsmon.wire import MAX_MESSAGE_BYTES, ProtocolError, decode
+from icsmon.wire import MAX_MESSAGE_BYTES, Frames, ProtocolError, decode
 from icsmon_agent.protocol import TOPIC_PREFIX, Message
 
-RCVHWM = 10_000  # a viewer that falls behind drops at the socket, bounded, rather than grow without end
+#: What a viewer may hold of one peer's unread messages. libzmq bounds its queue in messages, not
+#: bytes, so the count comes from the largest message a viewer accepts; past it, libzmq stops
+#: reading from that peer and the sender's own queue drops (a job's agent counts nothing lost).
+QUEUE_BYTES = 256 * 2**20
+RCVHWM = max(8, QUEUE_BYTES // MAX_MESSAGE_BYTES)
+#: What one poll takes off the socket before it hands over what it decoded.
+DRAIN_BYTES = 64 * 2**20
 
 
 class Decoding:
@@ -28,9 +34,16 @@ class Decoding:
         self.received = 0
         self.rejected = 0
         self.last_error = ""
+        self.drained = 0  # bytes taken by the current poll
 
-    def _decode(self, frames: list[bytes]) -> Message | None:
+    def full(self) -> bool:
+        """Whether this poll has taken its share of bytes (the rest waits for the next)."""
+        return self.drained >= DRAIN_BYTES
+
+    def _decode(self, frames: Frames) -> Message | None:
+        """Frames as received (without a copy: a frame too large is rejected before it is copied)."""
         self.received += 1
+        self.drained += sum(len(f) for f in frames)
         try:
             return decode(frames)
         except ProtocolError as exc:
@@ -89,13 +102,25 @@ class Rejoin:
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         address = f"inproc://icsmon-rejoin-{id(self)}"
-        sock.monitor(address, zmq.EVENT_DISCONNECTED)
+        sock.monitor(address, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         ctx: zmq.Context[Any] = zmq.Context.shadow(sock.context.underlying)
         self._monitor = ctx.socket(zmq.PAIR)
         self._monitor.setsockopt(zmq.LINGER, 0)
         self._monitor.connect(address)
         self.rejoined = 0
         self._dropped: set[str] = set()  # peers to connect again, once what they sent is read
+        self.encrypted: set[str] = set()  # peers that speak CURVE to a viewer without their key
+
+    @property
+    def refusal(self) -> str:
+        """Why a peer will never be heard as things are ("" when none refused)."""
+        if not self.encrypted:
+            return ""
+        where = ", ".join(sorted(self.encrypted))
+        return (
+            f"{where} is encrypted (CURVE) and this viewer has no key for it: give the job's public "
+            "key with --key, or name the job (pid, name or run id) so that its discovery file gives it"
+        )
 
     def check(self) -> None:
         for _ in range(64):
@@ -103,10 +128,17 @@ class Rejoin:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.ZMQError:  # Again: no event
                 break
-            endpoint = event.get("endpoint", b"")
-            self._dropped.add(
-                endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint)
-            )
+            raw = event.get("endpoint", b"")
+            endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                if (
+                    event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+                    and endpoint not in SERVER_KEYS
+                ):
+                    self.encrypted.add(endpoint)
+                continue
+            if endpoint not in self.encrypted:  # connecting again would only be refused again
+                self._dropped.add(endpoint)
         # Not while messages wait: disconnect() would discard what the peer sent before it went
         # (a job's last sample and its goodbye).
         if not self._dropped or self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -163,16 +195,19 @@ class Subscriber(Decoding):
         self._rejoin.check()  # a peer dropped for an oversize frame is connected again
         if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return out
+        self.drained = 0
         for frames in self._drain(limit):
             msg = self._decode(frames)
             if msg is not None:
                 out.append(msg)
+            if self.full():
+                break
         return out
 
-    def _drain(self, limit: int) -> Iterator[list[bytes]]:
+    def _drain(self, limit: int) -> Iterator[list[zmq.Frame]]:
         for _ in range(limit):
             try:
-                yield self._sock.recv_multipart(zmq.NOBLOCK)
+                yield self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,11 +29,19 @@ from icsmon_agent.protocol import (
     Schema,
 )
 
+if TYPE_CHECKING:
+    import zmq
+
+#: A message's frames as received: bytes, or zmq.Frame (received without a copy).
+Frames = Sequence["bytes | zmq.Frame"]
+
 #: Bounds a viewer holds every message to, so that no frame can make it allocate without end. The
 #: largest real layer tables are a few thousand rows (an MoE with every expert hooked: ~20,000).
 MAX_LAYERS = 50_000
 MAX_NAME = 1_000  # characters of a layer, type, job or run name
-MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a schema's: its layer table
+#: A sample's or an event's header: a few hundred bytes, 256 named scalars at most.
+MAX_SMALL_HEADER_BYTES = 1024 * 1024
 MAX_BODY_BYTES = MAX_LAYERS * len(STATS) * 4
 #: The largest message a viewer socket accepts (ZMQ_MAXMSGSIZE: a bigger one drops the peer).
 MAX_MESSAGE_BYTES = MAX_HEADER_BYTES + MAX_BODY_BYTES
@@ -98,8 +107,9 @@ def _time(header: dict[str, Any], key: str, what: str) -> float:
 
 
 def _parse_header(raw: bytes, what: str) -> dict[str, Any]:
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"{what} header is {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
+    limit = MAX_HEADER_BYTES if what == "schema" else MAX_SMALL_HEADER_BYTES
+    if len(raw) > limit:
+        raise ProtocolError(f"{what} header is {len(raw)} bytes, over the {limit} limit")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -235,7 +245,7 @@ def _decode_event(header: dict[str, Any], body: bytes) -> Event:
     )
 
 
-def decode(frames: list[bytes]) -> Message:
+def decode(frames: Frames) -> Message:
     """Decode one multipart message; raise :class:`ProtocolError` (only) if it is malformed.
 
     Total: whatever the bytes, a message or a ProtocolError (``tests/test_fuzz.py`` holds it to
@@ -249,11 +259,23 @@ def decode(frames: list[bytes]) -> Message:
         raise ProtocolError(f"malformed message ({type(exc).__name__})") from None
 
 
-def _decode(frames: list[bytes]) -> Message:
+def _copy(frame: bytes | zmq.Frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def _decode(frames: Frames) -> Message:
     if not isinstance(frames, (list, tuple)) or len(frames) != 3:
         count = len(frames) if isinstance(frames, (list, tuple)) else "?"
         raise ProtocolError(f"expected 3 frames [topic, header, body], got {count}")
-    topic, raw_header, body = (bytes(f) for f in frames)
+    topic = _copy(frames[0])
+    # Sizes before copies: a frame received without a copy (zmq.Frame) is copied only if it fits.
+    limit = MAX_HEADER_BYTES if topic == TOPIC_SCHEMA else MAX_SMALL_HEADER_BYTES
+    what = topic.rsplit(b".", 1)[-1].decode(errors="replace")[:20]
+    if len(frames[1]) > limit:
+        raise ProtocolError(f"{what} header is {len(frames[1])} bytes, over the {limit} limit")
+    if len(frames[2]) > MAX_BODY_BYTES:
+        raise ProtocolError(f"{what} body is {len(frames[2])} bytes, over the {MAX_BODY_BYTES} limit")
+    raw_header, body = _copy(frames[1]), _copy(frames[2])
     if topic == TOPIC_SAMPLE:
         return _decode_sample(_parse_header(raw_header, "sample"), body)
     if topic == TOPIC_SCHEMA:

@@ -35,16 +35,18 @@ SCALER_STEPS = 40
 
 
 def scaled_run(
-    runtime_dir: Path | None, *, user_steps: bool
+    runtime_dir: Path | None, *, user_steps: bool, init_scale: float = 1e5, every: int = 1
 ) -> tuple[list[float], dict[int, float], dict[int, bool], list[Sample], list[Alert], Any]:
     """An fp16 autocast loop with torch.amp.GradScaler whose scale grows every step, so it
     overflows and skips a step every few: unscale_, clip, scaler.step, update, as its docs
-    write it. Returns the losses, each step's unscaled pre-clip norm of the first Linear, whether
-    the scaler skipped each step, and (watched) the samples and the alerts the job raised."""
+    write it. Which steps overflow depends on the CPU's fp16 arithmetic; a scale of 1e8 makes
+    the first few overflow on any. Returns the losses, each step's unscaled pre-clip norm of the
+    first Linear, whether the scaler skipped each step, and (watched) the samples and the alerts
+    the job raised."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1e5, growth_interval=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1)
     data = torch.Generator().manual_seed(1)
     losses: list[float] = []
     norms: dict[int, float] = {}
@@ -73,21 +75,39 @@ def scaled_run(
         for i in range(SCALER_STEPS):
             body(None, i)
         return losses, norms, skipped, [], [], None
-    mon, samples = train_and_collect(model, runtime_dir, SCALER_STEPS, body, on_alert=alerts.append)
+    mon, samples = train_and_collect(
+        model, runtime_dir, SCALER_STEPS, body, on_alert=alerts.append, every=every
+    )
     return losses, norms, skipped, samples, alerts, mon
 
 
-@pytest.mark.parametrize("user_steps", [False, True], ids=["optimizer-marked", "mon.step"])
+@pytest.mark.parametrize(
+    ("user_steps", "init_scale", "every"),
+    [(False, 1e5, 1), (True, 1e5, 1), (False, 1e8, 1), (False, 1e8, 5), (True, 1e8, 5)],
+    ids=["optimizer-marked", "mon.step", "first-steps-overflow", "sparse-sampling", "sparse-mon.step"],
+)
 def test_a_loss_scalers_gradients_read_unscaled_and_its_skipped_steps_are_marked(
-    runtime_dir: Path, user_steps: bool
+    runtime_dir: Path, user_steps: bool, init_scale: float, every: int
 ) -> None:
-    bare, _, _, _, _, _ = scaled_run(None, user_steps=user_steps)
-    losses, norms, skipped, samples, alerts, mon = scaled_run(runtime_dir, user_steps=user_steps)
+    """Whatever the steps' pattern of overflows (the first steps too, before any optimizer
+    step shows the scaler) and whether or not they are sampled (between samples none of our
+    hooks runs), the step count is the loop's and each sample's figures are its own step's."""
+    run = {"user_steps": user_steps, "init_scale": init_scale}
+    # Another scaler alive in the process (an earlier job's) must not be taken for this one.
+    other = torch.amp.GradScaler("cpu")
+    other.scale(torch.ones(()))
+    bare, _, _, _, _, _ = scaled_run(None, **run)
+    losses, norms, skipped, samples, alerts, mon = scaled_run(runtime_dir, **run, every=every)
     assert losses == bare and mon.errors == 0
     assert 3 <= sum(skipped.values()) <= SCALER_STEPS - 10  # the run does skip, and does step
+    if init_scale > 1e7:
+        assert skipped[0] and skipped[1]
     # A step the scaler skips is still a step: the count is the loop's.
     assert mon.steps == SCALER_STEPS
-    assert all_sent([s.step for s in samples], mon.skipped + mon.dropped, list(range(SCALER_STEPS)))
+    if every == 1:
+        assert all_sent([s.step for s in samples], mon.skipped + mon.dropped, list(range(SCALER_STEPS)))
+    else:
+        assert len(samples) >= 3
     for s in samples:
         assert s.scalars["scaler_skipped"] == float(skipped[s.step]), s.step
         assert s.scalars["loss_scale"] is not None and s.scalars["loss_scale"] >= 1e5 / 2**8

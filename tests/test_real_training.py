@@ -33,7 +33,7 @@ import icsmon_agent
 from helpers import wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
-from icsmon_agent.protocol import STAT_INDEX, Sample
+from icsmon_agent.protocol import STAT_INDEX, Event, Sample
 from public_models import GPT, RNNModel, copy_task, resnet18
 
 HERE = Path(__file__).parent
@@ -205,17 +205,30 @@ def test_compiled_models_stream_without_graph_breaks_or_recompiles(
 def train_and_collect(
     model: nn.Module, runtime_dir: Path, steps: int, body: Any, **watch: Any
 ) -> tuple[icsmon_agent.Monitor, list[Sample]]:
-    mon = icsmon_agent.watch(model, every=1, endpoint="tcp", runtime_dir=runtime_dir, **watch)
-    store, got = Store(), []
+    """Every step sampled unless ``watch`` says otherwise; the samples heard until each step's is
+    in or counted as not sent (or, sampling fewer, until the job's closing event)."""
+    options = {"every": 1, "endpoint": "tcp", "runtime_dir": runtime_dir, **watch}
+    mon = icsmon_agent.watch(model, **options)
+    store, got, closed = Store(), [], False
+
+    def hear(timeout: float) -> None:
+        nonlocal closed
+        for m in sub.poll(timeout):
+            if store.add(m):
+                got.extend([m] if isinstance(m, Sample) else [])
+                closed |= isinstance(m, Event) and m.event == "closing"
+
     with Subscriber(mon.endpoint or "") as sub:
         assert wait_watching(mon, sub)
         for i in range(steps):
             body(mon, i)
-            got += [m for m in sub.poll(0) if store.add(m) and isinstance(m, Sample)]
+            hear(0)
         mon.close()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(got) < steps:
-            got += [m for m in sub.poll(0.05) if store.add(m) and isinstance(m, Sample)]
+        while time.monotonic() < deadline:
+            if len(got) + mon.skipped + mon.dropped >= steps or (closed and options["every"] != 1):
+                break
+            hear(0.05)
     return mon, got
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import select
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
 import zmq
 
 from helpers import json_lines
@@ -112,43 +119,138 @@ def test_sample_whose_shape_disagrees_with_the_schema_is_not_stored() -> None:
     assert run is not None and run.count == 0
 
 
-def test_one_frame_over_the_limit_costs_that_frame_not_the_connection() -> None:
-    """libzmq drops a peer that sends a frame over MAXMSGSIZE and never reconnects: before, one
-    such frame deafened `tail` to a job that went on publishing. Now the viewer connects again and
-    the samples after it arrive."""
-    import select
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
+
+@contextlib.contextmanager
+def viewer_endpoint(upstream: str, how: str, env: dict[str, str]) -> Iterator[str]:
+    """Where a viewer connects to hear ``upstream``: itself, or a relay in front of it."""
+    if how == "direct":
+        yield upstream
+        return
+    relayed = f"tcp://127.0.0.1:{free_port()}"
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "icsmon", "relay", "--bind", relayed, upstream],
+        env=env, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield relayed
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["direct", "relay"])
+def test_one_frame_over_the_limit_costs_that_frame_not_the_connection(how: str, env: dict[str, str]) -> None:
+    """libzmq drops a peer that sends a frame over MAXMSGSIZE and never reconnects: before, one
+    such frame deafened `tail` to a job that went on publishing, and through a relay every viewer
+    to every job. Now the viewer (or the relay) connects again and the samples after it arrive."""
     from icsmon.wire import MAX_MESSAGE_BYTES
 
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
-    tail = subprocess.Popen(
-        [sys.executable, "-m", "icsmon", "tail", f"tcp://127.0.0.1:{port}", "--json", "--timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert tail.stdout is not None
     oversize = [b"icsmon.v1.sample", b"{}", b"x" * (MAX_MESSAGE_BYTES + 1)]
     before: list[str] = []
     after: list[str] = []
+    with viewer_endpoint(f"tcp://127.0.0.1:{port}", how, env) as endpoint:
+        tail = subprocess.Popen(
+            [sys.executable, "-m", "icsmon", "tail", endpoint, "--json", "--timeout", "90"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        assert tail.stdout is not None
+        try:
+            seq = 1
+            deadline = time.monotonic() + 90
+            while len(after) < 3 and time.monotonic() < deadline:
+                pub.send_multipart(protocol.encode(schema()))
+                seq += 1
+                pub.send_multipart(protocol.encode(sample(seq, seq * 10)))
+                while select.select([tail.stdout], [], [], 0.1)[0]:
+                    line = tail.stdout.readline()
+                    if '"type": "sample"' not in line:
+                        continue
+                    if not before:
+                        before.append(line)
+                        pub.send_multipart(oversize)  # it is connected and reading: this frame reaches it
+                    else:
+                        after.append(line)
+        finally:
+            tail.kill()
+            tail.communicate(timeout=10)
+            ctx.destroy(linger=0)
+    assert before and len(after) == 3, "nothing arrived after the oversize frame"
+
+
+#: How long the flood lasts: at full speed, gigabytes before viewers were bounded in bytes.
+FLOOD_S = 5.0
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("topic", [b"icsmon.v1.event", b"icsmon.v1.schema"])
+def test_a_stream_of_large_frames_keeps_a_viewer_bounded_and_it_hears_the_job_after(
+    topic: bytes, env: dict[str, str]
+) -> None:
+    """Frames of 16 MB, each under the size limit, sent as fast as the socket takes them: the
+    viewer's memory stays under a fixed ceiling (its queue is bounded in bytes, a sample's or an
+    event's header is small) and once the flood stops the real stream is read again."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    header = {"v": 1, "run": "flood", "rank": 0, "seq": 1, "t": time.time(), "event": "x", "schema_id": "f"}
+    if topic.endswith(b"event"):
+        header["detail"] = {"pad": "x" * (16 * 2**20 - 300)}
+    else:  # a valid table of 50,000 long names: slow to decode, the queue fills meanwhile
+        header["layers"] = [
+            {"name": f"{i:06d}{'n' * 270}", "type": "Linear", "shape": [1, 2], "kind": "linear"}
+            for i in range(50_000)
+        ]
+    # One buffer sent again and again without a copy: the flood's own memory stays small.
+    flood_frames = [topic, zmq.Frame(json.dumps(header).encode()), b""]
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "icsmon", "tail", f"tcp://127.0.0.1:{port}", "--json", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    assert tail.stdout is not None
+    sent = 0
     try:
         seq = 1
-        deadline = time.monotonic() + 60
-        while len(after) < 3 and time.monotonic() < deadline:
-            pub.send_multipart(protocol.encode(schema()))
+        while not select.select([tail.stdout], [], [], 0.05)[0]:  # it hears the job first
             seq += 1
-            pub.send_multipart(protocol.encode(sample(seq, seq * 10)))
+            pub.send_multipart(protocol.encode(schema()))
+            pub.send_multipart(protocol.encode(sample(seq, seq)))
+        flood = time.monotonic() + FLOOD_S
+        while time.monotonic() < flood:
+            pub.send_multipart(flood_frames, copy=False)  # beyond its queue, the PUB drops
+            sent += 1
+            if sent % 64 == 0:
+                while select.select([tail.stdout], [], [], 0)[0]:
+                    tail.stdout.readline()
+        peak = peak_rss_mib(tail.pid)
+        heard = 0
+        deadline = time.monotonic() + 60
+        while heard < 3 and time.monotonic() < deadline:
+            seq += 1
+            pub.send_multipart(protocol.encode(schema()))
+            pub.send_multipart(protocol.encode(sample(seq, seq)))
             while select.select([tail.stdout], [], [], 0.1)[0]:
-                line = tail.stdout.readline()
-                if '"type": "sample"' not in line:
-                    continue
-                if not before:
-                    before.append(line)
-                    pub.send_multipart(oversize)  # it is connected and reading: this frame reaches it
-                else:
-                    after.append(line)
+                heard += '"type": "sample"' in tail.stdout.readline()
     finally:
         tail.kill()
         tail.communicate(timeout=10)
         ctx.destroy(linger=0)
-    assert before and len(after) == 3, "nothing arrived after the oversize frame"
+    assert sent >= 1000, sent  # a flood it was: far more than the viewer's queue holds
+    print(f"peak {peak:.0f} MiB after {sent} frames")
+    assert peak < 600, f"the viewer peaked at {peak:.0f} MiB after {sent} frames of 16 MB"
+    assert heard >= 3

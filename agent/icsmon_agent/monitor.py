@@ -39,7 +39,7 @@ from .guard import LossGuard
 from .layers import Selector, candidate_modules
 from .outlet import Identity, Outlet, Record
 from .sample import Early, Grads, Pending, Sampler, when_backward_ends
-from .scaler import ScalerWatch
+from .scaler import ScalerWatch, fp16_autocast
 from .steps import StepMarks
 from .updates import local
 
@@ -107,7 +107,7 @@ class Monitor:
         self._atexit: Any = None
         self._actions = Actions.from_environment(quiet=quiet, on_alert=on_alert, stop_on=stop_on)
         self._guard = LossGuard()
-        self._scaler = ScalerWatch()  # the job's loss scaler, once its step is seen
+        self._scaler = ScalerWatch()  # the job's loss scaler, once seen
         self._scale_version: int | None = None  # its update() count at the last training forward
         self._applied: torch.Tensor | None = None  # the gradient the optimizer got (rules: clipped to 0)
         self._step_loss = False  # this step's loss was given to step() (a model's own is the fallback)
@@ -242,7 +242,10 @@ class Monitor:
         if self._closed:
             return
         last_step = self._marks.by_forwards and self._marks.forwards
-        if (last_step or self._scaler_skipped()) and not self._paused:
+        skipped = self._scaler_skipped()
+        if self._marks.source == "optimizer":  # the last steps skipped by the scaler, unhooked
+            self._step += max(0, self._scaler.steps_unseen(self._step) - skipped)
+        if (last_step or skipped) and not self._paused:
             with contextlib.suppress(Exception):
                 self._boundary({}, defer=False)  # the last forward was a step: it is sent too
         if self._capture.has_held and not self._samples:
@@ -376,6 +379,8 @@ class Monitor:
             return
         self._eval_forward = False
         if self._capture.building:
+            if fp16_autocast(self.model):
+                self._scaler.search_heap()
             self._scaler.look(sys._getframe(1))
         if self._scaler_skipped():
             self._boundary({}, defer=False)
@@ -506,6 +511,8 @@ class Monitor:
             if owns and self._capture.armed and self._sampler is not None and self._applied is None:
                 self._applied = self._sampler.applied_norm()
             if self._marks.optimizer_step(optimizer):
+                # Steps the scaler skipped while nothing of ours was hooked: counted, unsampled.
+                self._step += self._scaler.steps_unseen(self._step)
                 if self._marks.new_leader and self._outlet is not None:  # viewers' hints name it
                     self._outlet.event("optimizer", self._step, self.errors, type=self._marks.new_leader)
                     self._marks.new_leader = ""

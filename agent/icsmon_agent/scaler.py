@@ -6,13 +6,17 @@ gradient. The scaler's current scale, on its device, divides the norms without a
 whose scaled gradients overflowed is one the scaler skips on purpose: its norms are marked absent
 and the sample says ``scaler_skipped``, so no rule takes the scaler's working for a fault.
 
-The scaler is found without touching it, on the stack: the ``self`` of ``GradScaler.step`` when its
-``optimizer.step()`` reaches our optimizer hook (and on Python 3.13+, a local variable of the loop
-that runs the first training forward). Until a first unskipped step has shown it, the norms are raw.
+The scaler is found without touching it. Under fp16 autocast, at the first training forward, among
+the live ``GradScaler`` objects (one walk of the garbage collector's objects, once a run): the one
+enabled, or the one of several whose scale the step then creates or updates. Otherwise on the stack:
+the ``self`` of ``GradScaler.step`` when its ``optimizer.step()`` reaches our optimizer hook (and on
+Python 3.13+, a local variable of the loop). Why the heap first: a scaler whose first steps all
+overflow never calls ``optimizer.step()``, and those steps would go unseen.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import weakref
 from types import FrameType
@@ -35,6 +39,31 @@ def _scaler_class() -> type | None:
         return None
 
 
+def _subclasses(cls: type) -> list[type]:
+    found, subs = [cls], list[type](type.__subclasses__(cls))
+    for sub in subs:
+        found += _subclasses(sub)
+    return found
+
+
+def fp16_autocast(model: torch.nn.Module) -> bool:
+    """Whether an fp16 autocast region is open now for the model's device (a loss scaler's need)."""
+    first = next(model.parameters(), None)
+    for kind in dict.fromkeys((first.device.type if first is not None else "cpu", "cuda", "cpu")):
+        try:
+            if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.float16:
+                return True
+        except Exception:  # a device type this torch does not know
+            continue
+    return False
+
+
+def _state(scaler: Any) -> int | None:
+    """A scaler's scale tensor's version counter; None before its first ``scale()`` creates it."""
+    scale = getattr(scaler, "_scale", None)
+    return scale._version if isinstance(scale, torch.Tensor) else None
+
+
 class ScalerWatch:
     """The job's loss scaler once seen, and its scale as a device tensor."""
 
@@ -42,6 +71,42 @@ class ScalerWatch:
         self._scaler: weakref.ref[Any] | None = None
         self._searches = 0
         self._class = _scaler_class()
+        self._heap_searched = False
+        # Live enabled scalers when several were: each with its state then (which one the job uses
+        # shows when its state moves).
+        self._candidates: list[tuple[weakref.ref[Any], int | None]] = []
+        # (version, step) at a point where the scaler's update count and the step count agreed:
+        # each step ends with one update(), skipped or not.
+        self._base: tuple[int, int] | None = None
+
+    def search_heap(self) -> None:
+        """Once a run, under fp16 autocast at the first training forward (step 0): the enabled
+        ``GradScaler`` objects alive now."""
+        if self.found or self._class is None or self._heap_searched:
+            return
+        self._heap_searched = True
+        classes = _subclasses(self._class)
+        scalers = [
+            o
+            for o in gc.get_referrers(*classes)  # instances refer to their class
+            if type(o) in classes and getattr(o, "_enabled", False)
+        ]
+        self._base = (_state(scalers[0]) or 0, 0) if len(scalers) == 1 else None
+        if len(scalers) == 1:
+            self._scaler = weakref.ref(scalers[0])
+        else:
+            self._candidates = [(weakref.ref(o), _state(o)) for o in scalers]
+
+    def resolve(self) -> None:
+        """Choose among several candidates the one whose scale was created or updated since."""
+        if self.found or not self._candidates:
+            return
+        moved = [ref for ref, state in self._candidates if (o := ref()) is not None and _state(o) != state]
+        if len(moved) == 1:
+            before = next(state for ref, state in self._candidates if ref is moved[0])
+            self._scaler, self._candidates, self._base = moved[0], [], (before or 0, 0)
+        elif moved:  # several moved at once: watch those only
+            self._candidates = [(ref, _state(ref())) for ref in moved]
 
     @property
     def found(self) -> bool:
@@ -49,6 +114,7 @@ class ScalerWatch:
 
     def look(self, frame: FrameType | None = None) -> None:
         """Find a scaler among the locals of ``frame`` and the frames above it."""
+        self.resolve()
         if self.found or self._class is None or self._searches >= SEARCH_STEPS:
             return
         self._searches += 1
@@ -58,7 +124,7 @@ class ScalerWatch:
                 return
             found = self._in(frame)
             if found is not None:
-                self._scaler = weakref.ref(found)
+                self._scaler, self._candidates = weakref.ref(found), []
                 return
             frame = frame.f_back
 
@@ -78,6 +144,7 @@ class ScalerWatch:
     def scale(self) -> torch.Tensor | None:
         """The scale the current gradients carry (a copy: ``update()`` changes it in place), or None
         when no scaler is known or it is disabled (bf16, fp32: a scale of one)."""
+        self.resolve()
         scaler = self._scaler() if self._scaler is not None else None
         if scaler is None or not getattr(scaler, "_enabled", False):
             return None
@@ -87,10 +154,28 @@ class ScalerWatch:
         return scale.detach().reshape(-1)[:1].clone()
 
     def version(self) -> int | None:
-        """A counter that moves each time the scaler's ``update()`` runs (once a step, skipped or not)."""
+        """A counter that moves each time the scaler's ``update()`` runs (once a step, skipped or
+        not); 0 before its first ``scale()`` (which creates the scale at 0), None with no scaler."""
+        self.resolve()
         scaler = self._scaler() if self._scaler is not None else None
-        scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        return scale._version if isinstance(scale, torch.Tensor) else None
+        if scaler is None:  # several candidates: the one chosen will read as moved from 0
+            return 0 if self._candidates else None
+        return _state(scaler) or 0
+
+    def steps_unseen(self, step: int) -> int:
+        """At the optimizer step that ends ``step``, before its ``update()``: how many steps ended
+        since the last one without our hooks seeing them (skipped by the scaler while unsampled)."""
+        version = self.version()
+        if version is None:
+            return 0
+        if self._base is None:
+            self._base = (version, step)
+            return 0
+        expected = self._base[1] + version - self._base[0]
+        if expected <= step:  # steps were counted otherwise (forwards before the first optimizer step)
+            self._base = (version, step)
+            return 0
+        return expected - step
 
 
 def unscaled(norms: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

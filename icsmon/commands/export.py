@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import sys
 from collections.abc import Iterator
@@ -82,20 +83,43 @@ def write_csv(out: TextIO, table: Iterator[list[Any]]) -> int:
     return n
 
 
+#: Rows held in memory before they are written out as one Parquet row group.
+ROW_GROUP = 65_536
+
+
+def write_parquet(path: str, table: Iterator[list[Any]], pa: Any, pq: Any, group: int = ROW_GROUP) -> int:
+    """Stream the rows into ``path`` one row group at a time: memory holds one group, not the file."""
+    types = [pa.string(), pa.int64(), pa.int64(), pa.float64(), pa.float64(), pa.string(), pa.string()]
+    schema = pa.schema([*zip(COLUMNS, types + [pa.float32()] * len(STATS), strict=True)])
+    n = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        while True:
+            batch = list(itertools.islice(table, group))
+            if not batch:
+                break
+            columns = [
+                pa.array([r[i] for r in batch], type=schema.field(i).type) for i in range(len(COLUMNS))
+            ]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            n += len(batch)
+    return n
+
+
 def run(args: argparse.Namespace) -> int:
     decoding = Decoding()
     table = rows(args.files, decoding)
     if args.parquet:
         try:
-            import pyarrow as pa  # type: ignore[import-not-found,unused-ignore]
-            import pyarrow.parquet as pq  # type: ignore[import-not-found,unused-ignore]
+            import pyarrow as pa  # type: ignore[import-not-found,import-untyped,unused-ignore]
+            import pyarrow.parquet as pq  # type: ignore[import-not-found,import-untyped,unused-ignore]
         except ImportError:
             return error("--parquet needs pyarrow (`pip install pyarrow`); --csv needs nothing")
         if not args.output:
             return error("--parquet writes a file: give it with -o OUT")
-        data = list(table)
-        pq.write_table(pa.table({c: [r[i] for r in data] for i, c in enumerate(COLUMNS)}), args.output)
-        n = len(data)
+        try:
+            n = write_parquet(args.output, table, pa, pq)
+        except OSError as exc:
+            return error(f"cannot write {args.output}: {exc.strerror or exc}")
     elif args.output:
         try:
             with open(args.output, "w", newline="") as out:

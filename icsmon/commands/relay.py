@@ -20,10 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from icsmon.commands.common import error, note
-from icsmon.subscriber import SERVER_KEYS, remember_key
+from icsmon.subscriber import RCVHWM, SERVER_KEYS, remember_key
 from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
+from icsmon.wire import MAX_MESSAGE_BYTES
 from icsmon_agent import discovery
 
 #: Private like a job's own socket; a TCP bind is asked for, and warned about.
@@ -82,6 +84,9 @@ class Relay:
         self.back.setsockopt(zmq.XPUB_VERBOSE, 1)  # each new viewer's subscription reaches the agents
         self.back.setsockopt(zmq.LINGER, 0)
         self.front.setsockopt(zmq.LINGER, 0)
+        # As a viewer's: nothing over the limit is passed on, and what waits is bounded in bytes.
+        self.front.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.front.setsockopt(zmq.RCVHWM, RCVHWM)
         self.back.bind(bind)
         self.endpoint = self.back.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sources = sources
@@ -94,17 +99,41 @@ class Relay:
         self._steer.connect(CONTROL)
         self._stop = threading.Event()
         self._wanted: set[str] = set()
+        self._dropped: set[str] = set()  # upstreams libzmq dropped (an oversize frame): connect again
         self._lock = threading.Lock()
+        # libzmq drops a peer that sends a frame over MAXMSGSIZE and never connects to it again:
+        # one such upstream would go silent for good (see subscriber.Rejoin).
+        self.front.monitor("inproc://icsmon-relay-monitor", zmq.EVENT_DISCONNECTED)
+        self._monitor = self.ctx.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.connect("inproc://icsmon-relay-monitor")
+
+    def _disconnected(self) -> set[str]:
+        dropped: set[str] = set()
+        while self._monitor.poll(0):
+            endpoint = recv_monitor_message(self._monitor).get("endpoint", b"")
+            dropped.add(endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint))
+        return dropped
 
     def _watch(self) -> None:
-        """Thread: list the sources again; when they changed, stop the proxy so it reconnects."""
+        """Thread: list the sources again; when they changed, or libzmq dropped one, stop the proxy
+        so that it reconnects."""
         while not self._stop.wait(RELIST_S):
             wanted = self.sources() | self.static
+            dropped = self._disconnected()
             with self._lock:
-                changed = wanted != self.connected
+                changed = wanted != self.connected or bool(dropped & wanted)
                 self._wanted = wanted
+                self._dropped |= dropped & wanted
             if changed:
                 self._steer.send(b"TERMINATE")
+
+    def _rejoin(self, dropped: set[str]) -> None:
+        for endpoint in sorted(dropped & self.connected):
+            with contextlib.suppress(zmq.ZMQError):
+                self.front.disconnect(endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                self.front.connect(endpoint)
 
     def _reconnect(self, wanted: set[str]) -> None:
         keyed = {e for e in wanted - self.connected if e in SERVER_KEYS}
@@ -131,12 +160,15 @@ class Relay:
             while True:
                 zmq.proxy_steerable(self.front, self.back, None, self._control)
                 with self._lock:
-                    wanted = set(self._wanted)
+                    wanted, dropped, self._dropped = set(self._wanted), self._dropped, set()
                 self._reconnect(wanted)
+                self._rejoin(dropped)
         finally:
             self._stop.set()
             watcher.join(timeout=RELIST_S + 1)
-            for sock in (self.front, self.back, self._control, self._steer):
+            with contextlib.suppress(zmq.ZMQError):
+                self.front.disable_monitor()
+            for sock in (self.front, self.back, self._control, self._steer, self._monitor):
                 sock.close(linger=0)
             self.ctx.term()
 

@@ -133,6 +133,7 @@ class TailListener(FeedEvents):
         self.where = where
         self.start = time.monotonic()
         self.warned = False
+        self.said = ""  # the feed's last error, once said
         self.done = False  # count reached
 
     def sample(self, sample: Sample, run: RunState) -> None:
@@ -169,6 +170,9 @@ class TailListener(FeedEvents):
             note(f"the job's process (pid {pid}) is gone: it died without closing")
 
     def tick(self) -> None:
+        if self.feed.error and self.feed.error != self.said:  # e.g. an encrypted job and no key
+            note(self.feed.error)
+            self.said = self.feed.error
         if not self.warned and self.printer.samples == 0 and time.monotonic() - self.start > WAIT_NOTE_S:
             note(f"no sample from {self.where} yet; waiting (Ctrl-C to stop)")
             self.warned = True

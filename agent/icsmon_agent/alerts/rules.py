@@ -15,6 +15,7 @@ layer whose input has already vanished is ``vanishing``, not ``dead_relu``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -100,6 +101,22 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+def _kind_is(w: Window, kinds: frozenset[str] | str) -> npt.NDArray[np.bool_]:
+    """Which layers are of these kinds, as a mask (the rules run on every layer at once)."""
+    wanted = frozenset([kinds]) if isinstance(kinds, str) else kinds
+    return np.fromiter((k in wanted for k in w.kinds), dtype=bool, count=len(w.kinds))
+
+
+def _above(values: FloatArray, warning: float, critical: float) -> list[tuple[int, Severity, float]]:
+    """The layers whose finite value is at least ``warning``: (layer, severity, value)."""
+    with np.errstate(invalid="ignore"):
+        hit = np.flatnonzero(np.isfinite(values) & (values >= warning))
+    return [
+        (i, "critical" if v >= critical else "warning", v)
+        for i, v in zip(hit.tolist(), values[hit].tolist(), strict=True)
+    ]
+
+
 def _column_reduce(a: FloatArray, reduce: Callable[..., Any]) -> FloatArray:
     """Column-wise ``reduce`` over finite values; NaN for a column with none (without a warning)."""
     out = np.full(a.shape[1] if a.ndim == 2 else 0, np.nan)
@@ -126,27 +143,27 @@ def _nanmax(a: FloatArray) -> FloatArray:
 def nonfinite(w: Window, t: Thresholds) -> Finding | None:
     """Any NaN/Inf in a layer's output (or a non-finite std), named at the first layer in depth order."""
     count, std = w.now("nonfinite"), w.now("std")
-    hits = []
-    for i in range(len(w.names)):
-        if count[i] > 0:
-            hits.append(_Hit(i, "critical", "nonfinite", float(count[i])))
-        elif np.isinf(std[i]):
-            hits.append(_Hit(i, "critical", "std", float(std[i])))
+    with np.errstate(invalid="ignore"):
+        counted = count > 0
+    hits = [
+        _Hit(i, "critical", "nonfinite", float(count[i]))
+        if counted[i]
+        else _Hit(i, "critical", "std", float(std[i]))
+        for i in np.flatnonzero(counted | np.isinf(std)).tolist()
+    ]
     return _finding(hits)
 
 
 def dead_layers(w: Window, t: Thresholds) -> list[_Hit]:
     dead, std = w.now("dead_frac"), w.now("std")
-    hits = []
-    for i, kind in enumerate(w.kinds):
-        if kind != "relu" or not dead[i] >= t.dead_frac:
-            continue
+    with np.errstate(invalid="ignore"):
         # The input of a ReLU is (almost always) the layer just before it. Vanished input: not dead.
-        if i > 0 and not std[i - 1] >= t.vanish_std:
-            continue
-        severity: Severity = "critical" if dead[i] >= t.dead_frac_critical else "warning"
-        hits.append(_Hit(i, severity, "dead_frac", float(dead[i])))
-    return hits
+        input_alive = np.concatenate(([True], std[:-1] >= t.vanish_std))
+        found = _kind_is(w, "relu") & (dead >= t.dead_frac) & input_alive
+    return [
+        _Hit(i, "critical" if d >= t.dead_frac_critical else "warning", "dead_frac", d)
+        for i, d in zip(np.flatnonzero(found).tolist(), dead[found].tolist(), strict=True)
+    ]
 
 
 def dead_relu(w: Window, t: Thresholds) -> Finding | None:
@@ -167,36 +184,40 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
     dead = [h for h in dead_layers(w, t) if h.severity == "critical"]
     first_dead = dead[0].layer if dead else None
     peak = _nanmax(w.past("std", t.window))
-    hits = []
-    # The largest std on this layer's input path: the layers since the last norm layer (which
-    # starts a new scale; comparing across it, with un-normalised residual streams and sibling
-    # branches, named a healthy head "vanishing" after every explosion).
-    running_max = 0.0
-    ratio_hits: list[_Hit] = []
-    for i in range(len(w.names)):
-        s = float(std[i])
-        # Exactly constant (std 0, min = max): by design, as a zero-init residual BatchNorm (gamma
-        # 0) or a constant embedding, not a collapse; a collapse passes through tiny stds first.
-        constant = s == 0 and float(lo[i]) == float(hi[i])
-        if _finite(s) and not constant:
-            explained = first_dead is not None and i >= first_dead
-            reference = max(running_max, float(peak[i]) if _finite(float(peak[i])) else 0.0)
-            if not explained:
-                if s < t.vanish_std_critical:
-                    hits.append(_Hit(i, "critical", "std", s))
-                elif s < t.vanish_std:
-                    hits.append(_Hit(i, "warning", "std", s))
-                elif reference > 0 and s < t.vanish_ratio * reference and w.kinds[i] != "norm":
-                    # (A norm layer's output std is its learned gain: small by choice, not collapse.)
-                    ratio_hits.append(
-                        _Hit(i, "warning", "std", s, f"{reference / max(s, 1e-300):.2g}x below")
-                    )
-            running_max = s if w.kinds[i] == "norm" else max(running_max, s)
-        g = float(grad[i])
+    hits: list[_Hit] = []
+    # A layer's reference: the largest std on its input path, the layers since the last norm layer
+    # (which starts a new scale; comparing across it, with un-normalised residual streams and
+    # sibling branches, named a healthy head "vanishing" after every explosion), or its own peak.
+    # Exactly constant (std 0, min = max) is by design, as a zero-init residual BatchNorm (gamma
+    # 0) or a constant embedding, not a collapse; a collapse passes through tiny stds first.
+    judged = np.isfinite(std) & ~((std == 0) & (lo == hi))
+    reference = np.maximum(
+        _path_max_before(std, judged & _kind_is(w, "norm"), judged), np.where(np.isfinite(peak), peak, 0.0)
+    )
+    if first_dead is not None:
+        judged[first_dead:] = False  # a dead layer explains what follows it
+    with np.errstate(invalid="ignore", divide="ignore"):
+        critical = judged & (std < t.vanish_std_critical)
+        warning = judged & ~critical & (std < t.vanish_std)
+        # (A norm layer's output std is its learned gain: small by choice, not collapse.)
+        below = judged & ~critical & ~warning & (reference > 0) & (std < t.vanish_ratio * reference)
+        below &= ~_kind_is(w, "norm")
         # A dead layer anywhere blocks the gradient of every layer before it: dead_relu says so.
-        # A top-1 router gets none by design (its one weight renormalises to 1).
-        if first_dead is None and _finite(g) and g < t.vanish_grad and not is_router(w, i):
-            hits.append(_Hit(i, "warning", "grad_norm", g))
+        faint = (
+            (np.isfinite(grad) & (grad < t.vanish_grad)) if first_dead is None else np.zeros(len(std), bool)
+        )
+    for i in np.flatnonzero(critical | warning).tolist():
+        hits.append(_Hit(i, "critical" if critical[i] else "warning", "std", float(std[i])))
+    ratio_hits = [
+        _Hit(i, "warning", "std", float(std[i]), f"{reference[i] / max(float(std[i]), 1e-300):.2g}x below")
+        for i in np.flatnonzero(below).tolist()
+    ]
+    # A top-1 router gets no gradient by design (its one weight renormalises to 1).
+    hits += [
+        _Hit(i, "warning", "grad_norm", float(grad[i]))
+        for i in np.flatnonzero(faint).tolist()
+        if not is_router(w, i)
+    ]
     # No weight moved at all (every layer's update ratio exactly 0): the optimizer applied nothing.
     # (Not while a gradient is non-finite: a loss scaler skips those steps on purpose.)
     update = w.now("update_ratio")
@@ -212,6 +233,20 @@ def vanishing(w: Window, t: Thresholds) -> Finding | None:
         hits += ratio_hits
     # Name where the activations collapse when they do: gradients vanish upstream of it as a result.
     return _finding(hits, prefer="std")
+
+
+def _path_max_before(
+    std: FloatArray, starts: npt.NDArray[np.bool_], judged: npt.NDArray[np.bool_]
+) -> FloatArray:
+    """Each layer's largest judged std among the layers before it back to the last norm layer
+    (that one's included: it sets the new scale); 0 with none."""
+    values = np.where(judged, std, 0.0)
+    running = np.empty_like(values)
+    bounds = [0, *np.flatnonzero(starts).tolist(), len(values)]
+    for a, b in itertools.pairwise(bounds):
+        if b > a:
+            running[a:b] = np.maximum.accumulate(values[a:b])
+    return np.concatenate(([0.0], running))[: len(values)]
 
 
 def is_router(w: Window, i: int) -> bool:
@@ -257,18 +292,18 @@ def _jump(w: Window, t: Thresholds, stat: str) -> list[_Hit]:
     if w.early is not None:
         early = w.early[:, STAT_INDEX[stat]]
         level = np.where(np.isfinite(early) & (early > level), early, level)
-    hits = []
-    for i in range(len(w.names)):
-        v, m = float(now[i]), float(level[i])
-        if not (_finite(v) and _finite(m)) or m <= 0 or v < t.explode_jump_floor:
-            continue
-        ratio = v / m
-        if ratio < t.explode_jump or (before.size and not (before[:, i] >= t.explode_jump * m).all()):
-            continue
-        if ratio >= t.explode_jump:
-            severity: Severity = "critical" if ratio >= t.explode_jump_critical else "warning"
-            hits.append(_Hit(i, severity, stat, v, f"{ratio:.3g}x its median"))
-    return hits
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = now / level
+        found = np.isfinite(now) & np.isfinite(level) & (level > 0) & (now >= t.explode_jump_floor)
+        found &= ratio >= t.explode_jump
+        if before.size:
+            found &= (before >= t.explode_jump * level).all(axis=0)
+    return [
+        _Hit(i, "critical" if r >= t.explode_jump_critical else "warning", stat, v, f"{r:.3g}x its median")
+        for i, v, r in zip(
+            np.flatnonzero(found).tolist(), now[found].tolist(), ratio[found].tolist(), strict=True
+        )
+    ]
 
 
 def exploding(w: Window, t: Thresholds) -> Finding | None:
@@ -277,12 +312,8 @@ def exploding(w: Window, t: Thresholds) -> Finding | None:
     The jump half is what catches a diverging run while its loss is still finite: each step
     multiplies the scale, so the last finite samples are orders of magnitude above their median.
     """
-    std = w.now("std")
-    hits = []
-    for i in range(len(w.names)):
-        s = float(std[i])
-        if _finite(s) and s >= t.explode_std:
-            hits.append(_Hit(i, "critical" if s >= t.explode_std_critical else "warning", "std", s))
+    above = _above(w.now("std"), t.explode_std, t.explode_std_critical)
+    hits = [_Hit(i, severity, "std", v) for i, severity, v in above]
     hits += _jump(w, t, "std")
     hits += _jump(w, t, "grad_norm")
     return _finding(hits)
@@ -290,13 +321,8 @@ def exploding(w: Window, t: Thresholds) -> Finding | None:
 
 def saturation(w: Window, t: Thresholds) -> Finding | None:
     """tanh/sigmoid outputs pinned near their limits (``sat_frac``; absent for other layers)."""
-    sat = w.now("sat_frac")
-    hits = []
-    for i in range(len(w.names)):
-        v = float(sat[i])
-        if _finite(v) and v >= t.saturation:
-            hits.append(_Hit(i, "critical" if v >= t.saturation_critical else "warning", "sat_frac", v))
-    return _finding(hits)
+    above = _above(w.now("sat_frac"), t.saturation, t.saturation_critical)
+    return _finding([_Hit(i, severity, "sat_frac", v) for i, severity, v in above])
 
 
 def shift(w: Window, t: Thresholds) -> Finding | None:
@@ -308,18 +334,19 @@ def shift(w: Window, t: Thresholds) -> Finding | None:
     if enough is None or not enough.any():
         return None
     level = _nanmedian(hist)
-    hits = []
-    last = len(w.kinds) - 1  # the output (logits): it is meant to move as the model learns
-    for i, kind in enumerate(w.kinds):
-        if kind in ACTIVATION_KINDS or not enough[i] or i == last:
-            continue
-        v, m = float(now[i]), float(level[i])
-        if not (_finite(v) and _finite(m)) or v < t.shift_min:
-            continue
-        ratio = v / max(m, 1e-12)
-        if ratio >= t.shift_factor:
-            severity: Severity = "critical" if ratio >= 10 * t.shift_factor else "warning"
-            hits.append(_Hit(i, severity, "shift", v, f"{ratio:.3g}x its median"))
+    judged = enough & ~_kind_is(w, ACTIVATION_KINDS)
+    judged[-1] = False  # the output (logits): it is meant to move as the model learns
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = now / np.maximum(level, 1e-12)
+        found = (
+            judged & np.isfinite(now) & np.isfinite(level) & (now >= t.shift_min) & (ratio >= t.shift_factor)
+        )
+    hits = [
+        _Hit(i, "critical" if r >= 10 * t.shift_factor else "warning", "shift", v, f"{r:.3g}x its median")
+        for i, v, r in zip(
+            np.flatnonzero(found).tolist(), now[found].tolist(), ratio[found].tolist(), strict=True
+        )
+    ]
     return _finding(hits)
 
 
