@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is not a dependency of the package: the training process brings its own.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup system-deps demo test lint pytest bench clean
+.PHONY: setup system-deps demo test check lint pytest bench clean
 
 # Two distributions: the agent (agent/, what a training job installs) and the viewer, which
 # depends on it. The agent's editable install compiles its C kernel in place: rebuild when it changes.
@@ -46,6 +46,10 @@ pytest: setup system-deps
 	$(PY) -m pytest -n auto --dist loadfile
 
 test: lint pytest
+
+# The quick loop while changing the code: lint and the tests not marked slow.
+check: lint
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow" -q
 
 bench: setup
 	$(PY) benchmarks/overhead.py

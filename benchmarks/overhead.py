@@ -54,7 +54,7 @@ from torch import nn
 
 # Imported after torch so a missing package shows as an ImportError here, not deep in a variant.
 import icsmon_agent
-from icsmon_agent import figures
+from icsmon_agent import kernel
 
 TARGETS = {"default+viewer": 1.01, "default, no viewer": 1.01, "every+viewer": 1.10}
 ROUND_GAP_S = 0.05
@@ -309,9 +309,10 @@ def run_model(key: str, args: argparse.Namespace, device: torch.device, tensorbo
     )
     if device.type == "cpu":
         # The agent's figures cost three times as much without its C kernel: say which one ran.
-        kernel = figures.kernel_available()
+        kernel_built = kernel.available()
         print(
-            "CPU reductions: " + ("one-pass C kernel" if kernel else "torch ops (the C kernel is not built)")
+            "CPU reductions: "
+            + ("one-pass C kernel" if kernel_built else "torch ops (the C kernel is not built)")
         )
     x, y = spec.batch(device)
     with variants(spec, device, every, args.viewer, tensorboard, args.only_every) as vs:

@@ -216,7 +216,8 @@ def bench_tail(n_layers: int, rate: float, seconds: float, ranks: int = 1) -> Re
 
 
 def bench_app(n_layers: int, rate: float, seconds: float, ranks: int = 1, idle: float = 0.0) -> Result:
-    from icsmon.feed import Feed, default_engine_factory
+    from icsmon.alerts.config import default_engine_factory
+    from icsmon.feed import Feed
     from icsmon.tui.app import IcsmonApp
 
     res = Result("app (headless)", n_layers, rate, seconds, ranks=ranks)

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from icsmon.feed import Feed, default_engine_factory
+from icsmon.alerts.config import default_engine_factory
+from icsmon.feed import Feed
 from icsmon.targets import resolve_local
 from icsmon.tui.app import IcsmonApp
 

@@ -12,22 +12,18 @@ how the app re-attaches to a restarted job and re-opens an SSH forward.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import zmq
-import zmq.asyncio
-
+from icsmon.alerts.config import EngineFactory
 from icsmon.alerts.ranks import RankCheck
+from icsmon.errors import TargetError
 from icsmon.render import run_label
 from icsmon.store import RunKey, RunState, Store
-from icsmon.subscriber import Decoding, Rejoin, sub_socket
-from icsmon.targets import TargetError
+from icsmon.subscriber import AsyncSubscriber
 from icsmon_agent.alerts.engine import AlertEngine
 from icsmon_agent.alerts.model import ALERT_TYPES, Alert, AlertChange, change_from_json
 from icsmon_agent.discovery import pid_alive
@@ -37,25 +33,13 @@ from icsmon_agent.protocol import Event, Message, Sample, Schema
 LOST_AFTER_S = 30.0
 #: How often the pids of local jobs are checked (a remote pid means nothing here).
 PID_CHECK_S = 1.0
-#: Messages handled before yielding to the event loop, so a flood never freezes the screen.
-BATCH = 256
 POLL_S = 0.2
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 2.0  # "attaches as soon as one starts": looking costs a directory read
 CHANGES_KEPT = 1000
 
-EngineFactory = Callable[[], Any]
 #: What ``connect()`` returns: one endpoint, or several that one SUB socket follows at once.
 Sources = str | Sequence[str]
-
-
-def default_engine_factory(thresholds: Any = None) -> EngineFactory | None:
-    """A factory of the alert engine with these thresholds."""
-
-    def make() -> Any:
-        return AlertEngine(thresholds)
-
-    return make
 
 
 class FeedEvents:
@@ -78,54 +62,6 @@ class FeedEvents:
 
     def tick(self) -> None:
         """Once per loop turn, data or not (for time-outs and "still waiting" notes)."""
-
-
-class AsyncSubscriber(Decoding):
-    """A SUB socket on the running event loop, on one or several endpoints; never raises on bad input."""
-
-    def __init__(self, endpoints: Sequence[str]) -> None:
-        super().__init__()
-        self.endpoints = list(endpoints)
-        self._ctx = zmq.asyncio.Context()
-        try:
-            self._sock: zmq.asyncio.Socket = sub_socket(self._ctx, self.endpoints)
-        except BaseException:
-            self._ctx.term()
-            raise
-        self._rejoin = Rejoin(self._sock)
-        # What is queued is taken without asyncio futures: a future's result lives in a reference
-        # cycle until the garbage collector runs, and a flood of large frames piled up meanwhile.
-        self._reader: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
-
-    async def poll(self, timeout_s: float, limit: int = BATCH) -> list[Message]:
-        """Wait up to ``timeout_s`` for a message, then take what is queued (at most ``limit``)."""
-        out: list[Message] = []
-        self._rejoin.check()  # a peer dropped for an oversize frame is connected again
-        if not await self._sock.poll(int(timeout_s * 1000)):
-            return out
-        self.drained = 0
-        for _ in range(limit):
-            try:
-                frames = self._reader.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            msg = self._decode(frames)
-            if msg is not None:
-                out.append(msg)
-            if self.full():
-                break
-        return out
-
-    @property
-    def refusal(self) -> str:
-        return self._rejoin.refusal
-
-    def close(self) -> None:
-        self._rejoin.close()
-        with contextlib.suppress(Exception):
-            self._sock.close(linger=0)
-        with contextlib.suppress(Exception):
-            self._ctx.term()
 
 
 def as_endpoints(sources: Sources) -> list[str]:
@@ -151,7 +87,7 @@ class Feed:
         self.connect = connect
         self.store = store if store is not None else Store()
         self.engine_factory = engine_factory
-        self.engines: dict[RunKey, Any] = {}
+        self.engines: dict[RunKey, AlertEngine] = {}
         self.rank_checks: dict[str, RankCheck] = {}
         self.lost_after = lost_after
         self.check_pids = check_pids
@@ -180,6 +116,17 @@ class Feed:
         self._host = socket.gethostname()
         self._due: set[RunKey] = set()
         self.stopped = False  # stop() was called: run() returns at its next turn
+
+    def reset(self) -> None:
+        """Forget every stream heard and its rules' state: the one way to start over (a new choice
+        of jobs, a replay seeking back)."""
+        self.store.runs.clear()
+        self.engines.clear()
+        self.rank_checks.clear()
+        self.lost.clear()
+        self.died.clear()
+        self.changes.clear()
+        self.version += 1
 
     @property
     def banner(self) -> str:
@@ -282,7 +229,7 @@ class Feed:
         if self._engine(key).take(change):
             self._publish(key, [change])
 
-    def _engine(self, key: RunKey) -> Any:
+    def _engine(self, key: RunKey) -> AlertEngine:
         """The stream's alert engine (one holds a job's own alerts even where no rules run here)."""
         engine = self.engines.get(key)
         if engine is None:

@@ -139,12 +139,7 @@ class ReplayFeed(Feed):
         playing the recording again from its start (stores and rules are rebuilt)."""
         position = max(0, min(position, len(self.recorded)))
         if position < self.position:
-            self.store.runs.clear()
-            self.engines.clear()
-            self.rank_checks.clear()
-            self.lost.clear()
-            self.died.clear()
-            self.changes.clear()
+            self.reset()
             self.position = 0
         while self.position < position:
             self.ingest(self.recorded[self.position][1], rules=False)

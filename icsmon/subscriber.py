@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import zmq
+import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from icsmon.errors import TargetError
@@ -25,6 +26,8 @@ QUEUE_BYTES = 256 * 2**20
 RCVHWM = max(8, QUEUE_BYTES // MAX_MESSAGE_BYTES)
 #: What one poll takes off the socket before it hands over what it decoded.
 DRAIN_BYTES = 64 * 2**20
+#: Messages the app handles before yielding to its event loop, so a flood never freezes the screen.
+BATCH = 256
 
 
 class Decoding:
@@ -36,9 +39,22 @@ class Decoding:
         self.last_error = ""
         self.drained = 0  # bytes taken by the current poll
 
-    def full(self) -> bool:
-        """Whether this poll has taken its share of bytes (the rest waits for the next)."""
-        return self.drained >= DRAIN_BYTES
+    def take(self, sock: zmq.Socket[bytes], limit: int) -> list[Message]:
+        """What is queued on ``sock`` now, decoded: at most ``limit`` messages and about
+        :data:`DRAIN_BYTES` (the rest waits for the next call), without a copy until a frame fits."""
+        out: list[Message] = []
+        self.drained = 0
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            msg = self._decode(frames)
+            if msg is not None:
+                out.append(msg)
+            if self.drained >= DRAIN_BYTES:
+                break
+        return out
 
     def _decode(self, frames: Frames) -> Message | None:
         """Frames as received (without a copy: a frame too large is rejected before it is copied)."""
@@ -195,21 +211,7 @@ class Subscriber(Decoding):
         self._rejoin.check()  # a peer dropped for an oversize frame is connected again
         if not self._sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return out
-        self.drained = 0
-        for frames in self._drain(limit):
-            msg = self._decode(frames)
-            if msg is not None:
-                out.append(msg)
-            if self.full():
-                break
-        return out
-
-    def _drain(self, limit: int) -> Iterator[list[zmq.Frame]]:
-        for _ in range(limit):
-            try:
-                yield self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        return self.take(self._sock, limit)
 
     def messages(self, until: float | None = None, tick_s: float = 0.2) -> Iterator[list[Message]]:
         """Batches of messages (possibly empty, every ``tick_s``) until the monotonic deadline ``until``."""
@@ -230,3 +232,40 @@ class Subscriber(Decoding):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncSubscriber(Decoding):
+    """A SUB socket on the running event loop, on one or several endpoints; never raises on bad input."""
+
+    def __init__(self, endpoints: Sequence[str]) -> None:
+        super().__init__()
+        self.endpoints = list(endpoints)
+        self._ctx = zmq.asyncio.Context()
+        try:
+            self._sock: zmq.asyncio.Socket = sub_socket(self._ctx, self.endpoints)
+        except BaseException:
+            self._ctx.term()
+            raise
+        self._rejoin = Rejoin(self._sock)
+        # What is queued is taken without asyncio futures: a future's result lives in a reference
+        # cycle until the garbage collector runs, and a flood of large frames piled up meanwhile.
+        self._reader: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)
+
+    async def poll(self, timeout_s: float, limit: int = BATCH) -> list[Message]:
+        """Wait up to ``timeout_s`` for a message, then take what is queued (at most ``limit``)."""
+        out: list[Message] = []
+        self._rejoin.check()  # a peer dropped for an oversize frame is connected again
+        if not await self._sock.poll(int(timeout_s * 1000)):
+            return out
+        return self.take(self._reader, limit)
+
+    @property
+    def refusal(self) -> str:
+        return self._rejoin.refusal
+
+    def close(self) -> None:
+        self._rejoin.close()
+        with contextlib.suppress(Exception):
+            self._sock.close(linger=0)
+        with contextlib.suppress(Exception):
+            self._ctx.term()

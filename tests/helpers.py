@@ -6,8 +6,23 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def eventually(
+    cond: Callable[[], object], what: str, timeout: float = 30.0, detail: Callable[[], object] | None = None
+) -> None:
+    """Wait for ``cond()`` to hold, polling; past ``timeout`` (a guard against hanging, never a
+    speed limit: a loaded machine takes longer, not another path) fail saying ``what`` was awaited,
+    with ``detail()`` (what the screen or the processes showed) when given."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            shown = f":\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{shown}")
+        time.sleep(0.05)
 
 
 def icsmon(

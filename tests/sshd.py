@@ -175,14 +175,3 @@ def processes_mentioning(text: str) -> list[str]:
 def kill(pid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def wait_until(check: object, timeout: float = 15.0) -> bool:
-    """Poll ``check()`` until true or ``timeout`` (a guard against hanging, not a speed limit)."""
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return bool(check())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import eventually
 from icsmon_agent import actions, history
 from icsmon_agent.actions import Actions
 from icsmon_agent.alerts.model import Alert, AlertChange
@@ -27,13 +28,6 @@ def alert(step: int, rule: str = "exploding", severity: str = "critical") -> Ale
 
 def fired(step: int, rule: str = "exploding") -> AlertChange:
     return AlertChange(alert(step, rule))
-
-
-def wait_for(condition: object, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
-        time.sleep(0.02)
-    return bool(condition())  # type: ignore[operator]
 
 
 def test_alert_lines_are_rate_limited_and_what_was_held_back_is_said(
@@ -82,7 +76,7 @@ def test_the_command_gets_the_alert_as_json_and_its_failures_are_counted(
     with caplog.at_level(logging.INFO, logger="icsmon"):
         acts.alert(fired(5))
         acts.alert(fired(6))
-        assert wait_for(lambda: acts.failed == 2)
+        eventually(lambda: acts.failed == 2, "both hooks' failures")
         acts.close()
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(g["type"], g["rule"], g["step"]) for g in got] == [
@@ -103,7 +97,7 @@ def test_a_hanging_command_is_killed_and_a_full_queue_drops_without_waiting(
         acts.alert(fired(step))
     assert time.monotonic() - started < 5, "alert() waited on the command"
     assert acts.dropped >= 9
-    assert wait_for(lambda: acts.failed >= 1)
+    eventually(lambda: acts.failed >= 1, "the hook's failure")
     acts.close(timeout=0.1)
 
 
@@ -120,7 +114,7 @@ def test_on_alert_runs_on_its_own_thread_and_an_error_in_it_is_said_once(
     with caplog.at_level(logging.INFO, logger="icsmon"):
         for step in range(3):
             acts.alert(fired(step))
-        assert wait_for(lambda: len(threads) == 3)
+        eventually(lambda: len(threads) == 3, "three hook threads")
         acts.close()
     assert set(threads) == {"icsmon-actions"}
     assert [r.getMessage() for r in caplog.records] == [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import textwrap
 import threading
 import time
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks as global_forward_hooks
 
 import icsmon_agent
+import icsmon_agent.monitor
 from helpers import icsmon, start_script, wait_for_jobs, wait_watching
 from icsmon.store import Store
 from icsmon.subscriber import Subscriber
@@ -197,35 +199,73 @@ def test_several_jobs_tail_takes_the_newest_and_says_so(tmp_path: Path, env: dic
         older.wait()
 
 
-class Slow(nn.Module):
-    """Stands for a job whose steps take long (a big model on a GPU)."""
+class FakeClock:
+    """The cadence's clock, advanced by the test: what it decides depends on the steps' lengths as
+    the test sets them, never on how loaded the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(icsmon_agent.monitor, "Cadence", functools.partial(agent_cadence.Cadence, clock=fake))
+    return fake
+
+
+class Takes(nn.Module):
+    """A layer whose forward takes ``seconds`` on the cadence's clock (a big model on a GPU, or a
+    tiny one), whatever the machine's load."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(1.5)
+        self.clock.now += self.seconds
         return x
 
 
-def sampled_steps(model: nn.Module, steps: int, runtime_dir: Path) -> list[int]:
+def sampled_steps(steps: int, runtime_dir: Path, clock: FakeClock, step_s: float) -> list[int]:
+    """The steps the default cadence samples when each step takes ``step_s`` seconds: what a
+    viewer hears until the job's closing event (sent after its last sample)."""
+    model = nn.Sequential(nn.Linear(4, 4), Takes(clock, step_s), nn.ReLU())
     mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")  # the default cadence
     store = Store()
     got: list[int] = []
+    closed = False
+
+    def hear(timeout: float) -> None:
+        nonlocal closed
+        for m in sub.poll(timeout):
+            if store.add(m):
+                got.extend([m.step] if isinstance(m, Sample) else [])
+                closed |= isinstance(m, Event) and m.event == "closing"
+
     with Subscriber(mon.endpoint or "") as sub:
         wait_watching(mon, sub)
         for _ in range(steps):
             step_once(model, mon)
-            got += [m.step for m in sub.poll(0) if store.add(m) and isinstance(m, Sample)]
+            hear(0)
         mon.close()
-        end = time.monotonic() + 5
-        while time.monotonic() < end and (not got or got[-1] < mon.steps - 1):
-            got += [m.step for m in sub.poll(0.1) if store.add(m) and isinstance(m, Sample)]
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not closed:
+            hear(0.1)
     return got
 
 
-def test_default_cadence_samples_every_slow_step_and_thins_out_fast_ones(runtime_dir: Path) -> None:
-    slow = sampled_steps(nn.Sequential(nn.Linear(4, 4), Slow(), nn.ReLU()), 3, runtime_dir)
+def test_default_cadence_samples_every_slow_step_and_thins_out_fast_ones(
+    runtime_dir: Path, clock: FakeClock
+) -> None:
+    slow = sampled_steps(3, runtime_dir, clock, 1.5)
     assert slow == [0, 1, 2]
-    fast = sampled_steps(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), 400, runtime_dir)
-    assert fast[0] == 0 and len(fast) < 200  # spaced by time: at most 20 a second, and 1% of the job
+    fast = sampled_steps(400, runtime_dir, clock, 0.001)
+    # Spaced by time: at most 20 a second (0.4 s of steps), fewer where 1% of the job is the limit.
+    assert fast[0] == 0 and len(fast) <= 0.4 / agent_cadence.MIN_INTERVAL_S + 1, fast
 
 
 def test_first_step_call_after_optimizer_steps_does_not_count_twice(runtime_dir: Path) -> None:
@@ -308,28 +348,25 @@ def test_pause_stops_sampling_and_unhooks_until_resume(runtime_dir: Path) -> Non
     assert [e for e in events if e in ("paused", "resumed")] == ["paused", "resumed"]
 
 
-def test_the_adaptive_cadence_clock_stands_still_while_paused(
-    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Samples at least 0.5 s apart: a slow machine's first step stays well inside one interval.
-    monkeypatch.setattr(agent_cadence, "MIN_INTERVAL_S", 0.5)
+def test_the_adaptive_cadence_clock_stands_still_while_paused(runtime_dir: Path, clock: FakeClock) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")
+    interval = agent_cadence.MIN_INTERVAL_S  # the first samples' (no cost known yet)
     store = Store()
     got: list[int] = []
     with Subscriber(mon.endpoint or "") as sub:
         wait_watching(mon, sub)
         step_once(model, mon)  # step 0: the first forward, always sampled
         mon.pause()
-        time.sleep(1.5)  # three intervals, paused
+        clock.now += 30 * interval  # long, but paused
         mon.resume()
-        step_once(model, mon)  # step 1: milliseconds of unpaused time since step 0's sample
-        time.sleep(0.6)
+        step_once(model, mon)  # step 1: no unpaused time since step 0's sample
+        clock.now += 1.2 * interval
         # Step 2 was decided at step 1's end, still inside the interval; step 3 at step 2's end.
         step_once(model, mon)
         step_once(model, mon)
         mon.close()
-        end = time.monotonic() + 5
+        end = time.monotonic() + 10
         while time.monotonic() < end and 3 not in got:
             got += [m.step for m in sub.poll(0.1) if store.add(m) and isinstance(m, Sample)]
     assert got == [0, 3]

@@ -37,7 +37,7 @@ from public_models import (
     resnet18,
 )
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 Step = Callable[[int], float]  # trains one step, returns its loss
 

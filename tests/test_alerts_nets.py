@@ -10,7 +10,7 @@ import pytest
 
 from helpers import icsmon, json_lines, start_script, wait_for_jobs
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 HEAD = """
 import sys, time

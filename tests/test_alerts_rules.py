@@ -201,7 +201,7 @@ def test_shift_is_judged_against_the_layers_own_level() -> None:
 # --------------------------------------------------------------------------------- the engine
 
 
-class Feed:
+class EngineBench:
     """A real Store fed synthetic samples, one at a time, with the engine run after each."""
 
     def __init__(self, thresholds: Thresholds | None = None) -> None:
@@ -236,7 +236,7 @@ def dead(rng: np.random.Generator, frac: float) -> np.ndarray:
 
 
 def test_engine_fires_after_persistence_and_clears_after_recovery() -> None:
-    feed = Feed()
+    feed = EngineBench()
     rng = np.random.default_rng(1)
     out = [feed.push(dead(rng, 0.8)) for _ in range(3)]
     assert out == [[], [], ["+dead_relu:warning"]]
@@ -254,7 +254,7 @@ def test_engine_fires_after_persistence_and_clears_after_recovery() -> None:
 
 
 def test_a_single_odd_sample_raises_nothing_but_critical_and_nonfinite_fire_at_once() -> None:
-    feed = Feed()
+    feed = EngineBench()
     rng = np.random.default_rng(2)
     assert feed.push(dead(rng, 0.8)) == []
     assert feed.push(dead(rng, 1.0)) == ["+dead_relu:critical"]
@@ -265,7 +265,7 @@ def test_a_single_odd_sample_raises_nothing_but_critical_and_nonfinite_fire_at_o
 
 
 def test_a_warning_that_turns_critical_fires_again() -> None:
-    feed = Feed()
+    feed = EngineBench()
     rng = np.random.default_rng(3)
     for _ in range(3):
         feed.push(dead(rng, 0.8))
@@ -274,7 +274,7 @@ def test_a_warning_that_turns_critical_fires_again() -> None:
 
 
 def test_alert_json_is_the_tail_contract() -> None:
-    feed = Feed()
+    feed = EngineBench()
     rng = np.random.default_rng(4)
     feed.push(dead(rng, 1.0), step=40)
     (change,) = feed.engine.history
@@ -290,7 +290,7 @@ def test_alert_json_is_the_tail_contract() -> None:
 
 
 def test_thresholds_change_what_fires() -> None:
-    feed = Feed(Thresholds(dead_frac=0.9, dead_frac_critical=0.99, fire_after=1))
+    feed = EngineBench(Thresholds(dead_frac=0.9, dead_frac_critical=0.99, fire_after=1))
     rng = np.random.default_rng(5)
     assert feed.push(dead(rng, 0.8)) == []
     assert feed.push(dead(rng, 0.95)) == ["+dead_relu:warning"]
@@ -370,7 +370,7 @@ def test_the_early_scale_is_the_oldest_samples_held_even_when_history_arrives_at
     """A viewer that joins late gets the history in one batch and runs the rules once: the early
     scale is still the run's oldest samples (gradient norm 5), so a late hard batch (3, two
     samples, against a collapsed recent median of 1e-3) is no explosion."""
-    feed = Feed()
+    feed = EngineBench()
     grad = STAT_INDEX["grad_norm"]
     rows = []
     for k in range(60):

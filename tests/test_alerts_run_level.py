@@ -16,7 +16,7 @@ from icsmon_agent.alerts.hints import hint
 from icsmon_agent.layers import candidate_modules
 from icsmon_agent.protocol import STAT_INDEX
 from icsmon_agent.sample import layer_parameters
-from test_alerts_rules import Feed, T, healthy_row, series, set_, window
+from test_alerts_rules import EngineBench, T, healthy_row, series, set_, window
 
 
 def with_losses(w: rules.Window, losses: list[float], **kw: object) -> rules.Window:
@@ -43,7 +43,7 @@ def test_a_loss_far_above_chance_from_the_start_is_named_and_a_summed_loss_is_no
 
 
 def test_a_loss_that_rose_far_above_its_start_stays_flagged_until_it_comes_back() -> None:
-    feed = Feed()
+    feed = EngineBench()
     out = [feed.push(loss=2.3) for _ in range(8)]  # where the run began
     for k in range(12):  # a slow divergence: no layer jumps, the loss climbs to 10x
         out.append(feed.push(loss=2.3 * 1.25**k))
@@ -60,7 +60,7 @@ def test_a_loss_that_rose_far_above_its_start_stays_flagged_until_it_comes_back(
 def test_one_hard_batch_late_in_training_is_no_spike_but_a_run_of_them_is() -> None:
     """Near zero the loss is heavy-tailed: one batch at 0.45 among 0.003-0.05 is ordinary. The
     alert waits for it to hold, and names no layer (the loss belongs to none)."""
-    feed = Feed()
+    feed = EngineBench()
     rng = np.random.default_rng(5)
     for _ in range(60):
         assert feed.push(loss=float(rng.uniform(0.003, 0.05))) == []
@@ -148,7 +148,7 @@ def test_rows_are_the_signal_and_every_parameter_has_a_row() -> None:
 
 
 def test_a_healthy_row_series_with_a_steady_loss_trips_no_run_rule() -> None:
-    feed = Feed()
+    feed = EngineBench()
     rng = np.random.default_rng(6)
     for _ in range(200):
         assert feed.push(healthy_row(rng), loss=float(2.0 + 0.05 * rng.standard_normal())) == []

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

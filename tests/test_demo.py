@@ -13,7 +13,7 @@ import pytest
 from helpers import icsmon, json_lines
 from icsmon.demo.scenarios import DEFAULT
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def demo(env: dict[str, str], scenario: str, *args: str, timeout: float = 110) -> list[dict[str, Any]]:

@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from helpers import first_sample_line, icsmon, json_lines, start_script, wait_for_jobs
 from truth import close, figures, grad_norm, per_unit, published, update_ratio
+
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
 
 SCRIPT_HEAD = """
 import sys, time, pickle

@@ -23,6 +23,8 @@ from helpers import icsmon, start_script, wait_for_jobs
 from icsmon_agent import discovery
 from icsmon_agent.discovery import SHORT_SOCKET_DIR
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 NOBODY = 65534
 as_root = pytest.mark.skipif(
     not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to play another user"

@@ -117,7 +117,7 @@ def test_any_bytes_decode_to_a_message_or_a_counted_rejection(frames: list[bytes
 def test_one_hostile_field_never_crashes_the_decoder_the_store_or_the_rules(
     message: Any, key: str, value: Any
 ) -> None:
-    from icsmon.feed import default_engine_factory
+    from icsmon.alerts.config import default_engine_factory
 
     decoding = Decoding()
     feed = Feed(lambda: [], engine_factory=default_engine_factory())

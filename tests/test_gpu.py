@@ -110,7 +110,8 @@ def _train_step(
 
 def test_figures_match_float64_on_gpu(runtime_dir: Path) -> None:
     """The masked GPU route gives the same figures as float64 on the host, NaN and Inf included."""
-    from icsmon_agent.figures import Finalizer, reduce_output
+    from icsmon_agent.finish import Finalizer
+    from icsmon_agent.reduce import reduce_output
 
     torch.manual_seed(0)
     y = torch.randn(64, 32, device="cuda") * 3 + 1

@@ -22,6 +22,8 @@ from icsmon.store import Store
 from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import Sample
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (the test extra brings it)"
 )

@@ -19,6 +19,8 @@ from icsmon.subscriber import Subscriber
 from icsmon_agent import discovery
 from icsmon_agent.protocol import Sample
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 STEPS = 40
 NAN_FROM = 15
 

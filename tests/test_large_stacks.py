@@ -26,6 +26,8 @@ from icsmon_agent.alerts.model import Alert
 from icsmon_agent.protocol import STAT_INDEX, Sample
 from test_real_training import all_sent, train_and_collect
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 HERE = Path(__file__).parent
 GRAD = STAT_INDEX["grad_norm"]
 

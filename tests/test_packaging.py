@@ -16,6 +16,8 @@ import pytest
 
 from helpers import icsmon, wait_for_jobs
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 ROOT = Path(__file__).resolve().parent.parent
 JOB = textwrap.dedent(
     """

@@ -9,7 +9,6 @@ import math
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from icsmon.alerts.ranks import RankCheck, find
 from icsmon.feed import Feed
 from icsmon.store import Store
 from icsmon_agent.protocol import STAT_INDEX, STATS, LayerInfo, Sample, Schema, schema_id_for
+
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
 
 JOB = Path(__file__).with_name("ddp_job.py")
 FSDP_JOB = Path(__file__).with_name("fsdp_job.py")
@@ -46,8 +47,15 @@ def test_an_fsdp2_job_streams_from_every_rank_and_loses_what_the_bare_job_loses(
         done = subprocess.run(
             [*cmd, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=180
         )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return {rank: json.loads(Path(f"{out}.r{rank}.json").read_text()) for rank in (0, 1)}
+        results = [Path(f"{out}.r{rank}.json") for rank in (0, 1)]
+        # On a loaded machine gloo's teardown in destroy_process_group() can abort a rank (a C++
+        # thread left joinable), the bare job's too: after each rank wrote its results, that
+        # abort is torch's, and the results are whole.
+        torn_down = (
+            all(r.exists() for r in results) and "terminate called without an active exception" in done.stderr
+        )
+        assert done.returncode == 0 or torn_down, done.stderr[-3000:]
+        return {rank: json.loads(r.read_text()) for rank, r in zip((0, 1), results, strict=True)}
 
     bare, watched = run("bare"), run("watched", "--watch")
     assert sorted(watched) == [0, 1] and all(w["errors"] == 0 for w in watched.values())
@@ -213,7 +221,7 @@ class _NoRules:
 async def test_the_app_on_a_real_ddp_job_shows_both_ranks_and_their_spread(env: dict[str, str]) -> None:
     from icsmon.targets import resolve_local
     from icsmon.tui.app import IcsmonApp
-    from tui.screen_text import screen_text
+    from tui.screen_text import screen_text, until
 
     job = torchrun(env, "--steps", "400", "--delay", "0.03")
     try:
@@ -221,16 +229,14 @@ async def test_the_app_on_a_real_ddp_job_shows_both_ranks_and_their_spread(env: 
         feed = Feed(lambda: resolve_local(None).endpoints)  # what `icsmon attach` does, no target
         app = IcsmonApp(feed)
         async with app.run_test(size=(160, 30)) as pilot:
-            deadline = time.monotonic() + 60
-            while len(feed.ranks_of(next(iter(feed.store.runs), ("", 0))[0])) < 2:
-                assert time.monotonic() < deadline, "both ranks did not arrive"
-                await pilot.pause(0.2)
+            await until(
+                pilot, lambda: len(feed.ranks_of(next(iter(feed.store.runs), ("", 0))[0])) >= 2, "both ranks"
+            )
             await pilot.press("c")
-            await pilot.pause(0.5)
-            text = screen_text(app)
-            assert "every rank of one job" in text and "2 of 2 ranks" in text, text
+            await until(pilot, lambda: "2 of 2 ranks" in screen_text(app), "the ranks side by side")
+            assert "every rank of one job" in screen_text(app)
             await pilot.press("c", "n")
-            await pilot.pause(0.3)
+            await pilot.pause()
             assert {r.rank for r in feed.ranks_of(feed.streams()[0].run)} == {0, 1}
             await pilot.press("q")
     finally:

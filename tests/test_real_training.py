@@ -36,6 +36,8 @@ from icsmon.subscriber import Subscriber
 from icsmon_agent.protocol import STAT_INDEX, Event, Sample
 from public_models import GPT, RNNModel, copy_task, resnet18
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 HERE = Path(__file__).parent
 SCRIPT = HERE / "public_models.py"
 

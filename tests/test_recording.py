@@ -9,7 +9,6 @@ import math
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import pytest
 
 from helpers import icsmon, json_lines, start_script, wait_for_jobs
 from icsmon_agent.protocol import STATS
+
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
 
 JOB = textwrap.dedent(
     """
@@ -123,9 +124,10 @@ def test_replay_opens_the_app_on_a_recording(tmp_path: Path, env: dict[str, str]
     """The app on a recording: it plays, pauses, seeks; checked with Textual's pilot."""
     import asyncio
 
-    from icsmon.feed import default_engine_factory
+    from icsmon.alerts.config import default_engine_factory
     from icsmon.replay import ReplayFeed, load
     from icsmon.tui.app import IcsmonApp
+    from tui.screen_text import until
 
     script = tmp_path / "job.py"
     script.write_text(JOB)
@@ -137,14 +139,11 @@ def test_replay_opens_the_app_on_a_recording(tmp_path: Path, env: dict[str, str]
     async def drive() -> None:
         app = IcsmonApp(feed)
         async with app.run_test(size=(140, 30)) as pilot:
-            deadline = time.monotonic() + 30
-            while feed.position < len(feed.recorded) and time.monotonic() < deadline:
-                await pilot.pause(0.1)
-            assert feed.position == len(feed.recorded)
+            await until(pilot, lambda: feed.position == len(feed.recorded), "the whole recording played")
             run = feed.current()
             assert run is not None and run.latest_step == 44 and run.ended
             await pilot.press("space", "0")  # pause, back to the start
-            await pilot.pause(0.5)
+            await pilot.pause()
             assert feed.position == 0 and not feed.store.runs and not feed.playing  # paused: nothing moves
             assert "REPLAY" in str(app.screen.query_one("#header").render())
             await pilot.press(">")  # a tenth of the recording on, at once

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from icsmon_agent import figures as figures_module
-from icsmon_agent.figures import SAT_NONE, SAT_SIGMOID, SAT_TANH, Finalizer, Output, Record, reduce_output
+from icsmon_agent import kernel
+from icsmon_agent import reduce as reduce_module
+from icsmon_agent.finish import Finalizer
+from icsmon_agent.kernel import SAT_NONE, SAT_SIGMOID, SAT_TANH
 from icsmon_agent.protocol import STATS
+from icsmon_agent.reduce import Output, Record, reduce_output
 from truth import close, figures, per_unit
 
 
@@ -24,9 +27,9 @@ def cpu_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Each test through the C kernel, the outputs together (one call, as the offload thread
     reduces them) and one by one (as a hook does), and through the torch ops that stand in for it."""
     if request.param == "torch":
-        monkeypatch.setattr(figures_module, "_fused", None)
+        monkeypatch.setattr(kernel, "_fused", None)
     if request.param != "batch":
-        monkeypatch.setattr(figures_module, "reduce_outputs", _one_by_one)
+        monkeypatch.setattr(reduce_module, "reduce_outputs", _one_by_one)
     return str(request.param)
 
 
@@ -40,13 +43,29 @@ def test_the_kernel_is_built_here() -> None:
     import icsmon_agent._fused  # noqa: F401
 
 
+def test_the_kernels_constants_and_columns_are_pythons() -> None:
+    """The C kernel and the torch route agree on the saturation kinds, the ReLU flag, the shift's
+    floors and the finish's column order by this test, not by comments on both sides."""
+    from icsmon_agent import _fused
+
+    assert _fused.constants() == {
+        "SAT_NONE": kernel.SAT_NONE,
+        "SAT_TANH": kernel.SAT_TANH,
+        "SAT_SIGMOID": kernel.SAT_SIGMOID,
+        "RELU_OF_INPUT": kernel.RELU_OF_INPUT,
+        "SHIFT_VAR_FLOOR": kernel.SHIFT_VAR_FLOOR,
+        "VAR_EPS": kernel.VAR_EPS,
+        "FINISH_STATS": kernel.FINISH_STATS,
+    }
+
+
 def _finish(
     outputs: list[tuple[torch.Tensor, int, int]], fin: Finalizer | None = None, relu: list[bool] | None = None
 ) -> np.ndarray:
     """The figures of ``outputs``; ``relu[k]``: output k is the ReLU of the tensor given."""
     fin = fin or Finalizer(len(outputs))
     flags = relu or [False] * len(outputs)
-    recs = figures_module.reduce_outputs([(t, u, s, r) for (t, u, s), r in zip(outputs, flags, strict=True)])
+    recs = reduce_module.reduce_outputs([(t, u, s, r) for (t, u, s), r in zip(outputs, flags, strict=True)])
     return fin.figures(list(recs), None, torch.device("cpu")).double().numpy()
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from helpers import start_script, wait_for_jobs
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 JOB = textwrap.dedent(
     """
     import sys, time

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import first_sample_line, icsmon, json_lines
+from helpers import eventually, first_sample_line, icsmon, json_lines
 from sshd import (
     Sshd,
     SshdUnavailable,
@@ -34,10 +34,9 @@ from sshd import (
     known_hosts_line,
     processes_mentioning,
     start_sshd,
-    wait_until,
 )
 
-pytestmark = pytest.mark.ssh
+pytestmark = [pytest.mark.slow, pytest.mark.ssh]
 
 JOB = """
 import sys, time, torch
@@ -102,9 +101,15 @@ def start_job(directory: Path, runtime: Path, name: str, *args: str) -> subproce
         stderr=subprocess.PIPE,
         text=True,
     )
-    if not wait_until(lambda: set(runtime.glob("*.json")) - before or proc.poll() is not None, 60):
+    try:
+        eventually(
+            lambda: set(runtime.glob("*.json")) - before or proc.poll() is not None,
+            "the training job's discovery file",
+            60,
+        )
+    except AssertionError:
         proc.kill()
-        raise AssertionError("the training job wrote no discovery file")
+        raise
     assert proc.poll() is None, proc.communicate()[1]
     return proc
 
@@ -142,12 +147,15 @@ class Viewer:
 
     def assert_nothing_left(self) -> None:
         """No process still names our private directory (the ssh master does, with -S), no file left."""
-        assert wait_until(lambda: not processes_mentioning(str(self.tmp)), 10), processes_mentioning(
-            str(self.tmp)
+        eventually(
+            lambda: not processes_mentioning(str(self.tmp)),
+            "no process left naming the private directory",
+            10,
+            lambda: processes_mentioning(str(self.tmp)),
         )
         assert list(self.tmp.iterdir()) == [], list(self.tmp.rglob("*"))
         # and the servers see no connection left (their session processes go once ours closed)
-        assert wait_until(lambda: not any(s.sessions() for s in self.servers), 10)
+        eventually(lambda: not any(s.sessions() for s in self.servers), "the servers' sessions to end", 10)
 
 
 def make_viewer(lab: Lab, base: Path, remote_runtime: Path, *extra_hosts: str) -> Viewer:
@@ -375,12 +383,14 @@ def test_attach_over_ssh_shows_the_live_table_and_quits_clean(
     viewer: Viewer, tmux: Tmux, tmp_path: Path, job: tuple[subprocess.Popen[str], Path]
 ) -> None:
     tmux.start(f"{shlex.quote(sys.executable)} -m icsmon attach gpu-box", viewer.env, tmp_path)
-    assert wait_until(lambda: "● live" in tmux.screen() and "trainer" in tmux.screen(), 60), tmux.screen()
+    eventually(
+        lambda: "● live" in tmux.screen() and "trainer" in tmux.screen(), "the app live", 60, tmux.screen
+    )
     screen = tmux.screen()
     assert f"pid {job[0].pid}" in screen and "layer" in screen
     assert processes_mentioning(str(viewer.tmp)), "the ssh master runs while the app is open"
     tmux.keys("q")
-    assert wait_until(lambda: "EXIT=0" in tmux.screen(), 30), tmux.screen()
+    eventually(lambda: "EXIT=0" in tmux.screen(), "exit status 0", 30, tmux.screen)
     viewer.assert_nothing_left()
 
 
@@ -391,17 +401,19 @@ def test_attach_inside_an_ssh_session_on_the_box(
     # The "box" is this machine, so the interpreter's path names an icsmon installed there.
     remote = f"{shlex.quote(sys.executable)} -m icsmon attach"
     tmux.start(f"ssh -F {viewer.config} -t gpu-box {shlex.quote(remote)}", viewer.env, tmp_path)
-    assert wait_until(lambda: "● live" in tmux.screen() and "trainer" in tmux.screen(), 60), tmux.screen()
+    eventually(
+        lambda: "● live" in tmux.screen() and "trainer" in tmux.screen(), "the app live", 60, tmux.screen
+    )
     assert f"pid {job[0].pid}" in tmux.screen()
     tmux.keys("q")
-    assert wait_until(lambda: "EXIT=0" in tmux.screen(), 30), tmux.screen()
+    eventually(lambda: "EXIT=0" in tmux.screen(), "exit status 0", 30, tmux.screen)
 
 
 def test_attach_to_a_box_that_forbids_forwarding_says_so_before_the_app(
     viewer: Viewer, tmux: Tmux, tmp_path: Path
 ) -> None:
     tmux.start(f"{shlex.quote(sys.executable)} -m icsmon attach locked-box", viewer.env, tmp_path)
-    assert wait_until(lambda: "EXIT=1" in tmux.screen(), 60), tmux.screen()
+    eventually(lambda: "EXIT=1" in tmux.screen(), "exit status 1", 60, tmux.screen)
     assert "AllowStreamLocalForwarding no" in tmux.screen().replace("\n", "")
     viewer.assert_nothing_left()
 
@@ -417,8 +429,8 @@ def test_connect_again_after_the_master_died_reopens_without_prompting(
     viewer: Viewer, job: tuple[subprocess.Popen[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the app does when the link drops: connect() re-opens the master and the forward."""
-    from icsmon.ssh_target import RemoteTarget
     from icsmon.subscriber import Subscriber
+    from icsmon.targets.remote import RemoteTarget
     from icsmon_agent.protocol import Sample
 
     for key in ("ICSMON_SSH_COMMAND", "TMPDIR"):
@@ -439,7 +451,7 @@ def test_connect_again_after_the_master_died_reopens_without_prompting(
         old_master = remote.conn.master_pid
         assert old_master is not None
         os.kill(old_master, signal.SIGKILL)  # the link is gone, as if the network dropped
-        assert wait_until(lambda: not remote.conn.alive(), 10)
+        eventually(lambda: not remote.conn.alive(), "the master connection closed", 10)
         second = remote.connect()
         assert remote.conn.master_pid not in (None, old_master)
         assert second != first and one_sample(second)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from icsmon.remote_listing import REMOTE_LIST_SCRIPT, parse_remote_listing
-from icsmon.ssh import SSHError, base_command, check_host, explain_failure, remote_tcp_target
+from icsmon.targets.listing import REMOTE_LIST_SCRIPT, parse_remote_listing
+from icsmon.targets.ssh import SSHError, base_command, check_host, explain_failure, remote_tcp_target
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 

@@ -12,12 +12,15 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import icsmon_agent
 from helpers import icsmon, json_lines, start_script, wait_for_jobs
 from icsmon_agent.alerts.model import Alert
+
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
 
 
 def test_a_diverging_job_with_no_viewer_says_it_before_its_first_nan(

@@ -21,6 +21,8 @@ from icsmon.store import Store
 from icsmon_agent import protocol
 from icsmon_agent.protocol import STATS, Event, LayerInfo, Sample, Schema
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 LAYERS = (LayerInfo("a", "Linear", (2, 3), "linear"), LayerInfo("b", "ReLU", (2, 3), "relu"))
 SID = protocol.schema_id_for(LAYERS)
 

@@ -7,7 +7,7 @@
  *
  * The output is seen as [outer, units, inner] (Linear-like: inner == 1; conv-like: inner is the
  * spatial size). Each unit's moments are taken about its first element, as the torch route does
- * (see figures.Reduced): deviations are of the order of the spread, so nothing large cancels.
+ * (see reduce.Reduced): deviations are of the order of the spread, so nothing large cancels.
  * Partial sums run in float32 over short blocks (SIMD-wide) and are added into float64, so
  * rounding stays at a block's length, not the output's.
  *
@@ -35,10 +35,10 @@
 #define RUNS_OVER_ROWS 8
 #define COLUMN_CHUNK 4096  /* columns reduce_rows keeps lanes for at once */
 
-enum { SAT_NONE = 0, SAT_TANH = 1, SAT_SIGMOID = 2 }; /* as figures.SAT_* */
+enum { SAT_NONE = 0, SAT_TANH = 1, SAT_SIGMOID = 2 }; /* kernel.SAT_*: constants() */
 /* A shapes row's last field is the saturation kind, plus RELU where the output to reduce is
  * max(x, 0) of the buffer given: a ReLU's output, read from its input (the layer before it),
- * which the offload thread then reads once for both layers (figures.RELU_OF_INPUT). */
+ * which the offload thread then reads once for both layers (kernel.RELU_OF_INPUT). */
 #define RELU 4
 #define SAT_MASK 3
 
@@ -391,14 +391,14 @@ done:
     return result;
 }
 
-/* The figures of each output of a batch, from its moments (reduce_batch's), as figures.Finalizer
+/* The figures of each output of a batch, from its moments (reduce_batch's), as finish.Finalizer
  * computes them with torch ops for any other sample (see _activation_figures there for the why of
  * each formula). Why here too: for a batch those were ~55 small ops and ~10 MB of temporaries a
  * sample on the offload thread, longer than the reductions' Python; here they are one pass.
  * Columns of `cols` [P, FINISH_COLS]: */
-enum { F_MEAN, F_STD, F_MIN, F_MAX, F_DEAD, F_ZERO, F_SAT, F_SHIFT, FINISH_COLS };
-#define SHIFT_VAR_FLOOR 0.01 /* as figures.SHIFT_VAR_FLOOR */
-#define VAR_EPS 1e-12        /* as figures._VAR_EPS */
+enum { F_MEAN, F_STD, F_MIN, F_MAX, F_DEAD, F_ZERO, F_SAT, F_SHIFT, FINISH_COLS }; /* named in constants() */
+#define SHIFT_VAR_FLOOR 0.01 /* kernel.SHIFT_VAR_FLOOR: constants() */
+#define VAR_EPS 1e-12        /* kernel.VAR_EPS */
 
 static void finish_one(const double *mom, Py_ssize_t ld, const double *sc, Py_ssize_t ls, const long long *sh,
                        const double *prev_mean, const double *prev_var, double prev_layer_var, double *cols,
@@ -514,9 +514,21 @@ done:
     return result;
 }
 
+/* The constants above, for Python to check its own against (tests/test_reductions.py): they agree
+ * by test, not by comment. */
+static PyObject *constants(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:d,s:d,s:(ssssssss)}", "SAT_NONE", SAT_NONE, "SAT_TANH", SAT_TANH,
+                         "SAT_SIGMOID", SAT_SIGMOID, "RELU_OF_INPUT", RELU, "SHIFT_VAR_FLOOR", SHIFT_VAR_FLOOR,
+                         "VAR_EPS", VAR_EPS, "FINISH_STATS", "mean", "std", "min", "max", "dead_frac", "zero_frac",
+                         "sat_frac", "shift");
+}
+
 static PyMethodDef methods[] = {
     {"reduce_batch", (PyCFunction)(void (*)(void))reduce_batch, METH_FASTCALL, reduce_doc},
     {"finish_batch", (PyCFunction)(void (*)(void))finish_batch, METH_FASTCALL, finish_doc},
+    {"constants", constants, METH_NOARGS, "The kernel's constants and its finish columns, by name."},
     {NULL, NULL, 0, NULL},
 };
 

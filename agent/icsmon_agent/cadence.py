@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 
 #: Half a percent measured: the other half is for what the timing cannot see (the hooks' calls on
 #: unsampled steps, the publisher thread's encoding, cache effects), so the total stays near 1%.
@@ -25,8 +26,10 @@ COST_WINDOW = 5
 class Cadence:
     """Decides, at each step boundary, whether the next step is sampled."""
 
-    def __init__(self, every: int | None) -> None:
+    def __init__(self, every: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: seconds, monotonic; a test's own makes the cadence independent of load."""
         self.every = every
+        self.clock = clock
         self.cost = 0.0  # typical seconds of our own work per sampled step
         self._costs: deque[float] = deque(maxlen=COST_WINDOW)
         self._last_sample = 0.0  # monotonic time the last sampled step began
@@ -39,10 +42,10 @@ class Cadence:
         if self.every is not None:
             return step % self.every == 0
         interval = max(MIN_INTERVAL_S, self.cost / BUDGET)
-        return time.monotonic() - self._last_sample >= interval
+        return self.clock() - self._last_sample >= interval
 
     def sampled(self, began: float, spent: float, other_busy: float | None, first: bool) -> None:
-        """A sample was taken of a step that began at ``began`` (monotonic) and cost ``spent``
+        """A sample was taken of a step that began at ``began`` (:attr:`clock`) and cost ``spent``
         seconds of the training thread's work, plus what the agent's other threads did since the
         last sample (their running ``other_busy`` seconds: the offload's reductions, the job's
         rules; the CPU is the job's). The first sample pays
@@ -64,11 +67,11 @@ class Cadence:
         self._last_sample = began
 
     def pause(self) -> None:
-        self._paused_at = time.monotonic()
+        self._paused_at = self.clock()
 
     def resume(self) -> None:
         """The clock stood still while paused: a pause is no time the agent ran in, and a sample at
         every resume would make a job that pauses often sample above the budget. A sample taken
         while paused restarts the clock instead, so the pause counts from whichever came later."""
-        now = time.monotonic()
+        now = self.clock()
         self._last_sample += now - max(self._paused_at, self._last_sample)

@@ -30,9 +30,9 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from . import protocol
-from .figures import Record, reduce_output, reduce_outputs
 from .layers import first_float_tensor, layer_kind, saturation_mode, tensor_storages, unit_dim
 from .offload import Offload
+from .reduce import Record, readable, reduce_output, reduce_outputs
 
 log = logging.getLogger("icsmon_agent")
 
@@ -74,11 +74,6 @@ class Held:
     # A ReLU whose input was the output held just before it: its figures are of relu(tensor),
     # ``tensor`` and ``version`` being that input's (see Capture._relu_of_held).
     source: Held | None = None
-
-
-def readable(t: torch.Tensor) -> bool:
-    """Whether the reductions can take this output: dense, with data (not meta), not nested."""
-    return t.layout is torch.strided and t.device.type != "meta" and not t.is_nested
 
 
 @functools.cache

@@ -5,7 +5,7 @@ The directory is ``$ICSMON_RUNTIME_DIR`` if set, else ``$XDG_DATA_HOME/icsmon/ru
 SSH login to the same box, and the two must agree. The directory is 0700 and each file 0600, so
 only the same user sees the jobs (and can reach their ``ipc://`` sockets, which live beside them).
 
-:data:`icsmon.remote_listing.REMOTE_LIST_SCRIPT` (the viewer's) is the same reading done by a plain
+:data:`icsmon.targets.listing.REMOTE_LIST_SCRIPT` (the viewer's) is the same reading done by a plain
 POSIX shell over SSH, so the GPU box needs no ``icsmon`` on its PATH. Keep the two in step.
 """
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .figures import SAT_NONE, SAT_SIGMOID, SAT_TANH
+from .kernel import SAT_NONE, SAT_SIGMOID, SAT_TANH
 
 # Prefixes that wrappers add to qualified names: torch.compile, DataParallel/DDP, FSDP, checkpointing.
 _WRAPPER_PARTS = {"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}

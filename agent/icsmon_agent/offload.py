@@ -1,12 +1,11 @@
 """A background thread that reduces CPU layer outputs off the training thread.
 
-Why: on CPU the reductions are real work, not kernel launches. Measured on the seed 50-layer MLP
-(one torch thread, ~40 ms a step), the few passes over each 128x256 output cost ~150 us a layer
-inside the step, 1.4-1.5x the bare step when every step is sampled; no reordering or batching of
-the same passes brought that under 1.3x, because every pass over the data has to happen somewhere.
-Handing a reference to the output over to this thread costs the training thread ~10 us a layer,
-and the reductions then run beside the backward pass, which releases the GIL for its whole length
-(torch and numpy release it inside every op, so this thread's own Python is all that contends).
+Why: on CPU the reductions are real work, not kernel launches: a few passes over each output inside
+the step, which no reordering or batching of the same passes hides, because every pass over the data
+has to happen somewhere (``benchmarks/README.md`` has the figures). Handing a reference to the
+output over to this thread costs the training thread little, and the reductions then run beside
+the backward pass, which releases the GIL for its whole length (torch and numpy release it inside
+every op, so this thread's own Python is all that contends).
 
 What is handed over must not change under the reader: the agent hands over only outputs whose
 autograd version counter did not move during the forward pass (those that did, such as a Linear

@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from .capture import HOLD_LIMIT, Capture, Layer
-from .figures import Finalizer, GradNorms, Record, grad_norms
+from .finish import Finalizer
+from .grads import GradNorms, grad_norms
 from .layers import tensors_in
 from .protocol import STAT_INDEX
 from .publisher import Publisher, Work
+from .reduce import Record
 from .scaler import ScalerWatch, unscaled
 from .updates import UpdateRatio, local
 

@@ -9,12 +9,14 @@ judge themselves (README, "When nobody is watching").
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 from icsmon.errors import IcsmonError
 from icsmon_agent.alerts import config as job_config
 from icsmon_agent.alerts.config import CONFIG_NAME, Thresholds, config_paths, descriptions, user_config_path
+from icsmon_agent.alerts.engine import AlertEngine
 
 __all__ = [
     "CONFIG_NAME",
@@ -70,3 +72,16 @@ def thresholds_from_args(args: argparse.Namespace) -> Thresholds:
         if value is not None:
             overrides[f.name] = value
     return load(overrides=overrides)
+
+
+#: What makes a stream's alert engine (None in a feed: the job judges itself, or nobody does).
+EngineFactory = Callable[[], AlertEngine]
+
+
+def default_engine_factory(thresholds: Thresholds | None = None) -> EngineFactory:
+    """A factory of the alert engine with these thresholds (the defaults and config files: None)."""
+
+    def make() -> AlertEngine:
+        return AlertEngine(thresholds)
+
+    return make

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from icsmon.alerts.config import ConfigError, add_threshold_flags, thresholds_from_args
+from icsmon.alerts.config import Thresholds, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error
 from icsmon.targets import (
     TargetError,
     is_endpoint,
-    is_ssh_host,
     resolve_local,
     resolve_targets,
+    ssh_host_of,
     typed_targets,
 )
+from icsmon.targets.remote import ForwardRefused
+from icsmon.targets.session import connect_all, exits_cleanly, hosts_of, open_all
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -44,10 +47,6 @@ def register(sub: Any) -> None:
     p.add_argument("--bell", action="store_true", help="ring the terminal bell on every new critical alert")
     add_threshold_flags(p)
     p.set_defaults(func=run)
-
-
-def _thresholds(args: argparse.Namespace) -> Any:
-    return thresholds_from_args(args)
 
 
 def local_connect(
@@ -78,27 +77,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.theme is not None and args.theme not in tui.theme_names():
         return error(f"unknown theme {args.theme!r}; choose one of: {', '.join(tui.theme_names())}")
-    try:
-        thresholds = _thresholds(args)
-    except ConfigError as exc:
-        return error(str(exc))
+    thresholds = thresholds_from_args(args)
     targets = typed_targets(args.target, args.key)
-    remote = [t for t in targets if is_ssh_host(t)]
-    if remote:
-        if len(targets) > 1:
-            return error(f"one SSH host at a time ({', '.join(remote)} and more given)")
-        args.target = targets[0]
-        from icsmon.commands.remote import attach_remote
-
-        return attach_remote(args)
+    host = ssh_host_of(targets)
+    if host is not None:
+        return attach_remote(host, args, thresholds)
     if any(t.isdigit() for t in targets) and args.pid is not None:
         return error("give the PID once: as TARGET or with --pid")
     for target in targets:
-        try:
-            if is_endpoint(target):
-                resolve_local(target)  # a typo in an ipc path is an error now, not a wait forever
-        except TargetError as exc:
-            return error(str(exc))
+        if is_endpoint(target):
+            resolve_local(target)  # a typo in an ipc path is an error now, not a wait forever
         if target.isdigit() and not discovery.pid_alive(int(target)):
             return error(
                 f"no process with pid {target} on this machine; `icsmon list` shows the running jobs"
@@ -120,3 +108,46 @@ def run(args: argparse.Namespace) -> int:
         connect_job=connect_jobs,
         compare=len(targets) > 1,
     )
+
+
+def attach_remote(target: str, args: argparse.Namespace, thresholds: Thresholds) -> int:
+    """The app on an SSH host's job: the master opened first (prompts on the terminal, before the
+    app), a picker when the host runs several jobs."""
+    hosts = hosts_of(target)
+    if not sys.stdout.isatty():
+        return error(f"attach needs a terminal; `icsmon tail {target}` prints figures as text")
+    from icsmon import tui
+
+    try:
+        with exits_cleanly(), contextlib.ExitStack() as stack:
+            remotes = open_all(hosts, args, stack)  # prompts, if any, on the terminal, before the app
+            if len(remotes) > 1:
+                return tui.run_app(
+                    lambda: connect_all(remotes),
+                    title=f"icsmon · {target}",
+                    thresholds=thresholds,
+                    theme=args.theme,
+                    bell=args.bell,
+                )
+            remote = remotes[0]
+            listing = remote.jobs()
+            if len(listing) <= 1 or args.pid is not None or args.run is not None:
+                # One try now: a refused forward will not get better by waiting, so say it here.
+                # Other failures (no job yet, it ended) are the app's waiting screen.
+                with contextlib.suppress(TargetError):
+                    try:
+                        remote.connect()
+                    except ForwardRefused as exc:
+                        return error(str(exc))
+            picker = args.pid is None and args.run is None and args.rank is None
+            return tui.run_app(
+                remote.connect,
+                title=f"icsmon · {remote.host}",
+                thresholds=thresholds,
+                theme=args.theme,
+                bell=args.bell,
+                jobs=(lambda: listing) if picker else None,
+                connect_job=remote.connect_job,
+            )
+    except KeyboardInterrupt:
+        return 130

@@ -23,9 +23,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
-from icsmon.alerts.config import ConfigError, Thresholds, add_threshold_flags, thresholds_from_args
+from icsmon.alerts.config import Thresholds, add_threshold_flags, thresholds_from_args
 from icsmon.commands.common import error, note, positive_int
 from icsmon.demo.scenarios import DEFAULT, SCENARIOS, Scenario
+from icsmon.errors import IcsmonError
 from icsmon.targets import live_endpoints
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
@@ -198,10 +199,7 @@ def run(args: argparse.Namespace) -> int:
         return error(
             f"unknown scenario {args.scenario!r}; choose one of: {', '.join(SCENARIOS)} (see --list)"
         )
-    try:
-        thresholds = thresholds_from_args(args)
-    except ConfigError as exc:
-        return error(str(exc))
+    thresholds = thresholds_from_args(args)
     if importlib.util.find_spec("torch") is None:
         return error(
             "the demo trains its networks with PyTorch, which this environment lacks: "
@@ -251,13 +249,16 @@ def view_in_app(
 def view_headless(
     jobs: list[DemoJob], scenario: Scenario, args: argparse.Namespace, thresholds: Thresholds
 ) -> int:
-    from icsmon.commands.tail import tail_endpoint
+    from icsmon.printing import tail_endpoint
 
     if not args.json:
         note(f"demo {scenario.name}: {scenario.summary}")
         note(f"expect: {scenario.expect}")
     endpoints = [j.job.endpoint for j in jobs if j.job is not None]
-    rc = tail_endpoint(endpoints, as_json=args.json, thresholds=thresholds)
+    try:
+        rc = tail_endpoint(endpoints, as_json=args.json, thresholds=thresholds)
+    except IcsmonError as exc:  # what the training processes said comes after, still
+        rc = error(str(exc))
     for job in jobs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             job.proc.wait(timeout=10)

@@ -11,6 +11,8 @@ from icsmon.errors import TargetError
 from icsmon.kept import ended_jobs
 from icsmon.render import age, clean
 from icsmon.targets import group_ranks
+from icsmon.targets.remote import RemoteTarget
+from icsmon.targets.session import exits_cleanly, hosts_of
 from icsmon_agent import discovery, history
 from icsmon_agent.discovery import JobInfo
 
@@ -115,8 +117,20 @@ def run(args: argparse.Namespace) -> int:
         print_ended(args.json)
         return 0
     if args.host:
-        from icsmon.commands.remote import list_remote
-
         return list_remote(args.host, args.json)
     print_jobs(discovery.read_jobs(), args.json, "on this machine")
+    return 0
+
+
+def list_remote(target: str, as_json: bool) -> int:
+    """The jobs on one host, or on each of ``node1,node2`` (a job across nodes is one line)."""
+    jobs = []
+    try:
+        for host in hosts_of(target):
+            with exits_cleanly(), RemoteTarget(host) as remote:
+                remote.open()
+                jobs += remote.jobs()
+    except KeyboardInterrupt:
+        return 130
+    print_jobs(jobs, as_json, f"on {target}")
     return 0

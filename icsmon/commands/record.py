@@ -12,7 +12,7 @@ from icsmon.commands.common import error, note, positive_int
 from icsmon.feed import Feed, FeedEvents
 from icsmon.render import clean
 from icsmon.store import RunState
-from icsmon.targets import TargetError, resolve_targets, typed_targets
+from icsmon.targets import resolve_targets, typed_targets
 from icsmon_agent.protocol import Event, Message, Sample, Schema, encode
 from icsmon_agent.recording import DEFAULT_KEEP, DEFAULT_MAX_BYTES, Recorder
 
@@ -95,10 +95,7 @@ async def _record(feed: Feed, timeout: float | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     targets = typed_targets(args.target, args.key)
-    try:
-        resolved = resolve_targets(targets, run=args.run, rank=args.rank)
-    except TargetError as exc:
-        return error(str(exc))
+    resolved = resolve_targets(targets, run=args.run, rank=args.rank)
     try:
         recorder = Recorder(args.output, max_bytes=args.max_mb << 20, keep=DEFAULT_KEEP)
     except OSError as exc:

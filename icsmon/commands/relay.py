@@ -174,8 +174,8 @@ class Relay:
 
 
 def run(args: argparse.Namespace) -> int:
-    from icsmon.commands.remote import exits_cleanly
-    from icsmon.ssh_target import RemoteTarget
+    from icsmon.targets.remote import RemoteTarget
+    from icsmon.targets.session import exits_cleanly
 
     targets = [as_endpoint(t) for t in args.target]
     remote = [t for t in targets if is_ssh_host(t)]
@@ -218,8 +218,6 @@ def run(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 note(f"relay stopped after {time.monotonic() - started:.0f} s")
                 return 0
-    except TargetError as exc:
-        return error(str(exc))
     except SystemExit as exc:  # SIGTERM or SIGHUP, turned into an exit by exits_cleanly
         return 0 if exc.code in (143, 129) else int(exc.code or 0)
     finally:

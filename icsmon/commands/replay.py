@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from icsmon.alerts.config import add_threshold_flags, thresholds_from_args
+from icsmon.alerts.config import add_threshold_flags, default_engine_factory, thresholds_from_args
 from icsmon.commands.common import error, note
-from icsmon.commands.tail import Printer, TailListener
 from icsmon.errors import TargetError
-from icsmon.feed import Feed, default_engine_factory
+from icsmon.feed import Feed
 from icsmon.kept import recordings_of
+from icsmon.printing import Printer, TailListener
 from icsmon.replay import ReplayFeed, load, merged
 from icsmon.subscriber import Decoding
 

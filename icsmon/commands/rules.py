@@ -8,14 +8,12 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from icsmon.alerts.config import (
-    ConfigError,
     Thresholds,
     add_threshold_flags,
     config_paths,
     descriptions,
     thresholds_from_args,
 )
-from icsmon.commands.common import error
 from icsmon_agent.alerts.rules import RULES
 
 
@@ -47,10 +45,7 @@ def rule_summaries() -> dict[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        thresholds = thresholds_from_args(args)
-    except ConfigError as exc:
-        return error(str(exc))
+    thresholds = thresholds_from_args(args)
     defaults = Thresholds()
     files = [str(p) for p in config_paths() if p.is_file()]
     if args.json:

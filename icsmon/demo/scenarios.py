@@ -1,7 +1,7 @@
 """The demo scenarios: what each trains and what it should show. No torch here (see train.py).
 
-Every network is the seed's: a deep MLP on a synthetic classification task (Gaussian inputs, labels
-from a fixed random teacher), batch 128. Only the initialisation, activation, biases, normalisation
+Every network is the project's first test bench: a deep MLP on a synthetic classification task
+(Gaussian inputs, labels from a fixed random teacher), batch 128. Only the initialisation, activation, biases, normalisation
 and learning rate differ, so the difference on screen is the failure mode and nothing else.
 """
 

@@ -45,7 +45,8 @@ def run_app(
 
         print(f"icsmon: unknown theme {theme!r}; choose one of: {', '.join(theme_names())}", file=sys.stderr)
         return 2
-    from icsmon.feed import Feed, default_engine_factory
+    from icsmon.alerts.config import default_engine_factory
+    from icsmon.feed import Feed
     from icsmon.tui.app import IcsmonApp
 
     feed = Feed(connect, engine_factory=default_engine_factory(thresholds))

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from rich.markup import escape
 from textual.app import App, ScreenStackError
@@ -47,10 +47,6 @@ TERMINAL_CHECK_S = 1.0
 TOASTS_PER_TICK = 3
 #: With nothing new, a screen with a live stream is still redrawn this often (ages, rates, staleness).
 CLOCK_REDRAW_S = 1.0
-
-
-class Redrawable(Protocol):
-    def redraw(self, force: bool = False) -> None: ...
 
 
 #: Actions of a replay's controls: they do nothing, and are not listed, in a live session.
@@ -181,9 +177,7 @@ class IcsmonApp(App[int]):
         self.feed.selected = None
         if self._feed_worker is not None:
             self._feed_worker.cancel()  # follow the new choice from scratch
-            self.feed.store.runs.clear()
-            self.feed.engines.clear()
-            self.feed.rank_checks.clear()
+            self.feed.reset()
         self._start_feed()
         if len({j.run for j in jobs}) > 1 and not isinstance(self.screen, CompareScreen):
             self.action_compare()

@@ -117,7 +117,7 @@ def messages(
 
 def filled_feed(msgs: list[Message] | None = None, engine: bool = True) -> Feed:
     """A feed that never connects, holding ``msgs`` as a subscriber would have decoded them."""
-    from icsmon.feed import default_engine_factory
+    from icsmon.alerts.config import default_engine_factory
 
     feed = Feed(no_job, engine_factory=default_engine_factory() if engine else None)
     for msg in msgs if msgs is not None else messages():

@@ -16,6 +16,8 @@ from icsmon.targets import resolve_local
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.widgets.layer_table import LayerTable
 
+pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
+
 SCRIPT = textwrap.dedent(
     """
     import sys, time
@@ -73,9 +75,9 @@ async def test_waiting_live_lost_reattach_ended(tmp_path: Path, env: dict[str, s
             assert first is not None and first.schema is not None and first.schema.pid == procs[0].pid
             # The std sparkline of the first layer is drawn from real samples.
             await until(pilot, lambda: first.count >= 10, "ten samples")
-            await pilot.pause(0.3)
-            spark = table.cell_text(0, "spark")
-            assert any(ch in spark for ch in "▁▂▃▄▅▆▇█")
+            await until(
+                pilot, lambda: any(ch in table.cell_text(0, "spark") for ch in "▁▂▃▄▅▆▇█"), "the sparkline"
+            )
             assert "● live" in screen_text(app) and "tui-live" in screen_text(app)
 
             # The job dies without a word: the viewer says "lost" (its pid is gone).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from screen_text import screen_text
+from screen_text import screen_text, until
 from synthetic import filled_feed, messages
 from textual.widgets import Input
 
@@ -181,7 +181,9 @@ async def test_l_shows_the_loss_over_the_run_with_the_alerts_marked() -> None:
         await pilot.pause()
         await pilot.press("l")
         assert type(app.screen).__name__ == "LossScreen"
-        await pilot.pause(0.5)  # drawn once laid out
+        await until(
+            pilot, lambda: "step 790: nonfinite" in screen_text(app), "the loss plot"
+        )  # once laid out
         text = screen_text(app)
         assert "loss  (steps 0 to 790" in text and "▲" in text and "step 790: nonfinite" in text
         await pilot.press("escape")

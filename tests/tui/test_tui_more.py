@@ -7,13 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from screen_text import screen_text
+from screen_text import screen_text, until
 from synthetic import filled_feed, messages, no_job
-from textual.command import CommandPalette
+from textual.command import CommandList, CommandPalette
 from textual.widgets import OptionList
 
 from helpers import icsmon
-from icsmon.feed import Feed, default_engine_factory
+from icsmon.alerts.config import default_engine_factory
+from icsmon.feed import Feed
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.screens.main import MainScreen
 from icsmon.tui.screens.picker import PickerScreen
@@ -29,7 +30,13 @@ async def test_palette_jumps_to_a_layer() -> None:
         await pilot.press("ctrl+p")
         assert isinstance(app.screen, CommandPalette)
         await pilot.press(*"net.12.act")
-        await pilot.pause(0.5)  # the palette searches in a worker
+
+        # The palette searches in a worker and lists its hits as they come, best first.
+        def first_hit() -> str:
+            hits = app.screen.query_one(CommandList)
+            return str(hits.get_option_at_index(0).prompt) if hits.option_count else ""
+
+        await until(pilot, lambda: "net.12.act" in first_hit(), "the layer as the palette's first hit")
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, MainScreen)
@@ -75,8 +82,7 @@ async def test_picker_chooses_among_several_jobs() -> None:
         assert "alpha" in screen_text(app) and "beta" in screen_text(app)
         app.screen.query_one(OptionList).focus()
         await pilot.press("down", "enter")
-        await pilot.pause(0.3)
-        assert isinstance(app.screen, MainScreen)
+        await until(pilot, lambda: isinstance(app.screen, MainScreen) and bool(chosen), "the chosen job")
         assert chosen and set(chosen) == {"a-1"}  # connect is retried while nothing answers
 
 
@@ -111,9 +117,7 @@ async def test_a_picked_job_that_has_ended_says_so_instead_of_waiting_in_silence
         assert isinstance(app.screen, PickerScreen)
         app.screen.query_one(OptionList).focus()
         await pilot.press("enter")
-        deadline = time.monotonic() + 10
-        while "has ended" not in screen_text(app) and time.monotonic() < deadline:
-            await pilot.pause(0.1)
+        await until(pilot, lambda: "has ended" in screen_text(app), "the ended job's note")
         text = screen_text(app)
         assert f"(pid {gone.pid}" in text and "has ended" in text, text
         assert not feed.endpoints  # it never subscribed to the dead endpoint

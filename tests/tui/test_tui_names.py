@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from screen_text import screen_text
+from screen_text import screen_text, until
 from synthetic import filled_feed, messages
 
-from icsmon.commands.tail import alert_lines
+from icsmon.printing import alert_lines
 from icsmon.render import sample_line
 from icsmon.tui.app import IcsmonApp
 from icsmon.tui.screens.main import MainScreen
@@ -42,8 +42,7 @@ async def test_hostile_layer_names_are_shown_literally_and_a_critical_toast_on_t
     async with app.run_test(size=(160, 40)) as pilot:
         await pilot.pause()
         app._tick(force=True)  # the alert changes (NaN from the layer named "[/]"): a critical toast
-        await pilot.pause(0.3)
-        assert app.toasts >= 1
+        await until(pilot, lambda: app.toasts >= 1, "the critical toast")
         assert isinstance(app.screen, MainScreen) and app.is_running
         text = screen_text(app)
         for shown in ("[/]", "[b]bold[/b]", "[@click=app.quit]x", "evil\\x1b]0;pwned\\x07", "Lin[/]ear"):
@@ -52,8 +51,8 @@ async def test_hostile_layer_names_are_shown_literally_and_a_critical_toast_on_t
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"click")
-        await pilot.pause(0.3)
-        assert "[@click=app.quit]x" in screen_text(app) and app.is_running
+        await until(pilot, lambda: "[@click=app.quit]x" in screen_text(app), "the palette's match")
+        assert app.is_running
 
 
 def test_tail_writes_no_control_code_of_a_name() -> None:

@@ -121,7 +121,7 @@ async def test_the_picker_quits_goes_back_marks_several_and_shows_an_ended_job()
         assert "gamma" in text and "ended" in text and "2 jobs run" in text, text
         # Mark alpha and beta (space), then watch both (Enter): side by side.
         await pilot.press("space", "down", "space", "enter")
-        await pilot.pause(0.3)
+        await until(pilot, lambda: bool(chosen) and isinstance(app.screen, CompareScreen), "both runs")
         assert chosen and chosen[0] == ["alpha-1", "beta-1"]  # retried while nothing answers
         assert isinstance(app.screen, CompareScreen)
 

@@ -19,6 +19,7 @@ from test_tui_live import N_LAYERS, SCRIPT
 from helpers import wait_for_jobs
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.tmux,
     pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux"),
 ]

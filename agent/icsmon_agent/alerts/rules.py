@@ -16,125 +16,29 @@ layer whose input has already vanished is ``vanishing``, not ``dead_relu``.
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
 from ..protocol import STAT_INDEX
 from .config import Thresholds
-from .model import Severity
+from .loss_rules import RUN_FIGURES, finite_tail, loss_level, spike
+from .window import (
+    ACTIVATION_KINDS,
+    Finding,
+    FloatArray,
+    Window,
+    _above,
+    _finding,
+    _finite,
+    _Hit,
+    _kind_is,
+    _nanmax,
+    _nanmedian,
+)
 
-FloatArray = npt.NDArray[np.float64]
-
-#: Layer kinds whose output is an activation: their `shift` mirrors their input's, and a ReLU output's
-#: shift is dominated by units flipping between dead (variance 0) and alive, so `shift` is judged on
-#: the other layers (the seed measures it on z = W h + b).
-ACTIVATION_KINDS = frozenset({"relu", "tanh", "sigmoid"})
-
-
-@dataclass(frozen=True)
-class Window:
-    """A run's recent figures: ``figures[t, layer, stat]`` oldest to newest; the last row is now."""
-
-    names: tuple[str, ...]
-    kinds: tuple[str, ...]
-    figures: FloatArray  # (n, n_layers, n_stats), float64, NaN where absent
-    step: int
-    # The run's own early scale: each figure's median over its first samples ((n_layers, n_stats)),
-    # a reference that does not collapse when the loss does (None: not known).
-    early: FloatArray | None = None
-    types: tuple[str, ...] = ()  # module type of each layer, for the alert's line
-    losses: FloatArray | None = None  # a longer history of the run's loss, newest last
-    output_width: int = 0  # the last layer's output width: a classifier's classes, an LM's vocabulary
-    early_loss: float | None = None  # where the run's loss began (engine.EARLY_LOSSES; None: not known)
-    scalars: Mapping[str, float | None] = field(default_factory=dict)  # the newest sample's
-
-    def now(self, stat: str) -> FloatArray:
-        out: FloatArray = self.figures[-1, :, STAT_INDEX[stat]]
-        return out
-
-    def past(self, stat: str, n: int) -> FloatArray:
-        """The ``n`` samples before now (fewer if the history is shorter): shape (m, n_layers)."""
-        lo = max(0, self.figures.shape[0] - 1 - n)
-        out: FloatArray = self.figures[lo:-1, :, STAT_INDEX[stat]]
-        return out
-
-
-@dataclass(frozen=True)
-class Finding:
-    """What a rule found in one sample."""
-
-    severity: Severity
-    layers: tuple[int, ...]  # every layer where the condition holds, in depth order
-    figure: str  # the figure of the layer named in the alert
-    value: float
-    detail: str = ""  # e.g. "10.2x its median"
-    first: int = 0  # the layer named in the alert: the first in depth order unless a rule prefers one
-
-
-@dataclass(frozen=True)
-class _Hit:
-    layer: int
-    severity: Severity
-    figure: str
-    value: float
-    detail: str = ""
-
-
-def _finding(hits: list[_Hit], prefer: str = "") -> Finding | None:
-    """One finding from per-layer hits; it names the first layer (the first hit on ``prefer`` if any)."""
-    if not hits:
-        return None
-    hits.sort(key=lambda h: (h.layer, h.severity != "critical"))
-    preferred = [h for h in hits if h.figure == prefer]
-    first = preferred[0] if preferred else hits[0]
-    severity: Severity = "critical" if any(h.severity == "critical" for h in hits) else "warning"
-    layers = tuple(dict.fromkeys(h.layer for h in hits))
-    return Finding(severity, layers, first.figure, first.value, first.detail, first.layer)
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
-def _kind_is(w: Window, kinds: frozenset[str] | str) -> npt.NDArray[np.bool_]:
-    """Which layers are of these kinds, as a mask (the rules run on every layer at once)."""
-    wanted = frozenset([kinds]) if isinstance(kinds, str) else kinds
-    return np.fromiter((k in wanted for k in w.kinds), dtype=bool, count=len(w.kinds))
-
-
-def _above(values: FloatArray, warning: float, critical: float) -> list[tuple[int, Severity, float]]:
-    """The layers whose finite value is at least ``warning``: (layer, severity, value)."""
-    with np.errstate(invalid="ignore"):
-        hit = np.flatnonzero(np.isfinite(values) & (values >= warning))
-    return [
-        (i, "critical" if v >= critical else "warning", v)
-        for i, v in zip(hit.tolist(), values[hit].tolist(), strict=True)
-    ]
-
-
-def _column_reduce(a: FloatArray, reduce: Callable[..., Any]) -> FloatArray:
-    """Column-wise ``reduce`` over finite values; NaN for a column with none (without a warning)."""
-    out = np.full(a.shape[1] if a.ndim == 2 else 0, np.nan)
-    if a.size == 0:
-        return out
-    a = np.where(np.isfinite(a), a, np.nan)
-    ok = np.isfinite(a).any(axis=0)
-    if ok.any():
-        out[ok] = reduce(a[:, ok], axis=0)
-    return out
-
-
-def _nanmedian(a: FloatArray) -> FloatArray:
-    return _column_reduce(a, np.nanmedian)
-
-
-def _nanmax(a: FloatArray) -> FloatArray:
-    return _column_reduce(a, np.nanmax)
+__all__ = ["RULES", "RUN_FIGURES", "Finding", "FloatArray", "Window", "finite_tail", "loss_level", "spike"]
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -350,83 +254,8 @@ def shift(w: Window, t: Thresholds) -> Finding | None:
     return _finding(hits)
 
 
-#: Figures of the whole run, not of a layer: an alert on one names no layer.
-RUN_FIGURES = frozenset({"loss"})
-
-
-def _spiking(history: FloatArray | None, t: Thresholds) -> tuple[float, float] | None:
-    """(now, limit) when the newest value is above its recent median + ``spike_sigma`` robust
-    deviations (1.4826 x the median absolute deviation) and ``spike_ratio`` times that median.
-
-    Why robust and relative: late in training and when fine-tuning the loss is heavy-tailed (most
-    batches near 0, a hard one now and then); a mean and standard deviation taken over those put
-    one ordinary hard batch six sigmas out (OLMo's mean + 6σ test fired on healthy ResNets).
-    """
-    if history is None or history.size < t.spike_min_history + 1:
-        return None
-    now = float(history[-1])
-    past = history[-1 - t.spike_window : -1]
-    past = past[np.isfinite(past)]
-    if not _finite(now) or past.size < t.spike_min_history:
-        return None
-    level = float(np.median(past))
-    spread = 1.4826 * float(np.median(np.abs(past - level)))
-    limit = max(level + t.spike_sigma * spread, t.spike_ratio * level)
-    return (now, limit) if now > limit and spread > 0 else None
-
-
-def spike(w: Window, t: Thresholds) -> Finding | None:
-    """The loss far above its own recent distribution, sample after sample (the engine waits for
-    it to hold: one hard batch is no instability). A run-level figure: the alert names no layer."""
-    # The same test on the total gradient norm fired on healthy runs (its tail is heavy: the healthy
-    # suite of tests/test_alerts_modern.py trips mean+6σ on ordinary hard batches): not judged yet.
-    found = _spiking(w.losses, t)
-    if found is None:
-        return None
-    now, limit = found
-    return Finding(
-        "warning", (0,), "loss", now, f"above its recent median + {t.spike_sigma:g} deviations = {limit:.3g}"
-    )
-
-
-def finite_tail(losses: FloatArray | None, n: int, skip: int = 0) -> FloatArray:
-    """The finite values among the last ``n`` losses (before the last ``skip``)."""
-    if losses is None:
-        return np.zeros(0)
-    recent = losses[: len(losses) - skip][-n:]
-    out: FloatArray = recent[np.isfinite(recent)]
-    return out
-
-
-def loss_level(w: Window, t: Thresholds) -> Finding | None:
-    """The loss's level (the median of its last samples) far above chance, or far above where the
-    run began: a start that is sick already, a slow divergence, a run stuck high after a blow-up.
-    It holds as long as the loss stays there, so the alert stays active until the run recovers.
-
-    Chance is ln of the output layer's width, for a Linear head 10 wide or more (a classifier's
-    classes, a language model's vocabulary), and only for a loss that began within 10x of it (a
-    summed, not averaged, loss starts far beyond and is left to the rise test).
-    """
-    recent = finite_tail(w.losses, t.loss_window)
-    if recent.size < t.loss_window:
-        return None
-    level = float(np.median(recent))
-    start = w.early_loss
-    if w.output_width >= t.loss_chance_classes and w.kinds and w.kinds[-1] == "linear":
-        chance = math.log(w.output_width)
-        if level > t.loss_chance * chance and (start is None or start < 10 * chance):
-            severity: Severity = "critical" if level > 2 * t.loss_chance * chance else "warning"
-            detail = f"{level / chance:.3g}x chance, ln {w.output_width} = {chance:.3g}"
-            return Finding(severity, (0,), "loss", level, detail)
-    if start is not None and start > 0 and level > t.loss_rise * start:
-        severity = "critical" if level > 10 * t.loss_rise * start else "warning"
-        return Finding(severity, (0,), "loss", level, f"{level / start:.3g}x its start {start:.3g}")
-    return None
-
-
 Rule = Callable[[Window, Thresholds], "Finding | None"]
 
-#: name -> (rule, fires at once?, hint). Order: how alerts are listed when several fire together.
 RULES: dict[str, tuple[Rule, bool, str]] = {
     "nonfinite": (
         nonfinite,

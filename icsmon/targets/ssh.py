@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from icsmon.targets import TargetError
+from icsmon.errors import TargetError
 from icsmon_agent import discovery
 
 ENV_COMMAND = "ICSMON_SSH_COMMAND"

@@ -8,7 +8,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from icsmon.errors import TargetError as TargetError  # where the commands have always found it
+from icsmon.errors import TargetError
 from icsmon.subscriber import remember_key
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
@@ -56,6 +56,15 @@ def is_local_run(target: str, runtime: Path | None = None) -> bool:
 def is_ssh_host(target: str) -> bool:
     """Neither a PID, an endpoint nor the run id or name of a job on this machine: an SSH host."""
     return bool(target) and not target.isdigit() and not is_endpoint(target) and not is_local_run(target)
+
+
+def ssh_host_of(targets: list[str]) -> str | None:
+    """The SSH host among the targets, for a command that follows one host at a time (None: the
+    targets are all local); a host beside anything else is a usage error."""
+    hosts = [t for t in targets if is_ssh_host(t)]
+    if hosts and len(targets) > 1:
+        raise TargetError(f"one SSH host at a time ({', '.join(hosts)} and more given)")
+    return hosts[0] if hosts else None
 
 
 def describe(job: JobInfo) -> str:

@@ -11,10 +11,11 @@ import shlex
 import socket
 import threading
 
-from icsmon.remote_listing import REMOTE_LIST_SCRIPT, parse_remote_listing
-from icsmon.ssh import PROBE_TIMEOUT_S, Connection, SSHError
+from icsmon.errors import TargetError
 from icsmon.subscriber import remember_key
-from icsmon.targets import Resolved, TargetError, describe, pick_job
+from icsmon.targets.listing import REMOTE_LIST_SCRIPT, parse_remote_listing
+from icsmon.targets.local import Resolved, describe, pick_job
+from icsmon.targets.ssh import PROBE_TIMEOUT_S, Connection, SSHError
 from icsmon_agent.discovery import JobInfo
 
 # The first bytes a ZeroMQ peer sends on a fresh connection (the ZMTP signature starts with 0xFF).
