@@ -32,7 +32,7 @@ async def shoot() -> None:
     app = IcsmonApp(feed, title="icsmon demo vanishing")
     async with app.run_test(size=SIZE) as pilot:
         deadline = time.monotonic() + 120
-        while (run := feed.current()) is None or run.count < SAMPLES:
+        while (run := app.view_state.current(feed)) is None or run.count < SAMPLES:
             if time.monotonic() > deadline:
                 raise SystemExit("the demo job sent too few samples in 120 s")
             await pilot.pause(0.2)

@@ -112,7 +112,6 @@ class Feed:
         self.change_count = 0
         self.samples = 0
         self.version = 0  # bumped by anything a screen would show differently
-        self.selected: RunKey | None = None  # the stream a single-stream screen shows (None: newest)
         self._host = socket.gethostname()
         self._due: set[RunKey] = set()
         self.stopped = False  # stop() was called: run() returns at its next turn
@@ -296,26 +295,6 @@ class Feed:
             (r for (rid, _), r in self.store.runs.items() if rid == run_id and r.count),
             key=lambda r: r.rank,
         )
-
-    def current(self) -> RunState | None:
-        """The stream a single-stream screen shows: the one selected, else the one heard from last."""
-        if self.selected is not None:
-            run = self.store.runs.get(self.selected)
-            if run is not None:
-                return run
-        return self.store.newest()
-
-    def select(self, delta: int) -> RunState | None:
-        """Move the selection ``delta`` streams on (wrapping); the new current stream."""
-        streams = self.streams()
-        if not streams:
-            return None
-        now = self.current()
-        at = streams.index(now) if now in streams else 0
-        chosen = streams[(at + delta) % len(streams)]
-        self.selected = (chosen.run, chosen.rank)
-        self.version += 1
-        return chosen
 
     def active_alerts(self, run: RunState) -> list[Alert]:
         engine = self.engines.get((run.run, run.rank))

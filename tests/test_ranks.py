@@ -19,6 +19,7 @@ from helpers import icsmon, json_lines, wait_for_jobs
 from icsmon.alerts.ranks import RankCheck, find
 from icsmon.feed import Feed
 from icsmon.store import Store
+from icsmon.tui.state import ViewState
 from icsmon_agent.protocol import STAT_INDEX, STATS, LayerInfo, Sample, Schema, schema_id_for
 
 pytestmark = pytest.mark.slow  # real processes: `make check` leaves it out
@@ -204,7 +205,9 @@ def test_the_feed_runs_the_rank_rule_and_keeps_the_ranks_apart() -> None:
     assert [(a.rule, a.rank) for a in alerts] == [("rank_divergence", 0)]
     # Every rank's view lists the job's divergence alert.
     assert all(feed.active_alerts(r) for r in feed.ranks_of("job-1"))
-    assert feed.select(1) is not None and feed.current() is not None
+    # The app's choice of stream moves over the ranks.
+    view = ViewState()
+    assert view.select(feed, 1) is not None and view.current(feed) is not None
 
 
 class _NoRules:

@@ -140,7 +140,7 @@ def test_replay_opens_the_app_on_a_recording(tmp_path: Path, env: dict[str, str]
         app = IcsmonApp(feed)
         async with app.run_test(size=(140, 30)) as pilot:
             await until(pilot, lambda: feed.position == len(feed.recorded), "the whole recording played")
-            run = feed.current()
+            run = app.view_state.current(feed)
             assert run is not None and run.latest_step == 44 and run.ended
             await pilot.press("space", "0")  # pause, back to the start
             await pilot.pause()
@@ -148,7 +148,7 @@ def test_replay_opens_the_app_on_a_recording(tmp_path: Path, env: dict[str, str]
             assert "REPLAY" in str(app.screen.query_one("#header").render())
             await pilot.press(">")  # a tenth of the recording on, at once
             await pilot.pause()
-            assert feed.position == len(feed.recorded) // 10 and feed.current() is not None
+            assert feed.position == len(feed.recorded) // 10 and app.view_state.current(feed) is not None
 
     asyncio.run(drive())
 

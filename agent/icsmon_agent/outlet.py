@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import os
 import secrets
 import socket
@@ -153,7 +152,6 @@ class Outlet:
         actions: Actions | None = None,
     ) -> None:
         self.who = who
-        self._seq = itertools.count(1)
         self._discovery_path: Path | None = None
         self.kept: history.KeptJob | None = None
         key = f"{who.run}.r{who.rank}.{who.pid}"  # the pid too: two processes never share a file
@@ -212,7 +210,8 @@ class Outlet:
     def event(self, name: str, step: int, errors: int, **extra: Any) -> None:
         detail: dict[str, Any] = {"step": step, "errors": errors, "dropped": self.publisher.dropped, **extra}
         who = self.who
-        self.publisher.submit(protocol.Event(who.run, who.rank, next(self._seq), time.time(), name, detail))
+        # seq 0: the publisher numbers every message it sends, from one counter.
+        self.publisher.submit(protocol.Event(who.run, who.rank, 0, time.time(), name, detail))
 
     def schema(self, layers: tuple[protocol.LayerInfo, ...], every: int | None, *, sharded: bool) -> None:
         who = self.who
@@ -220,7 +219,7 @@ class Outlet:
             protocol.Schema(
                 run=who.run,
                 rank=who.rank,
-                seq=next(self._seq),
+                seq=0,  # a table is not numbered: it is sent again as it is, and viewers keep the last
                 t=time.time(),
                 layers=layers,
                 name=who.name,

@@ -174,7 +174,7 @@ class IcsmonApp(App[int]):
             return  # Escape: back to what was on screen
         pick = self.connect_job or live_endpoints
         self.feed.connect = partial(pick, jobs)
-        self.feed.selected = None
+        self.view_state.selected = None
         if self._feed_worker is not None:
             self._feed_worker.cancel()  # follow the new choice from scratch
             self.feed.reset()
@@ -183,7 +183,7 @@ class IcsmonApp(App[int]):
             self.action_compare()
 
     def action_next_stream(self, delta: int) -> None:
-        chosen = self.feed.select(delta)
+        chosen = self.view_state.select(self.feed, delta)
         if chosen is not None:
             world = chosen.schema.world_size if chosen.schema is not None else 1
             rank = f" rank {chosen.rank}/{world}" if world > 1 else ""

@@ -19,7 +19,7 @@ DISCOVER_MAX = 30  # the empty palette lists the first layers; typing searches a
 class LayerCommands(Provider):
     def _names(self) -> list[str]:
         app: IcsmonApp = self.app  # type: ignore[assignment]
-        run = app.feed.current()
+        run = app.view_state.current(app.feed)
         return run.layer_names if run is not None else []
 
     def _jump(self, layer: int) -> None:

@@ -70,8 +70,8 @@ async def test_waiting_live_lost_reattach_ended(tmp_path: Path, env: dict[str, s
 
             procs.append(start(tmp_path, env, 100_000))
             await until(pilot, lambda: table.display and table.row_count == N_LAYERS, "the layer table")
-            await until(pilot, lambda: feed.state(feed.current()) == "live", "live")
-            first = feed.current()
+            await until(pilot, lambda: feed.state(app.view_state.current(feed)) == "live", "live")
+            first = app.view_state.current(feed)
             assert first is not None and first.schema is not None and first.schema.pid == procs[0].pid
             # The std sparkline of the first layer is drawn from real samples.
             await until(pilot, lambda: first.count >= 10, "ten samples")
@@ -90,11 +90,17 @@ async def test_waiting_live_lost_reattach_ended(tmp_path: Path, env: dict[str, s
             procs.append(start(tmp_path, env, 400))
             await until(
                 pilot,
-                lambda: (run := feed.current()) is not None and run.run != first.run and run.count > 0,
+                lambda: (
+                    (run := app.view_state.current(feed)) is not None
+                    and run.run != first.run
+                    and run.count > 0
+                ),
                 "the re-attach",
             )
             # This one finishes and closes: "ended".
-            await until(pilot, lambda: feed.state(feed.current()) == "ended", "ended", timeout=60)
+            await until(
+                pilot, lambda: feed.state(app.view_state.current(feed)) == "ended", "ended", timeout=60
+            )
             await until(pilot, lambda: "● ended" in screen_text(app), "ended on screen", timeout=5)
             assert table.row_count == N_LAYERS
             await pilot.press("q")

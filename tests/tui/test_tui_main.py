@@ -48,7 +48,7 @@ async def test_nonfinite_layers_get_their_own_badge_and_sort_first() -> None:
         assert table.shown[:5] == [15, 16, 17, 18, 19]
         await pilot.press("s")  # severity -> name
         assert app.view_state.sort == "name"
-        names = [app.feed.current().layer_names[i] for i in table.shown]  # type: ignore[union-attr]
+        names = [app.view_state.current(app.feed).layer_names[i] for i in table.shown]  # type: ignore[union-attr]
         assert names == sorted(names, key=natural) and names[:2] == ["net.0.act", "net.0.fc"]
         assert names.index("net.2.fc") < names.index("net.9.fc")  # numbers read as numbers
 
@@ -72,7 +72,7 @@ async def test_filter_narrows_and_escape_restores() -> None:
         assert app.screen.query_one("#filter", Input).has_focus
         await pilot.press(*"tanh")
         assert app.view_state.needle == "tanh"
-        assert [app.feed.current().layer_names[i] for i in table.shown] == ["net.9.act"]  # type: ignore[union-attr]
+        assert [app.view_state.current(app.feed).layer_names[i] for i in table.shown] == ["net.9.act"]  # type: ignore[union-attr]
         await pilot.press("escape")
         assert app.view_state.needle == ""
         assert table.row_count == 30
@@ -167,7 +167,7 @@ async def test_a_key_that_reaches_the_detail_before_it_is_composed_is_harmless()
     app = app_on(n_layers=6, n_samples=5)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        detail = DetailScreen(app.feed, 0)
+        detail = DetailScreen(app.feed, app.view_state, 0)
         app.push_screen(detail)
         detail.action_step(1)  # what a typed-ahead → did in a real terminal: it used to raise NoMatches
         await pilot.pause()

@@ -190,7 +190,7 @@ async def test_a_quiet_job_shows_stale_then_a_sample_makes_it_live_again() -> No
     app = IcsmonApp(feed, live=False)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
-        run = feed.current()
+        run = app.view_state.current(feed)
         assert run is not None
         run.last_recv = time.monotonic() - 60  # nothing heard for a minute
         app._tick(force=True)

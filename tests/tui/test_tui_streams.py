@@ -48,10 +48,10 @@ async def test_the_compare_screen_shows_two_runs_side_by_side_and_tab_switches_t
         await pilot.press("c")  # back to one run's layer table
         await pilot.pause()
         assert isinstance(app.screen, MainScreen)
-        first = feed.current()
+        first = app.view_state.current(feed)
         await pilot.press("n")
         await pilot.pause()
-        second = feed.current()
+        second = app.view_state.current(feed)
         assert first is not None and second is not None and first.run != second.run
         assert (second.schema.name if second.schema else "") in screen_text(app).split("\n")[0]
 

@@ -12,6 +12,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from icsmon.feed import Feed
+from icsmon.tui.state import ViewState
 from icsmon.tui.widgets.alerts import alert_line, change_line
 from icsmon.tui.widgets.header import RunHeader, header_text
 
@@ -21,9 +22,10 @@ class AlertsScreen(Screen[None]):
         Binding("escape,a", "app.pop_screen", "Back", tooltip="Back to the layer table")
     ]
 
-    def __init__(self, feed: Feed) -> None:
+    def __init__(self, feed: Feed, state: ViewState) -> None:
         super().__init__()
         self.feed = feed
+        self.state = state
 
     def compose(self) -> ComposeResult:
         yield RunHeader(id="header")
@@ -36,7 +38,7 @@ class AlertsScreen(Screen[None]):
         self.redraw(force=True)
 
     def redraw(self, force: bool = False) -> None:
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         self.query_one(RunHeader).update(header_text(self.feed, run, label=self.app.title))
         active = self.query_one("#active-alerts", Static)
         history = self.query_one("#alert-history", Static)

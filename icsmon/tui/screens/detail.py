@@ -20,6 +20,7 @@ from icsmon.store import RunState
 from icsmon.tui import view
 from icsmon.tui.plot import Series, plot
 from icsmon.tui.safe import clean
+from icsmon.tui.state import ViewState
 from icsmon.tui.widgets.alerts import change_line
 from icsmon.tui.widgets.header import RunHeader, header_text
 from icsmon_agent.protocol import STAT_INDEX
@@ -51,9 +52,10 @@ class DetailScreen(Screen[None]):
         Binding("right,j", "step(1)", "Next layer", key_display="→", tooltip="The layer below"),
     ]
 
-    def __init__(self, feed: Feed, layer: int) -> None:
+    def __init__(self, feed: Feed, state: ViewState, layer: int) -> None:
         super().__init__()
         self.feed = feed
+        self.state = state
         self.layer_index = layer
 
     def compose(self) -> ComposeResult:
@@ -77,7 +79,7 @@ class DetailScreen(Screen[None]):
         self.redraw(force=True)
 
     def action_step(self, delta: int) -> None:
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         if run is None:
             return
         self.layer_index = max(0, min(len(run.layer_names) - 1, self.layer_index + delta))
@@ -86,7 +88,7 @@ class DetailScreen(Screen[None]):
     def redraw(self, force: bool = False) -> None:
         if not self.is_mounted:
             return  # a key (→, j) can arrive between the push and the first compose
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         paused = getattr(self.app, "view_state", None)
         is_paused = bool(paused and paused.paused)
         self.query_one(RunHeader).update(header_text(self.feed, run, paused=is_paused, label=self.app.title))

@@ -41,7 +41,7 @@ class RunScreen(LaidOutScreen):
 
     def current(self, force: bool) -> RunState | None:
         """Update the header; the run to draw, or None (none yet, or frozen by the pause)."""
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         self.query_one(RunHeader).update(
             header_text(self.feed, run, paused=self.state.paused, label=self.app.title)
         )

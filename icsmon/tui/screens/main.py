@@ -80,7 +80,7 @@ class MainScreen(LaidOutScreen):
         if self.state.paused and not force:
             self._draw_header()  # keeps saying PAUSED and the connection state
             return
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         self._draw_header()
         waiting = self.query_one("#waiting", Static)
         has_data = run is not None and run.schema is not None and run.count > 0
@@ -98,7 +98,7 @@ class MainScreen(LaidOutScreen):
         self.table.show(run, badges, order, self.size.width)
 
     def _draw_header(self) -> None:
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         extra = f"sort {self.state.sort}"
         if self.state.needle:
             extra += f"  filter {self.state.needle!r}"
@@ -108,7 +108,7 @@ class MainScreen(LaidOutScreen):
 
     def _waiting_text(self) -> Text:
         text = Text()
-        run = self.feed.current()
+        run = self.state.current(self.feed)
         if run is not None:
             text.append(f"Connected to {run.run}; waiting for its first sample…\n\n", style="bold")
         elif self.feed.endpoint:
@@ -127,7 +127,7 @@ class MainScreen(LaidOutScreen):
         if layer is not None:
             from icsmon.tui.screens.detail import DetailScreen
 
-            self.app.push_screen(DetailScreen(self.feed, layer))
+            self.app.push_screen(DetailScreen(self.feed, self.state, layer))
 
     @on(LayerTable.Selected)
     def _row_selected(self, event: LayerTable.Selected) -> None:
@@ -151,7 +151,7 @@ class MainScreen(LaidOutScreen):
     def action_alerts(self) -> None:
         from icsmon.tui.screens.alerts import AlertsScreen
 
-        self.app.push_screen(AlertsScreen(self.feed))
+        self.app.push_screen(AlertsScreen(self.feed, self.state))
 
     def action_sort(self) -> None:
         sorts = view.SORTS
