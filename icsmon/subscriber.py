@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
+from icsmon.endpoint import key_of
 from icsmon.errors import TargetError
 from icsmon.wire import MAX_MESSAGE_BYTES, Frames, ProtocolError, decode
 from icsmon_agent.protocol import TOPIC_PREFIX, Message
@@ -68,16 +69,6 @@ class Decoding:
             return None
 
 
-#: CURVE public keys (Z85) of jobs that publish beyond loopback, by the endpoint this viewer
-#: connects to; filled where targets are resolved (discovery files, SSH forwards, --key).
-SERVER_KEYS: dict[str, str] = {}
-
-
-def remember_key(endpoint: str, key: str) -> None:
-    if key:
-        SERVER_KEYS[endpoint] = key
-
-
 def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
     """A SUB socket on ``ctx`` (sync or asyncio), subscribed to icsmon's topics, connected; to a job
     with a key, over CURVE (plain endpoints first: a socket's mechanism is set per connect)."""
@@ -87,17 +78,17 @@ def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
     # A peer that sends a bigger message is dropped before the message is allocated.
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX)
-    secure = [ep for ep in endpoints if ep in SERVER_KEYS]
+    secure = [ep for ep in endpoints if key_of(ep)]
     try:
         for ep in endpoints:
-            if ep not in SERVER_KEYS:
+            if not key_of(ep):
                 _connect(sock, ep)
         if secure:
             public, secret = zmq.curve_keypair()  # this viewer's own, for this socket only
             sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
             for ep in secure:
-                sock.setsockopt(zmq.CURVE_SERVERKEY, SERVER_KEYS[ep].encode())
+                sock.setsockopt(zmq.CURVE_SERVERKEY, key_of(ep).encode())
                 _connect(sock, ep)
     except BaseException:
         sock.close(linger=0)
@@ -115,8 +106,9 @@ class Rejoin:
     The monitor is read through a plain (not asyncio) socket on the same context, without waiting.
     """
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, endpoints: Sequence[str]) -> None:
         self._sock = sock
+        self._keys = {str(ep): key_of(ep) for ep in endpoints}  # the key each peer was connected with
         address = f"inproc://icsmon-rejoin-{id(self)}"
         sock.monitor(address, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         ctx: zmq.Context[Any] = zmq.Context.shadow(sock.context.underlying)
@@ -147,9 +139,8 @@ class Rejoin:
             raw = event.get("endpoint", b"")
             endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                if (
-                    event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
-                    and endpoint not in SERVER_KEYS
+                if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and not self._keys.get(
+                    endpoint
                 ):
                     self.encrypted.add(endpoint)
                 continue
@@ -161,10 +152,10 @@ class Rejoin:
             return
         dropped, self._dropped = self._dropped, set()
         for endpoint in dropped:
-            if endpoint in SERVER_KEYS:
+            if self._keys.get(endpoint):
                 # The socket's mechanism is set per connect: this peer's key goes with it again.
                 with contextlib.suppress(zmq.ZMQError):
-                    self._sock.setsockopt(zmq.CURVE_SERVERKEY, SERVER_KEYS[endpoint].encode())
+                    self._sock.setsockopt(zmq.CURVE_SERVERKEY, self._keys[endpoint].encode())
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disconnect(endpoint)
             with contextlib.suppress(zmq.ZMQError):
@@ -203,7 +194,7 @@ class Subscriber(Decoding):
             if self._own_ctx:
                 self._ctx.term()
             raise
-        self._rejoin = Rejoin(self._sock)
+        self._rejoin = Rejoin(self._sock, self.endpoints)
 
     def poll(self, timeout_s: float, limit: int = 10_000) -> list[Message]:
         """Wait up to ``timeout_s`` for a message, then drain what is queued (at most ``limit``)."""
@@ -246,7 +237,7 @@ class AsyncSubscriber(Decoding):
         except BaseException:
             self._ctx.term()
             raise
-        self._rejoin = Rejoin(self._sock)
+        self._rejoin = Rejoin(self._sock, self.endpoints)
         # What is queued is taken without asyncio futures: a future's result lives in a reference
         # cycle until the garbage collector runs, and a flood of large frames piled up meanwhile.
         self._reader: zmq.Socket[bytes] = zmq.Socket.shadow(self._sock.underlying)

@@ -161,7 +161,9 @@ def test_a_socket_path_typed_without_its_scheme_is_checked_as_a_socket(
 def test_beyond_loopback_the_job_speaks_only_to_viewers_with_its_key(env: dict[str, str]) -> None:
     """An endpoint on every interface is encrypted (CURVE); the key is in the private discovery
     file, so `icsmon tail` with no target gets in, and a subscriber without it gets nothing."""
+    from icsmon.endpoint import Endpoint, key_of
     from icsmon.subscriber import Subscriber
+    from icsmon.targets import live_endpoints, resolve_local
 
     runtime = Path(env["ICSMON_RUNTIME_DIR"])
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
@@ -185,6 +187,16 @@ def test_beyond_loopback_the_job_speaks_only_to_viewers_with_its_key(env: dict[s
         trainer.start()
         with Subscriber(f"tcp://127.0.0.1:{port}") as stranger:  # no key: the handshake fails
             assert not [m for _ in range(10) for m in stranger.poll(0.1)]
+        # The key travels with the endpoint, from wherever the job was found: no registry.
+        assert [key_of(e) for e in resolve_local(None, runtime=runtime).endpoints] == [job.key]
+        assert [key_of(e) for e in live_endpoints([job])] == [job.key]
+        with Subscriber(Endpoint(f"tcp://127.0.0.1:{port}", job.key)) as keyed_sub:
+            heard = []
+            for _ in range(100):
+                heard += keyed_sub.poll(0.1)
+                if heard:
+                    break
+            assert heard, "a subscriber given the key hears the job"
         # A viewer without the key says why it hears nothing, rather than wait in silence.
         keyless = icsmon("tail", f"tcp://127.0.0.1:{port}", "--timeout", "10", env=env)
         said = keyless.stderr.split("no sample from")[0]  # before the plain "still waiting" note

@@ -23,7 +23,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from icsmon.commands.common import error, note
-from icsmon.subscriber import RCVHWM, SERVER_KEYS, remember_key
+from icsmon.endpoint import Endpoint, key_of
+from icsmon.subscriber import RCVHWM
 from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
 from icsmon.wire import MAX_MESSAGE_BYTES
 from icsmon_agent import discovery
@@ -62,10 +63,8 @@ def local_sources(targets: list[str]) -> Callable[[], set[str]]:
 
     def endpoints() -> set[str]:
         if not targets:
-            jobs = discovery.read_jobs()
-            for job in jobs:
-                remember_key(job.endpoint, job.key)  # so that an encrypted one is known (and skipped)
-            return {job.endpoint for job in jobs}
+            # With its key: an encrypted one is known (and skipped).
+            return {Endpoint(job.endpoint, job.key) for job in discovery.read_jobs()}
         try:
             return set(resolve_targets(targets).endpoints)
         except TargetError:
@@ -136,7 +135,7 @@ class Relay:
                 self.front.connect(endpoint)
 
     def _reconnect(self, wanted: set[str]) -> None:
-        keyed = {e for e in wanted - self.connected if e in SERVER_KEYS}
+        keyed = {e for e in wanted - self.connected if key_of(e)}
         for endpoint in sorted(keyed - self.skipped):
             note(f"not relaying {endpoint}: it is encrypted (CURVE); connect a viewer to it directly")
         self.skipped |= keyed

@@ -8,8 +8,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from icsmon.endpoint import Endpoint
 from icsmon.errors import TargetError
-from icsmon.subscriber import remember_key
 from icsmon_agent import discovery
 from icsmon_agent.discovery import JobInfo
 
@@ -43,10 +43,7 @@ def typed_targets(typed: list[str], key: str | None = None) -> list[str]:
     """The targets as typed, socket paths made endpoints; a ``--key`` given is the key of each
     tcp:// one (a job beyond loopback speaks CURVE)."""
     targets = [as_endpoint(t) for t in typed]
-    for target in targets:
-        if key and target.startswith("tcp://"):
-            remember_key(target, key)
-    return targets
+    return [Endpoint(t, key) if key and t.startswith("tcp://") else t for t in targets]
 
 
 def is_local_run(target: str, runtime: Path | None = None) -> bool:
@@ -116,9 +113,7 @@ def pick_job(
             f"{len(groups)} jobs running {where}; taking the most recent: {describe(chosen[0])}. "
             "Name one by PID or --run to choose."
         )
-    for job in chosen:
-        remember_key(job.endpoint, job.key)
-    return Resolved([j.endpoint for j in chosen], chosen, note)
+    return Resolved([Endpoint(j.endpoint, j.key) for j in chosen], chosen, note)
 
 
 def check_socket(path: str) -> None:
@@ -172,7 +167,7 @@ def live_endpoints(jobs: list[JobInfo]) -> list[str]:
     """
     here = socket.gethostname()
     live = {j.endpoint for j in discovery.read_jobs()}
-    endpoints = [j.endpoint for j in jobs if j.host != here or j.endpoint in live]
+    endpoints: list[str] = [Endpoint(j.endpoint, j.key) for j in jobs if j.host != here or j.endpoint in live]
     if not endpoints:
         raise TargetError(f"{describe(jobs[0])} has ended; its figures ended with it. q quits.")
     return endpoints

@@ -11,8 +11,8 @@ import shlex
 import socket
 import threading
 
+from icsmon.endpoint import Endpoint
 from icsmon.errors import TargetError
-from icsmon.subscriber import remember_key
 from icsmon.targets.listing import REMOTE_LIST_SCRIPT, parse_remote_listing
 from icsmon.targets.local import Resolved, describe, pick_job
 from icsmon.targets.ssh import PROBE_TIMEOUT_S, Connection, SSHError
@@ -99,10 +99,9 @@ class RemoteTarget:
             assert resolved.job is not None
             self.job, self.ranks, self.note = resolved.job, resolved.jobs, resolved.note
             self.conn.cancel_forwards()
-            endpoints = []
+            endpoints: list[str] = []
             for job in resolved.jobs:
-                local = self.conn.forward(job.endpoint)
-                remember_key(local, job.key)
+                local = Endpoint(self.conn.forward(job.endpoint), job.key)
                 if not probe(local):
                     raise self._why_unanswered(job)
                 endpoints.append(local)
