@@ -334,7 +334,7 @@ class HookEvents:
         if self._outlet is None:
             return
         capture.finish_table()
-        self._sampler = Sampler(capture, self._outlet.publisher, self._warn, self._scaler)
+        self._sampler = Sampler(capture, self._outlet, self._warn, self._scaler)
         sharded = any(local(p) is not p for p in self.model.parameters())
         self._outlet.schema(capture.table(), self.every, sharded=sharded)
 

@@ -1,8 +1,8 @@
 """The job's presence on the wire: who it is, where it publishes, and the file that says so.
 
 An :class:`Outlet` owns the publisher thread's socket and the discovery file. It opens both or
-neither (a failure leaves no file behind). The monitor's events and the table go through it; a
-sample, finished on the offload thread, is handed to its :attr:`Outlet.publisher` by the sampler.
+neither (a failure leaves no file behind), and everything the monitor sends goes through it: its
+events, the layer table, and each sample the sampler finished (:meth:`Outlet.send`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import zmq
 from . import discovery, history, protocol
 from .actions import Actions
 from .alerts.judge import Judge
-from .publisher import Publisher, default_endpoint
+from .publisher import Publisher, Work, default_endpoint
 from .recording import DEFAULT_KEEP, DEFAULT_MAX_BYTES, Recorder
 
 #: What ``watch(record=...)`` takes: None (keep the history), False (keep nothing), or a path.
@@ -206,6 +206,10 @@ class Outlet:
     @property
     def watching(self) -> bool:
         return self.publisher.watching
+
+    def send(self, work: Work) -> None:
+        """A finished sample, for the publisher thread to encode and send."""
+        self.publisher.submit(work)
 
     def event(self, name: str, step: int, errors: int, **extra: Any) -> None:
         detail: dict[str, Any] = {"step": step, "errors": errors, "dropped": self.publisher.dropped, **extra}

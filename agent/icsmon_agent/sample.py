@@ -9,8 +9,9 @@ The flow, in one place (see also ``docs/design.md``):
    taken (:meth:`Sampler.take_grads`): their norms now, or, when the job is known to replace its
    gradients rather than change them in place, a reference the offload thread reads later.
 3. At the step boundary :meth:`Sampler.take` makes a :class:`Pending` sample; :meth:`Sampler.flush`
-   finishes it (the offload thread for CPU models) and hands it to the publisher thread: one
-   non-blocking copy to pinned memory on a side stream for CUDA, whose event the publisher waits on.
+   finishes it (the offload thread for CPU models) and hands it to the outlet, for the publisher
+   thread: one non-blocking copy to pinned memory on a side stream for CUDA, whose event the
+   publisher waits on.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from .capture import HOLD_LIMIT, Capture, Layer
 from .finish import Finalizer
 from .grads import GradNorms, grad_norms
 from .layers import tensors_in
+from .outlet import Outlet
 from .protocol import STAT_INDEX
-from .publisher import Publisher, Work
+from .publisher import Work
 from .reduce import Record
 from .scaler import ScalerWatch, unscaled
 from .updates import UpdateRatio, local
@@ -131,12 +133,12 @@ class Sampler:
     def __init__(
         self,
         capture: Capture,
-        publisher: Publisher,
+        outlet: Outlet,
         warn: Callable[[str, str], None],
         scaler: ScalerWatch,
     ) -> None:
         self._capture = capture
-        self._publisher = publisher
+        self._outlet = outlet
         self._warn = warn
         self._scaler = scaler
         self.finalizer = Finalizer(len(capture.layers))
@@ -333,6 +335,6 @@ class Sampler:
         else:
             host = flat if flat.device.type == "cpu" else flat.to("cpu")
         n_layers, n_stats = figures.shape
-        self._publisher.submit(
+        self._outlet.send(
             Work(pending.step, pending.t_measured, host, ready, n_layers, n_stats, names, host_scalars)
         )
