@@ -96,6 +96,9 @@ def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
     return sock
 
 
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
+
 class Rejoin:
     """Connects again to a peer that libzmq dropped. A frame over ``MAXMSGSIZE`` is a protocol
     error to libzmq: it drops that peer and, unlike after an ordinary disconnect, never reconnects,
@@ -110,7 +113,7 @@ class Rejoin:
         self._sock = sock
         self._keys = {str(ep): key_of(ep) for ep in endpoints}  # the key each peer was connected with
         address = f"inproc://icsmon-rejoin-{id(self)}"
-        sock.monitor(address, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        sock.monitor(address, zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         ctx: zmq.Context[Any] = zmq.Context.shadow(sock.context.underlying)
         self._monitor = ctx.socket(zmq.PAIR)
         self._monitor.setsockopt(zmq.LINGER, 0)
@@ -138,10 +141,11 @@ class Rejoin:
                 break
             raw = event.get("endpoint", b"")
             endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                if event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and not self._keys.get(
-                    endpoint
-                ):
+            if event["event"] & HANDSHAKE_FAILED:
+                # Which side sees the mismatch first varies (a mechanism mismatch here, or the job
+                # closing first): a peer connected without a key that fails the handshake is one
+                # that speaks CURVE.
+                if not self._keys.get(endpoint):
                     self.encrypted.add(endpoint)
                 continue
             if endpoint not in self.encrypted:  # connecting again would only be refused again
@@ -152,10 +156,13 @@ class Rejoin:
             return
         dropped, self._dropped = self._dropped, set()
         for endpoint in dropped:
-            if self._keys.get(endpoint):
-                # The socket's mechanism is set per connect: this peer's key goes with it again.
-                with contextlib.suppress(zmq.ZMQError):
+            # The socket's mechanism is set per connect: this peer's own goes with it again (CURVE
+            # with its key, or plain: a CURVE peer connected last must not make a plain one CURVE).
+            with contextlib.suppress(zmq.ZMQError):
+                if self._keys.get(endpoint):
                     self._sock.setsockopt(zmq.CURVE_SERVERKEY, self._keys[endpoint].encode())
+                else:
+                    self._sock.setsockopt(zmq.PLAIN_SERVER, 0)
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disconnect(endpoint)
             with contextlib.suppress(zmq.ZMQError):

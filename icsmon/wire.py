@@ -40,8 +40,11 @@ Frames = Sequence["bytes | zmq.Frame"]
 MAX_LAYERS = 50_000
 MAX_NAME = 1_000  # characters of a layer, type, job or run name
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a schema's: its layer table
-#: A sample's or an event's header: a few hundred bytes, 256 named scalars at most.
+#: A sample's header: a few hundred bytes, 256 named scalars at most.
 MAX_SMALL_HEADER_BYTES = 1024 * 1024
+#: An event's: an alert names every layer where its condition holds (tens of thousands, in a large
+#: mixture of experts).
+MAX_EVENT_HEADER_BYTES = 8 * 1024 * 1024
 MAX_BODY_BYTES = MAX_LAYERS * len(STATS) * 4
 #: The largest message a viewer socket accepts (ZMQ_MAXMSGSIZE: a bigger one drops the peer).
 MAX_MESSAGE_BYTES = MAX_HEADER_BYTES + MAX_BODY_BYTES
@@ -106,8 +109,11 @@ def _time(header: dict[str, Any], key: str, what: str) -> float:
     return value
 
 
+_HEADER_LIMITS = {"schema": MAX_HEADER_BYTES, "event": MAX_EVENT_HEADER_BYTES}
+
+
 def _parse_header(raw: bytes, what: str) -> dict[str, Any]:
-    limit = MAX_HEADER_BYTES if what == "schema" else MAX_SMALL_HEADER_BYTES
+    limit = _HEADER_LIMITS.get(what, MAX_SMALL_HEADER_BYTES)
     if len(raw) > limit:
         raise ProtocolError(f"{what} header is {len(raw)} bytes, over the {limit} limit")
     try:
@@ -269,8 +275,9 @@ def _decode(frames: Frames) -> Message:
         raise ProtocolError(f"expected 3 frames [topic, header, body], got {count}")
     topic = _copy(frames[0])
     # Sizes before copies: a frame received without a copy (zmq.Frame) is copied only if it fits.
-    limit = MAX_HEADER_BYTES if topic == TOPIC_SCHEMA else MAX_SMALL_HEADER_BYTES
     what = topic.rsplit(b".", 1)[-1].decode(errors="replace")[:20]
+    known = topic.startswith(TOPIC_PREFIX)
+    limit = _HEADER_LIMITS.get(what, MAX_SMALL_HEADER_BYTES) if known else MAX_SMALL_HEADER_BYTES
     if len(frames[1]) > limit:
         raise ProtocolError(f"{what} header is {len(frames[1])} bytes, over the {limit} limit")
     if len(frames[2]) > MAX_BODY_BYTES:

@@ -122,6 +122,31 @@ def test_a_loss_scalers_gradients_read_unscaled_and_its_skipped_steps_are_marked
     assert not alerts, [(a.rule, a.layer, a.step) for a in alerts]
 
 
+def test_a_scaler_updated_after_each_of_two_optimizers_counts_each_step_once(runtime_dir: Path) -> None:
+    """Accelerate with two prepared optimizers, or a loop that steps and updates per optimizer: two
+    update()s a step. They are not taken for two steps (nor, sampled every fifth step, for skipped
+    ones in between): the count is the loop's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    second = torch.optim.SGD(model[2].parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)  # never overflows
+    data = torch.Generator().manual_seed(1)
+
+    def body(mon: icsmon_agent.Monitor, i: int) -> None:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(torch.randn(8, 16, generator=data))
+        scaler.scale(out.float().pow(2).mean()).backward()
+        for opt in (first, second):
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+    mon, samples = train_and_collect(model, runtime_dir, SCALER_STEPS, body, every=5)
+    assert mon.errors == 0 and samples
+    assert mon.steps == SCALER_STEPS
+
+
 # ------------------------------------------------------------------ activation checkpointing
 
 

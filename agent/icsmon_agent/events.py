@@ -237,13 +237,15 @@ class HookEvents:
             owns = self._marks.owns(optimizer)
             if owns and self._capture.armed and self._sampler is not None and self._applied is None:
                 self._applied = self._sampler.applied_norm()
-            if self._marks.optimizer_step(optimizer):
-                # Steps the scaler skipped while nothing of ours was hooked: counted, unsampled.
-                self._step += self._scaler.steps_unseen(self._step)
-                if self._marks.new_leader and self._outlet is not None:  # viewers' hints name it
-                    self._outlet.event("optimizer", self._step, self.errors, type=self._marks.new_leader)
-                    self._marks.new_leader = ""
-                self._boundary({}, defer=True)
+            if not self._marks.optimizer_step(optimizer):
+                self._scaler.other_optimizer_stepped()
+                return
+            # Steps the scaler skipped while nothing of ours was hooked: counted, unsampled.
+            self._step += self._scaler.steps_unseen(self._step)
+            if self._marks.new_leader and self._outlet is not None:  # viewers' hints name it
+                self._outlet.event("optimizer", self._step, self.errors, type=self._marks.new_leader)
+                self._marks.new_leader = ""
+            self._boundary({}, defer=True)
         except Exception as exc:
             self.fault("optimizer", exc)
 

@@ -41,14 +41,6 @@ from .scaler import ScalerWatch
 from .steps import StepMarks
 from .updates import local
 
-MAX_FAULTS = 50
-#: With this many offload jobs still queued (the thread starved of CPU), a step goes unsampled.
-#: A sample queues three (its reductions, its activation figures, its finish): about 8 samples.
-MAX_QUEUED_JOBS = 24
-#: A rising or non-finite loss has this many next steps sampled, at most once per ``HURRY_COOLDOWN``
-#: steps (a healthy run's heavy-tailed losses cost a burst of samples now and then, no more).
-HURRY_STEPS = 16
-HURRY_COOLDOWN = 256
 #: How long ``close()`` waits for the offload thread to finish the last samples.
 CLOSE_WAIT_S = 2.0
 
@@ -240,9 +232,11 @@ class Monitor(HookEvents):
         if self._closed:
             return
         last_step = self._marks.by_forwards and self._marks.forwards
-        skipped = self._scaler_skipped()
-        if self._marks.source == "optimizer":  # the last steps skipped by the scaler, unhooked
-            self._step += max(0, self._scaler.steps_unseen(self._step) - skipped)
+        skipped = False
+        with contextlib.suppress(Exception):
+            skipped = self._scaler_skipped()
+            if self._marks.source == "optimizer":  # the last steps skipped by the scaler, unhooked
+                self._step += max(0, self._scaler.steps_unseen(self._step) - skipped)
         if (last_step or skipped) and not self._paused:
             with contextlib.suppress(Exception):
                 self._boundary({}, defer=False)  # the last forward was a step: it is sent too

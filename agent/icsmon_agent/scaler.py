@@ -72,12 +72,15 @@ class ScalerWatch:
         self._searches = 0
         self._class = _scaler_class()
         self._heap_searched = False
+        self._from_heap = False  # taken from the heap: the stack (GradScaler.step's self) may correct it
         # Live enabled scalers when several were: each with its state then (which one the job uses
         # shows when its state moves).
         self._candidates: list[tuple[weakref.ref[Any], int | None]] = []
-        # (version, step) at a point where the scaler's update count and the step count agreed:
-        # each step ends with one update(), skipped or not.
-        self._base: tuple[int, int] | None = None
+        # (version, step) at the last optimizer step that marks steps. Each step ends with one
+        # update() while one optimizer steps; with several, a loop may update after each, and the
+        # count of updates says nothing certain: then no step is counted from them.
+        self._mark: tuple[int, int] | None = None
+        self._one_optimizer = True
 
     def search_heap(self) -> None:
         """Once a run, under fp16 autocast at the first training forward (step 0): the enabled
@@ -91,9 +94,8 @@ class ScalerWatch:
             for o in gc.get_referrers(*classes)  # instances refer to their class
             if type(o) in classes and getattr(o, "_enabled", False)
         ]
-        self._base = (_state(scalers[0]) or 0, 0) if len(scalers) == 1 else None
         if len(scalers) == 1:
-            self._scaler = weakref.ref(scalers[0])
+            self._scaler, self._from_heap = weakref.ref(scalers[0]), True
         else:
             self._candidates = [(weakref.ref(o), _state(o)) for o in scalers]
 
@@ -103,8 +105,7 @@ class ScalerWatch:
             return
         moved = [ref for ref, state in self._candidates if (o := ref()) is not None and _state(o) != state]
         if len(moved) == 1:
-            before = next(state for ref, state in self._candidates if ref is moved[0])
-            self._scaler, self._candidates, self._base = moved[0], [], (before or 0, 0)
+            self._scaler, self._candidates = moved[0], []
         elif moved:  # several moved at once: watch those only
             self._candidates = [(ref, _state(ref())) for ref in moved]
 
@@ -115,7 +116,7 @@ class ScalerWatch:
     def look(self, frame: FrameType | None = None) -> None:
         """Find a scaler among the locals of ``frame`` and the frames above it."""
         self.resolve()
-        if self.found or self._class is None or self._searches >= SEARCH_STEPS:
+        if (self.found and not self._from_heap) or self._class is None or self._searches >= SEARCH_STEPS:
             return
         self._searches += 1
         frame = frame or sys._getframe(1)
@@ -124,7 +125,7 @@ class ScalerWatch:
                 return
             found = self._in(frame)
             if found is not None:
-                self._scaler, self._candidates = weakref.ref(found), []
+                self._scaler, self._candidates, self._from_heap = weakref.ref(found), [], False
                 return
             frame = frame.f_back
 
@@ -162,20 +163,24 @@ class ScalerWatch:
             return 0 if self._candidates else None
         return _state(scaler) or 0
 
+    def other_optimizer_stepped(self) -> None:
+        """An optimizer other than the one that marks the steps stepped."""
+        self._one_optimizer = False
+
     def steps_unseen(self, step: int) -> int:
-        """At the optimizer step that ends ``step``, before its ``update()``: how many steps ended
-        since the last one without our hooks seeing them (skipped by the scaler while unsampled)."""
+        """At the optimizer step that ends ``step`` (before its ``update()``), or at ``close()``
+        (after the last): how many steps ended since the last one seen without our hooks seeing
+        them (skipped by the scaler while unsampled), counted from the scaler's ``update()``s.
+        The first optimizer step only sets the mark: before it each training forward was a step."""
         version = self.version()
-        if version is None:
+        if version is None or not self._one_optimizer:
             return 0
-        if self._base is None:
-            self._base = (version, step)
-            return 0
-        expected = self._base[1] + version - self._base[0]
-        if expected <= step:  # steps were counted otherwise (forwards before the first optimizer step)
-            self._base = (version, step)
-            return 0
-        return expected - step
+        unseen = 0
+        if self._mark is not None:
+            updates, counted = version - self._mark[0], step - self._mark[1]
+            unseen = max(0, updates - counted)
+        self._mark = (version, step + unseen)
+        return unseen
 
 
 def unscaled(norms: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
