@@ -125,6 +125,8 @@ class ScalerWatch:
                 return
             found = self._in(frame)
             if found is not None:
+                if self._scaler is None or self._scaler() is not found:
+                    self._mark = None  # another scaler's counter: marked afresh
                 self._scaler, self._candidates, self._from_heap = weakref.ref(found), [], False
                 return
             frame = frame.f_back
@@ -173,8 +175,8 @@ class ScalerWatch:
         them (skipped by the scaler while unsampled), counted from the scaler's ``update()``s.
         The first optimizer step only sets the mark: before it each training forward was a step."""
         version = self.version()
-        if version is None or not self._one_optimizer:
-            return 0
+        if version is None or not self.found or not self._one_optimizer:
+            return 0  # (not found: several candidates, none chosen yet, and no counter to read)
         unseen = 0
         if self._mark is not None:
             updates, counted = version - self._mark[0], step - self._mark[1]
