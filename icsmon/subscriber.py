@@ -21,10 +21,11 @@ from icsmon.wire import MAX_MESSAGE_BYTES, Frames, ProtocolError, decode
 from icsmon_agent.protocol import TOPIC_PREFIX, Message
 
 #: What a viewer may hold of one peer's unread messages. libzmq bounds its queue in messages, not
-#: bytes, so the count comes from the largest message a viewer accepts; past it, libzmq stops
-#: reading from that peer and the sender's own queue drops (a job's agent counts nothing lost).
-QUEUE_BYTES = 256 * 2**20
-RCVHWM = max(8, QUEUE_BYTES // MAX_MESSAGE_BYTES)
+#: bytes: past it, libzmq stops reading from that peer and the sender's own queue drops. A viewer
+#: that keeps reading holds little whatever the frames' size (tests/test_viewer_robustness.py);
+#: this many lets one that falls behind for a while (a loaded machine, a slow terminal) still get
+#: a job's last samples and its goodbye, which a smaller count lost.
+RCVHWM = 1000
 #: What one poll takes off the socket before it hands over what it decoded.
 DRAIN_BYTES = 64 * 2**20
 #: Messages the app handles before yielding to its event loop, so a flood never freezes the screen.
