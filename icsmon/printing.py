@@ -26,6 +26,7 @@ WAIT_NOTE_S = 5.0
 
 
 def note(message: str) -> None:
+    """``icsmon: message`` on stderr (every command's notes and errors)."""
     print(f"icsmon: {message}", file=sys.stderr, flush=True)
 
 

@@ -100,6 +100,17 @@ def sub_socket(ctx: zmq.Context[Any], endpoints: Sequence[str]) -> Any:
 HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
+def monitor_events(monitor: Any, most: int = 64) -> Iterator[tuple[int, str]]:
+    """The events waiting on a socket monitor, without waiting: (event, the peer's endpoint)."""
+    for _ in range(most):
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.ZMQError:  # Again: no event
+            return
+        raw = event.get("endpoint", b"")
+        yield event["event"], raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+
 class Rejoin:
     """Connects again to a peer that libzmq dropped. A frame over ``MAXMSGSIZE`` is a protocol
     error to libzmq: it drops that peer and, unlike after an ordinary disconnect, never reconnects,
@@ -135,14 +146,8 @@ class Rejoin:
         )
 
     def check(self) -> None:
-        for _ in range(64):
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.ZMQError:  # Again: no event
-                break
-            raw = event.get("endpoint", b"")
-            endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            if event["event"] & HANDSHAKE_FAILED:
+        for event, endpoint in monitor_events(self._monitor):
+            if event & HANDSHAKE_FAILED:
                 # Which side sees the mismatch first varies (a mechanism mismatch here, or the job
                 # closing first): a peer connected without a key that fails the handshake is one
                 # that speaks CURVE.

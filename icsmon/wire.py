@@ -113,9 +113,7 @@ _HEADER_LIMITS = {"schema": MAX_HEADER_BYTES, "event": MAX_EVENT_HEADER_BYTES}
 
 
 def _parse_header(raw: bytes, what: str) -> dict[str, Any]:
-    limit = _HEADER_LIMITS.get(what, MAX_SMALL_HEADER_BYTES)
-    if len(raw) > limit:
-        raise ProtocolError(f"{what} header is {len(raw)} bytes, over the {limit} limit")
+    """The header's JSON, its size already checked against its topic's limit (:func:`_decode`)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep

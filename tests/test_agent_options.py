@@ -25,6 +25,7 @@ from icsmon.subscriber import Subscriber
 from icsmon_agent import cadence as agent_cadence
 from icsmon_agent.layers import clean_name
 from icsmon_agent.protocol import STATS, Event, LayerInfo, Sample, Schema, schema_id_for
+from test_real_training import train_and_collect
 
 
 def step_once(model: nn.Module, mon: icsmon_agent.Monitor, shape: tuple[int, ...] = (2, 4)) -> None:
@@ -231,31 +232,12 @@ class Takes(nn.Module):
 
 
 def sampled_steps(steps: int, runtime_dir: Path, clock: FakeClock, step_s: float) -> list[int]:
-    """The steps the default cadence samples when each step takes ``step_s`` seconds: what a
-    viewer hears until the job's closing event (sent after its last sample)."""
+    """The steps the default cadence samples when each step takes ``step_s`` seconds."""
     model = nn.Sequential(nn.Linear(4, 4), Takes(clock, step_s), nn.ReLU())
-    mon = icsmon_agent.watch(model, runtime_dir=runtime_dir, endpoint="tcp")  # the default cadence
-    store = Store()
-    got: list[int] = []
-    closed = False
-
-    def hear(timeout: float) -> None:
-        nonlocal closed
-        for m in sub.poll(timeout):
-            if store.add(m):
-                got.extend([m.step] if isinstance(m, Sample) else [])
-                closed |= isinstance(m, Event) and m.event == "closing"
-
-    with Subscriber(mon.endpoint or "") as sub:
-        wait_watching(mon, sub)
-        for _ in range(steps):
-            step_once(model, mon)
-            hear(0)
-        mon.close()
-        end = time.monotonic() + 30
-        while time.monotonic() < end and not closed:
-            hear(0.1)
-    return got
+    _, samples = train_and_collect(
+        model, runtime_dir, steps, lambda mon, i: step_once(model, mon), every=None
+    )
+    return [s.step for s in samples]
 
 
 def test_default_cadence_samples_every_slow_step_and_thins_out_fast_ones(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from icsmon.printing import note
+
+__all__ = ["error", "note", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -19,9 +22,5 @@ def positive_int(text: str) -> int:
 
 def error(message: str) -> int:
     """Print ``icsmon: message`` on stderr and return exit code 1."""
-    print(f"icsmon: {message}", file=sys.stderr, flush=True)
+    note(message)
     return 1
-
-
-def note(message: str) -> None:
-    print(f"icsmon: {message}", file=sys.stderr, flush=True)

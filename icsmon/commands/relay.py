@@ -20,11 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from icsmon.commands.common import error, note
 from icsmon.endpoint import Endpoint, key_of
-from icsmon.subscriber import RCVHWM
+from icsmon.subscriber import RCVHWM, monitor_events
 from icsmon.targets import TargetError, as_endpoint, is_ssh_host, resolve_targets
 from icsmon.wire import MAX_MESSAGE_BYTES
 from icsmon_agent import discovery
@@ -108,11 +107,7 @@ class Relay:
         self._monitor.connect("inproc://icsmon-relay-monitor")
 
     def _disconnected(self) -> set[str]:
-        dropped: set[str] = set()
-        while self._monitor.poll(0):
-            endpoint = recv_monitor_message(self._monitor).get("endpoint", b"")
-            dropped.add(endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else str(endpoint))
-        return dropped
+        return {endpoint for _, endpoint in monitor_events(self._monitor, most=10_000)}
 
     def _watch(self) -> None:
         """Thread: list the sources again; when they changed, or libzmq dropped one, stop the proxy
